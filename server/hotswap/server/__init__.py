@@ -1,0 +1,1 @@
+"""hotswap serving process: model loading, adapters, the continuous-batching engine."""

@@ -1,0 +1,1 @@
+"""Adapters: PEFT files in, device-ready weights out, held in a two-tier cache."""

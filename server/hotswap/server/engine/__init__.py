@@ -1,0 +1,1 @@
+"""The continuous-batching engine: scheduler (no tensors) → runner (one forward) → sampler."""

@@ -1,0 +1,118 @@
+"""What callers hand the engine and what they get back. Plain data, no tensors."""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from ..errors import InvalidArgument
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    """Generated tokens at most (finish reason "length")."""
+    temperature: float = 0.0
+    """0 means greedy."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 keeps all."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches p."""
+    repetition_penalty: float = 1.0
+    """CTRL-style penalty on tokens already in the prompt or output (transformers' semantics); 1 is off."""
+    seed: int | None = None
+    """Per-request seed: the same seed gives the same tokens whatever else is in the batch."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end generation (finish reason "stop"); not included in the text."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (benchmarks)."""
+    logprobs: int | None = None
+    """None: no logprobs. 0: logprob of each sampled token. k>0: also the top-k alternatives."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (self.top_k >= 0, "top_k", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
+        ]
+        for ok, name, msg in checks:
+            if not ok:
+                raise InvalidArgument(f"{msg}, got {getattr(self, name)!r}", field=name)
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class GenerateRequest:
+    """One generation request. Exactly one of prompt, messages, prompt_ids."""
+
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    """Chat messages ({"role", "content"}), rendered with the model's chat template."""
+    prompt_ids: list[int] | None = None
+    adapter_id: str = ""
+    """Empty: the base model."""
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if not self.request_id:
+            self.request_id = f"req-{next(_ids)}"
+        given = [x is not None for x in (self.prompt, self.messages, self.prompt_ids)]
+        if sum(given) != 1:
+            raise InvalidArgument("give exactly one of prompt, messages, prompt_ids", field="prompt")
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+    """(token_id, logprob) of the most likely alternatives, best first."""
+
+
+@dataclass
+class StreamEvent:
+    """One step's output for one request. The last event has finish_reason set."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    """Newly decoded text; held back while it may be an incomplete character or the start of a stop string."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    error: Exception | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class GenerateResult:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    logprobs: list[TokenLogprob]
+    queue_time: float
+    """Seconds from submit to admission into the batch."""
+    time_to_first_token: float
+    total_time: float
+    error: Exception | None = None

@@ -1,0 +1,49 @@
+"""Domain errors. Each carries the gRPC status it maps to, so the service layer
+translates them in one place (an interceptor) instead of in every handler."""
+from __future__ import annotations
+
+
+class HotswapError(Exception):
+    """Base class. `code` is a grpc.StatusCode name; `field` names the offending input."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+class InvalidArgument(HotswapError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(HotswapError):
+    code = "NOT_FOUND"
+
+
+class AdapterIncompatible(HotswapError):
+    """The adapter cannot run on the loaded base model (shape, layers, targets, rank)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(HotswapError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(HotswapError):
+    code = "UNAVAILABLE"
+
+
+class Cancelled(HotswapError):
+    code = "CANCELLED"
+
+
+class ModelLoadError(HotswapError):
+    """The base model could not be found or loaded (missing files, offline hub, bad GGUF)."""
+
+    code = "FAILED_PRECONDITION"
