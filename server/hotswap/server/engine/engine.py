@@ -186,7 +186,7 @@ class Engine:
         return apply_repetition_penalty(logits, seen, mask, pen)
 
     def _retire(self) -> None:
-        self.scheduler.running.filter(lambda r: r.finish_reason is None, self.runner.cache.move)
+        self.scheduler.running.filter(lambda r: r.finish_reason is None, self.runner.move_row)
 
     def _emit(self, row: Row, token_ids: list[int], lps: list[TokenLogprob], reason: FinishReason | None,
               error: Exception | None = None, text: str = "") -> None:

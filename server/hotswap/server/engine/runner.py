@@ -10,7 +10,7 @@ import torch
 from ..config import EngineConfig
 from .batch import Row
 from .kv_cache import SlotKVCache
-from .lora import LoraBatch, LoraContext, wrap_linears
+from .lora import LoraBatch, LoraContext, LoraRowSlots, wrap_linears
 
 if TYPE_CHECKING:
     from ..model.loader import LoadedModel
@@ -27,7 +27,8 @@ class ModelRunner:
         self.head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
         self.layer_types = getattr(text_cfg, "layer_types", None)
         self.sliding_window = getattr(text_cfg, "sliding_window", None)
-        self.lora_ctx = LoraContext()
+        self.lora_groups_max = cfg.lora_gather_threshold
+        self.lora_ctx = LoraContext(LoraRowSlots(cfg.max_batch_size, self.device, self.dtype))
         self.lora_modules = wrap_linears(self.model, self.lora_ctx)
         self.decoder = self.model.base_model
         self.embed = self.model.get_input_embeddings()
@@ -53,7 +54,7 @@ class ModelRunner:
         kv_len = int(positions.max()) + 1
         self.cache.ensure_capacity(kv_len)
         view = self.cache.view(first_slot, positions, kv_len)
-        self.lora_ctx.batch = LoraBatch.from_rows([r.lora for r in rows], self.device)
+        self.lora_ctx.batch = LoraBatch.plan([r.lora for r in rows], first_slot, self.lora_groups_max, self.device)
         try:
             hidden = self.decoder(
                 inputs_embeds=embeds,
@@ -79,6 +80,7 @@ class ModelRunner:
             if row.prompt_embeddings is not None:
                 emb = torch.cat([row.prompt_embeddings.to(emb.dtype), emb])
             start = 0
+            self.lora_ctx.slots.assign(first_slot + i, row.lora)
             if row.prefix is not None:
                 self.cache.ensure_capacity(row.prefix.keys.shape[2] + emb.shape[0])
                 self.cache.write_prefix(first_slot + i, row.prefix.keys, row.prefix.values)
@@ -96,6 +98,11 @@ class ModelRunner:
         for row, start, c in zip(rows, starts, chunks):
             row.length = start + c.shape[0]
         return logits
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """A row changes slot (the batch was compacted): its key/values and LoRA slot follow."""
+        self.cache.move(src, dst, length)
+        self.lora_ctx.slots.move(src, dst)
 
     @torch.inference_mode()
     def decode(self, first_slot: int, rows: list[Row]) -> torch.Tensor:
