@@ -1,6 +1,6 @@
 """Per-row LoRA inside every linear of the base model.
 
-Each linear of the decoder is wrapped once at start-up. The base matmul runs
+Each linear of the decoder gets a forward hook once at start-up. The base matmul runs
 once for the whole batch; each row then adds scale * B(A x) for its own
 adapter. Two ways to apply it, chosen once per forward (`LoraBatch`):
 
@@ -99,16 +99,19 @@ class LoraContext:
         self.slots = slots
 
 
-class MultiLoraLinear(nn.Module):
-    def __init__(self, base: nn.Module, name: str, ctx: LoraContext) -> None:
-        super().__init__()
-        self.base = base
+class LoraDelta:
+    """Forward hook on one base linear: adds each row's LoRA delta to the shared base output.
+
+    A hook rather than a wrapper module keeps the model's module tree exactly as
+    transformers built it, so adapter validation and PEFT's module paths see the
+    same names and types."""
+
+    def __init__(self, name: str, ctx: LoraContext) -> None:
         self.name = name
         self.ctx = ctx
-        self.in_features, self.out_features = base.in_features, base.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, in)
-        y = self.base(x)  # (B, T, out)
+    def __call__(self, module: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor:
+        x = args[0]  # (B, T, in); y (B, T, out)
         batch = self.ctx.batch
         if batch.slots is not None:
             a = self.ctx.slots.a.get(self.name)
@@ -128,16 +131,13 @@ class MultiLoraLinear(nn.Module):
         return y
 
 
-def wrap_linears(model: nn.Module, ctx: LoraContext) -> dict[str, MultiLoraLinear]:
-    """Wrap every linear except the output head (bitsandbytes' Linear4bit and
-    Linear8bitLt subclass nn.Linear); returns the wrappers by module path."""
+def attach_lora(model: nn.Module, ctx: LoraContext) -> list[str]:
+    """Hook every linear except the output head (bitsandbytes' Linear4bit and
+    Linear8bitLt subclass nn.Linear); returns the hooked module paths."""
     head = model.get_output_embeddings()
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
-    wrapped = {}
-    for name, module in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        wrapper = MultiLoraLinear(module, name, ctx)
-        setattr(parent, attr, wrapper)
-        wrapped[name] = wrapper
-    return wrapped
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            module.register_forward_hook(LoraDelta(name, ctx))
+            names.append(name)
+    return names

@@ -10,7 +10,7 @@ import torch
 from ..config import EngineConfig
 from .batch import Row
 from .kv_cache import SlotKVCache
-from .lora import LoraBatch, LoraContext, LoraRowSlots, wrap_linears
+from .lora import LoraBatch, LoraContext, LoraRowSlots, attach_lora
 
 if TYPE_CHECKING:
     from ..model.loader import LoadedModel
@@ -29,7 +29,7 @@ class ModelRunner:
         self.sliding_window = getattr(text_cfg, "sliding_window", None)
         self.lora_groups_max = cfg.lora_gather_threshold
         self.lora_ctx = LoraContext(LoraRowSlots(cfg.max_batch_size, self.device, self.dtype))
-        self.lora_modules = wrap_linears(self.model, self.lora_ctx)
+        self.lora_modules = attach_lora(self.model, self.lora_ctx)
         self.decoder = self.model.base_model
         self.embed = self.model.get_input_embeddings()
         self.head = self.model.get_output_embeddings()
