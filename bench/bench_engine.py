@@ -1,0 +1,241 @@
+"""Engine throughput and latency against what a user would pick instead, in one
+process on one machine, on the default SmolLM2-135M model.
+
+Baselines: PEFT one request at a time (set_adapter + generate), PEFT's
+mixed-adapter batch (generate(adapter_names=...), LoRA only), and
+transformers' batched generate on the base model.
+
+    python bench/bench_engine.py --quantization none      # bf16
+    python bench/bench_engine.py --quantization nf4
+
+Appends a section to bench/RESULTS.md (ratios are the point on CPU)."""
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from hotswap.server.config import AdapterCacheConfig, EngineConfig, ModelConfig
+from hotswap.server.engine.request import GenerateRequest, SamplingParams
+from hotswap.server.model.loader import load_base_model
+from hotswap.server.serving import ServingCore
+
+from adapters import adapter_set, read_rank
+
+HERE = Path(__file__).parent
+QUESTIONS = [
+    "What is the capital of France?",
+    "Explain photosynthesis in one paragraph.",
+    "Write a haiku about the sea.",
+    "List three uses of a paperclip.",
+    "How do I boil an egg?",
+    "Why is the sky blue? Answer briefly and clearly for a ten year old child who asked.",
+    "Translate 'good morning' into Spanish.",
+    "What is 17 times 23?",
+]
+
+
+def prompts(tok, n: int) -> list[list[int]]:
+    return [tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                                    add_generation_prompt=True, tokenize=True, return_dict=False)
+            for i in range(n)]
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+# -- the engine ------------------------------------------------------------------
+def engine_run(core: ServingCore, jobs: list[tuple[str, list[int]]], new_tokens: int) -> dict:
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    t0 = time.monotonic()
+    streams = [core.submit(GenerateRequest(prompt_ids=p, adapter_id=a, params=params)) for a, p in jobs]
+    results = [s.result(timeout=3600) for s in streams]
+    elapsed = time.monotonic() - t0
+    errors = [r.error for r in results if r.error]
+    assert not errors, errors[:3]
+    tokens = sum(len(r.token_ids) for r in results)
+    return {"tok_s": tokens / elapsed, "elapsed": elapsed, "results": results}
+
+
+def engine_poisson(core: ServingCore, jobs, new_tokens: int, rate: float, seed: int = 0) -> dict:
+    rnd = random.Random(seed)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    streams, t0 = [], time.monotonic()
+    next_at = t0
+    for a, p in jobs:
+        next_at += rnd.expovariate(rate)
+        time.sleep(max(0.0, next_at - time.monotonic()))
+        streams.append(core.submit(GenerateRequest(prompt_ids=p, adapter_id=a, params=params)))
+    results = [s.result(timeout=3600) for s in streams]
+    elapsed = time.monotonic() - t0
+    ttft = [r.time_to_first_token for r in results]
+    tpot = [(r.total_time - r.time_to_first_token) / max(1, len(r.token_ids) - 1) for r in results]
+    return {"tok_s": sum(len(r.token_ids) for r in results) / elapsed, "ttft": ttft, "tpot": tpot}
+
+
+# -- baselines ---------------------------------------------------------------------
+def hf_model(checkpoint: Path, quantization: str):
+    kw = {"dtype": torch.bfloat16}
+    if quantization == "nf4":
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(checkpoint, **kw).eval()
+
+
+def _left_pad(batch: list[list[int]], pad: int):
+    width = max(map(len, batch))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    return ids, mask
+
+
+@torch.inference_mode()
+def hf_generate(model, batch: list[list[int]], new_tokens: int, pad: int, **kw) -> int:
+    ids, mask = _left_pad(batch, pad)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=pad, **kw)
+    return (out.shape[1] - ids.shape[1]) * len(batch)
+
+
+def hf_batched(model, jobs, new_tokens: int, pad: int, batch: int, **kw) -> float:
+    t0, tokens = time.monotonic(), 0
+    for i in range(0, len(jobs), batch):
+        chunk = jobs[i: i + batch]
+        names = [a or "__base__" for a, _ in chunk]
+        extra = {"adapter_names": names} if kw.get("mixed") else {}
+        tokens += hf_generate(model, [p for _, p in chunk], new_tokens, pad, **extra)
+    return tokens / (time.monotonic() - t0)
+
+
+def peft_one_at_a_time(peft: PeftModel, jobs, new_tokens: int, pad: int) -> float:
+    t0, tokens = time.monotonic(), 0
+    for a, p in jobs:
+        if a:
+            peft.set_adapter(a)
+            tokens += hf_generate(peft, [p], new_tokens, pad)
+        else:
+            with peft.disable_adapter():
+                tokens += hf_generate(peft, [p], new_tokens, pad)
+    return tokens / (time.monotonic() - t0)
+
+
+# -- workloads -----------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quantization", default="none", choices=["none", "nf4"])
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--one-at-a-time", type=int, default=8, help="requests the PEFT one-at-a-time baseline runs (it is slow)")
+    ap.add_argument("--many", type=int, default=1000, help="adapters in the many-adapters run (0 skips it)")
+    ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache/hotswap/bench")
+    ap.add_argument("--only", default="", help="comma list of workloads: lora,mixed,poisson,many")
+    args = ap.parse_args()
+    only = set(args.only.split(",")) if args.only else {"lora", "mixed", "poisson", "many"}
+    torch.manual_seed(0)
+    n, T = args.requests, args.new_tokens
+    lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} — {args.quantization}, {n} requests × {T} new tokens",
+             f"\n`python bench/bench_engine.py --quantization {args.quantization} --requests {n} --new-tokens {T} "
+             f"--one-at-a-time {args.one_at_a_time} --many {args.many}{' --only ' + args.only if args.only else ''}`"
+             f" on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n"]
+
+    def log(s: str) -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    loaded = load_base_model(ModelConfig(quantization=args.quantization, dtype="bfloat16"))
+    tok, pad = loaded.tokenizer, loaded.tokenizer.pad_token_id
+    ckpt = loaded.checkpoint_dir
+    fp32_base = lambda: AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)  # noqa: E731
+    work = args.workdir
+    lora_paths = adapter_set(fp32_base, work, "lora", 64, [8, 16, 32])
+    core = ServingCore(loaded, EngineConfig(max_batch_size=64, max_tokens_per_step=8192, max_seq_len=1024),
+                       AdapterCacheConfig(device_bytes=8 * 2**30, host_bytes=16 * 2**30))
+    for i, p in enumerate(lora_paths):
+        core.register_adapter(f"lora-{i}", p)
+    ps = prompts(tok, n)
+    base_jobs = [("", p) for p in ps]
+    engine_run(core, base_jobs[:4], 4)  # warm-up
+    base = engine_run(core, base_jobs, T)["tok_s"]
+
+    hf = hf_model(ckpt, args.quantization)
+    hf_base = hf_batched(hf, base_jobs, T, pad, batch=n)
+    log("| workload | hotswap tok/s | baseline | baseline tok/s | ratio |\n|---|---|---|---|---|")
+    log(f"| base only | {base:.0f} | transformers batched generate (batch {n}) | {hf_base:.0f} | {base / hf_base:.2f}× |")
+
+    if "lora" in only:
+        peft = PeftModel.from_pretrained(hf, lora_paths[0], adapter_name="lora-0")
+        for i, p in enumerate(lora_paths[1:], 1):
+            peft.load_adapter(p, adapter_name=f"lora-{i}")
+        peft.eval()
+        for distinct in (1, 16, 64):
+            jobs = [(f"lora-{i % distinct}", p) for i, p in enumerate(ps)]
+            ours = engine_run(core, jobs, T)["tok_s"]
+            one = peft_one_at_a_time(peft, jobs[: args.one_at_a_time], T, pad)
+            mixed = hf_batched(peft, jobs, T, pad, batch=n, mixed=True)
+            log(f"| {distinct} LoRA | {ours:.0f} | PEFT one at a time | {one:.0f} | {ours / one:.2f}× |")
+            log(f"| {distinct} LoRA | {ours:.0f} | PEFT mixed batch (adapter_names) | {mixed:.0f} | {ours / mixed:.2f}× |")
+            log(f"| {distinct} LoRA | {ours:.0f} | hotswap base only | {base:.0f} | {ours / base:.2f}× |")
+        del peft
+
+    if "mixed" in only:
+        prompt_paths = adapter_set(fp32_base, work, "prompt", 8, [8, 16])
+        prefix_paths = adapter_set(fp32_base, work, "prefix", 8, [8, 16])
+        for i, p in enumerate(prompt_paths):
+            core.register_adapter(f"prompt-{i}", p)
+        for i, p in enumerate(prefix_paths):
+            core.register_adapter(f"prefix-{i}", p)
+        kinds = [f"lora-{i}" for i in range(16)] + [f"prompt-{i}" for i in range(8)] + [f"prefix-{i}" for i in range(8)] + [""] * 4
+        jobs = [(kinds[i % len(kinds)], p) for i, p in enumerate(ps)]
+        ours = engine_run(core, jobs, T)["tok_s"]
+        log(f"| mixed LoRA + prompt + prefix + base | {ours:.0f} | hotswap base only | {base:.0f} | {ours / base:.2f}× |")
+        log(f"| mixed LoRA + prompt + prefix + base | {ours:.0f} | transformers batched generate, base | {hf_base:.0f} | {ours / hf_base:.2f}× |")
+
+    if "poisson" in only:
+        jobs = [(f"lora-{i % 16}", p) for i, p in enumerate(ps)]
+        rate = 0.6 * base / T  # requests/s at ~60% of base-only capacity
+        r = engine_poisson(core, jobs, T, rate)
+        log(f"\nPoisson arrivals, {rate:.2f} req/s, 16 LoRA adapters: {r['tok_s']:.0f} tok/s; "
+            f"TTFT p50 {pct(r['ttft'], 50):.2f}s p90 {pct(r['ttft'], 90):.2f}s p99 {pct(r['ttft'], 99):.2f}s; "
+            f"per-token p50 {pct(r['tpot'], 50) * 1e3:.0f}ms p90 {pct(r['tpot'], 90) * 1e3:.0f}ms p99 {pct(r['tpot'], 99) * 1e3:.0f}ms")
+    core.close()
+
+    if "many" in only and args.many:
+        many_paths = adapter_set(fp32_base, work, "lora-qv", args.many, [8, 16, 24, 32, 40, 48, 56, 64])
+        sizes = [p.stat().st_size for p in (q / "adapter_model.safetensors" for q in many_paths)]
+        device_budget = 24 * statistics.mean(sizes)  # bf16 on device is half the fp32 file: ~48 adapters fit
+        core = ServingCore(loaded, EngineConfig(max_batch_size=64, max_tokens_per_step=8192, max_seq_len=1024),
+                           AdapterCacheConfig(device_bytes=int(device_budget), host_bytes=int(4 * device_budget)))
+        t0 = time.monotonic()
+        for i, p in enumerate(many_paths):
+            core.registry.add(f"many-{i}", p)  # the files were written by PEFT's layout; skip the read-back
+        rnd = random.Random(0)
+        weights = [1 / (i + 1) ** 1.1 for i in range(args.many)]
+        reqs = 4 * n
+        picks = rnd.choices(range(args.many), weights, k=reqs)
+        jobs = [(f"many-{k}", prompts(tok, reqs)[i]) for i, k in enumerate(picks)]
+        base_many = engine_run(core, [("", p) for _, p in jobs], T // 2)["tok_s"]
+        ours = engine_run(core, jobs, T // 2)["tok_s"]
+        stats = core.adapters.stats()
+        loads = stats.load_durations
+        log(f"\n{args.many} LoRA adapters (q,v; ranks 8–64), Zipf(1.1) popularity, {reqs} requests × {T // 2} tokens, "
+            f"device cache {device_budget / 2**20:.0f} MiB (~{device_budget / (statistics.mean(sizes) / 2):.0f} adapters): "
+            f"{ours:.0f} tok/s vs base-only {base_many:.0f} tok/s = {ours / base_many:.2f}×; "
+            f"{len(set(picks))} distinct adapters used, {stats.loads} loads, {stats.evictions} evictions; "
+            f"cold-load p50 {pct(loads, 50) * 1e3:.0f}ms p90 {pct(loads, 90) * 1e3:.0f}ms p99 {pct(loads, 99) * 1e3:.0f}ms")
+        core.close()
+
+    with open(HERE / "RESULTS.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
