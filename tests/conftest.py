@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random models saved as real HF checkpoints (with a real
+tokenizer trained here, offline) so tests go through the same loader users do."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+CORPUS = [
+    "Hello world, this is a tiny corpus for a tiny tokenizer.",
+    "The quick brown fox jumps over the lazy dog. Who are you? I am a model.",
+    "Größe, naïve café — déjà vu. 日本語のテキスト。 Emoji 🙂 too!",
+    "user assistant system: answer the question briefly and clearly.",
+] * 10
+VOCAB = 512
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(
+        CORPUS, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+ARCHS = {
+    "llama": lambda: LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=512, tie_word_embeddings=False,
+    ),
+    "qwen2": lambda: Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=512, tie_word_embeddings=True,
+    ),
+}
+
+
+def save_tiny_checkpoint(arch: str, out: Path, seed: int = 0) -> Path:
+    """A random tiny `arch` model + tokenizer saved as an HF folder (fp32)."""
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    cfg = ARCHS[arch]()
+    cfg.eos_token_id = tok.eos_token_id
+    cfg.pad_token_id = tok.pad_token_id
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: save_tiny_checkpoint(arch, root / arch) for arch in ARCHS}
