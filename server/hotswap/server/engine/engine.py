@@ -230,6 +230,7 @@ class RequestStream:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.row: Row | None = None
+        self._history: list[StreamEvent] = []
 
     def put(self, event: StreamEvent) -> None:  # engine thread
         now = time.monotonic()
@@ -240,38 +241,36 @@ class RequestStream:
         self._events.put(event)
 
     def __iter__(self) -> Iterator[StreamEvent]:
-        while True:
-            event = self._events.get()
-            yield event
-            if event.finished:
-                return
+        yield from self._take()
 
-    def result(self, timeout: float | None = None) -> GenerateResult:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        text, ids, lps = [], [], []
-        while True:
+    def _take(self, deadline: float | None = None) -> Iterator[StreamEvent]:
+        """Events not yet taken, in order; each is also kept for result()."""
+        while not (self._history and self._history[-1].finished):
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 event = self._events.get(timeout=remaining)
             except queue.Empty:
-                raise TimeoutError(f"request {self.request.request_id} did not finish in {timeout} s") from None
-            text.append(event.text)
-            ids.extend(event.token_ids)
-            lps.extend(event.logprobs)
-            if event.finished:
-                break
-        start = self._submitted
+                raise TimeoutError(f"request {self.request.request_id} did not finish in time") from None
+            self._history.append(event)
+            yield event
+
+    def result(self, timeout: float | None = None) -> GenerateResult:
+        """Wait for the end; aggregates every event, including those already iterated."""
+        for _ in self._take(None if timeout is None else time.monotonic() + timeout):
+            pass
+        events = self._history
+        last, start = events[-1], self._submitted
         return GenerateResult(
             request_id=self.request.request_id,
-            text="".join(text),
-            token_ids=ids,
-            finish_reason=event.finish_reason,
+            text="".join(e.text for e in events),
+            token_ids=[t for e in events for t in e.token_ids],
+            finish_reason=last.finish_reason,
             prompt_tokens=self.prompt_tokens,
-            logprobs=lps,
+            logprobs=[lp for e in events for lp in e.logprobs],
             queue_time=((self.row and self.row.admitted_at) or self.finished_at) - start,
             time_to_first_token=(self.first_token_at or self.finished_at) - start,
             total_time=self.finished_at - start,
-            error=event.error,
+            error=last.error,
         )
 
 
