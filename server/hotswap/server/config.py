@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import InvalidArgument
 
 QUANTIZATIONS = ("none", "nf4", "int8")
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEFAULT_MODEL = "default"
 
 
@@ -26,8 +26,9 @@ class ModelConfig:
     """"none", "nf4" (bitsandbytes 4-bit) or "int8" (bitsandbytes LLM.int8)."""
     double_quant: bool = True
     """nf4 only: also quantize the quantization constants (QLoRA's double quantization)."""
-    dtype: str = "bfloat16"
-    """Weights dtype for quantization "none"; compute dtype for nf4."""
+    dtype: str = "auto"
+    """Weights dtype for quantization "none", compute dtype for nf4/int8. "auto": bf16 on CUDA and on
+    CPUs with AMX/AVX512-BF16, else fp32 (bf16 is ~500x slower than fp32 on an AVX2-only CPU)."""
     device: str = "auto"
     """"auto" (CUDA when present, else CPU), "cpu" or "cuda[:N]"."""
     cache_dir: Path = field(default_factory=_default_cache_dir)
