@@ -1,0 +1,1 @@
+"""The base model: where it comes from, GGUF conversion, quantized loading."""

@@ -1,0 +1,80 @@
+"""Load the base model and tokenizer as the engine and the tuner use them."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..config import ModelConfig
+from ..errors import ModelLoadError
+from ..hardware import resolve_device, resolve_dtype
+from .sources import resolve_checkpoint
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    """Eval mode, on `device`, sdpa attention."""
+    tokenizer: PreTrainedTokenizerBase
+    """Carries the model's chat template; pad token set (to EOS when the model has none)."""
+    config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+    """Activation/compute dtype (for nf4/int8 the compute dtype)."""
+    checkpoint_dir: Path
+    """The HF folder actually loaded (for a GGUF source, its converted cache)."""
+    fingerprint: str
+    """Stable id of the base weights + config; adapters record it."""
+
+
+def quantization_config(cfg: ModelConfig, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if cfg.quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def fingerprint(checkpoint: Path) -> str:
+    """sha256 over config.json and each weight file's name, size and first MiB:
+    cheap at start-up, and changes whenever the weights do."""
+    h = hashlib.sha256()
+    config = json.loads((checkpoint / "config.json").read_text())
+    config.pop("_name_or_path", None)
+    config.pop("transformers_version", None)
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for f in sorted(checkpoint.glob("*.safetensors")) + sorted(checkpoint.glob("*.bin")):
+        h.update(f.name.encode() + str(f.stat().st_size).encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def load_base_model(cfg: ModelConfig) -> LoadedModel:
+    checkpoint = resolve_checkpoint(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    quant = quantization_config(cfg, dtype)
+    kwargs = {"dtype": dtype, "attn_implementation": "sdpa", "trust_remote_code": False}
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": device})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
+    except (OSError, ValueError, ImportError) as e:
+        raise ModelLoadError(f"could not load model from {str(checkpoint)!r}: {e}", field="source") from e
+    if quant is None:
+        model = model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, cfg, device, dtype, checkpoint, fingerprint(checkpoint))
