@@ -54,7 +54,12 @@ def convert_gguf(path: Path, cache_dir: Path) -> Path:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
             raise ModelLoadError(f"could not read GGUF {str(path)!r}: {type(e).__name__}: {e}", field="source") from e
-        fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.bfloat16)
+        config = loaded.config
+        # The GGUF loader records a "gguf" quantization_config; the saved checkpoint is plain
+        # bf16, and bitsandbytes refuses to load a model that claims another quantization.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         fresh.load_state_dict(loaded.state_dict())
         fresh.generation_config = loaded.generation_config
         fresh.save_pretrained(tmp)

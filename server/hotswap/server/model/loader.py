@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def quantization_config(cfg: ModelConfig, dtype: torch.dtype) -> BitsAndBytesCon
             bnb_4bit_compute_dtype=dtype,
         )
     if cfg.quantization == "int8":
+        # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16; once is plenty.
+        warnings.filterwarnings("once", message="MatMul8bitLt: inputs will be cast")
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
