@@ -63,6 +63,9 @@ def adapters(request, tiny_checkpoints, tmp_path_factory):
         paths[kind] = save_adapter(base, kind, root / kind, seed=i)
     jobs = list(zip(KINDS + ["", ""], prompts(len(KINDS) + 2)))
     refs = [reference(ckpt, paths.get(a), p) for a, p in jobs]
+    for (a, p), (_, lp) in zip(jobs, refs):
+        if a:  # the adapter really changes the model, so matching PEFT means applying it
+            assert (lp - reference(ckpt, None, p)[1]).abs().max() > 1e-2, a
     return ckpt, paths, jobs, refs
 
 

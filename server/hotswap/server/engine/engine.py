@@ -87,6 +87,7 @@ class Engine:
         return bool(self.scheduler.waiting or len(self.scheduler.running))
 
     # -- the step ----------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> SchedulerOutput:
         for row in self.scheduler.running:
             if row.cancelled:
@@ -354,11 +355,23 @@ class EngineLoop:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
-            out = self.engine.step()
+            try:
+                out = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - an engine bug ends the batch's requests, not the server
+                self.step_error = e
+                self._fail_all(HotswapError(f"engine step failed: {type(e).__name__}: {e}"))
+                continue
             if out.empty:
                 # Everything waiting is blocked on an adapter load; sleep until it lands.
                 self._wake.wait(0.01)
                 self._wake.clear()
         self._drain_inbox()
-        for row in list(self.engine.scheduler.waiting) + list(self.engine.scheduler.running):
-            self.engine._emit(row, [], [], FinishReason.CANCELLED, Unavailable("the engine shut down"))
+        self._fail_all(Unavailable("the engine shut down"), FinishReason.CANCELLED)
+
+    def _fail_all(self, error: HotswapError, reason: FinishReason = FinishReason.ERROR) -> None:
+        sched = self.engine.scheduler
+        for row in list(sched.waiting) + list(sched.running):
+            if row.finish_reason is None:
+                self.engine._emit(row, [], [], reason, error)
+        sched.waiting.clear()
+        sched.running.rows.clear()

@@ -57,10 +57,10 @@ class Scheduler:
             return True
         if self.adapters is None:
             return NotFound(f"unknown adapter {adapter_id!r}: this engine has no adapter store", field="adapter_id")
-        error = self.adapters.failure(adapter_id)
-        if error is not None:
+        try:
+            row.adapter = self.adapters.acquire(adapter_id)
+        except HotswapError as error:
             return error
-        row.adapter = self.adapters.acquire(adapter_id)
         return row.adapter is not None
 
     def schedule(self) -> SchedulerOutput:

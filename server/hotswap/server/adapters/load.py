@@ -1,0 +1,44 @@
+"""PEFT adapter folder → validated `Adapter` with host (CPU, fp32) weights."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import AdapterIncompatible, InvalidArgument
+from .lora import adalora_weights, lora_weights
+from .peft_files import read_adapter_dir
+from .prefix import prefix_weights
+from .prompt import prompt_weights
+from .validate import BaseShape, check_prefix_config, check_weights
+from .weights import Adapter
+
+SUPPORTED = ("LORA", "ADALORA", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+
+
+def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_lora_rank: int) -> Adapter:
+    shape = base if isinstance(base, BaseShape) else BaseShape.of(base)
+    config, tensors = read_adapter_dir(Path(path))
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type not in SUPPORTED:
+        raise AdapterIncompatible(f"unknown or unsupported peft_type {config.get('peft_type')!r}; hotswap serves {', '.join(SUPPORTED)}", field="peft_type")
+    task = config.get("task_type")
+    if task not in (None, "CAUSAL_LM"):
+        raise AdapterIncompatible(f"task_type {task!r}: hotswap serves causal language models (CAUSAL_LM)", field="task_type")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise InvalidArgument(f"adapter weights contain NaN or inf (tensor {bad[0]!r})", field="path")
+    if peft_type == "LORA":
+        weights = lora_weights(config, tensors)
+    elif peft_type == "ADALORA":
+        weights = adalora_weights(config, tensors)
+    elif peft_type in ("PROMPT_TUNING", "P_TUNING"):
+        if config.get("token_dim") not in (None, shape.hidden_size):
+            raise AdapterIncompatible(f"hidden size: adapter token_dim {config['token_dim']}, base model hidden size {shape.hidden_size}", field="hidden_size")
+        weights = prompt_weights(config, tensors)
+    else:
+        check_prefix_config(config, shape)
+        weights = prefix_weights(config, tensors, shape.num_kv_heads, shape.head_dim)
+    check_weights(weights, shape, max_lora_rank)
+    return Adapter(adapter_id, peft_type, weights, config)

@@ -1,0 +1,63 @@
+"""Real adapters, created and saved by PEFT itself, with non-zero random weights."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from peft import (
+    AdaLoraConfig,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    TaskType,
+    get_peft_model,
+)
+
+CAUSAL = TaskType.CAUSAL_LM
+
+
+def _config(kind: str, model, **kw):
+    if kind == "lora":
+        return LoraConfig(task_type=CAUSAL, r=kw.get("r", 4), lora_alpha=kw.get("alpha", 8), target_modules=kw.get("targets", ["q_proj", "k_proj", "v_proj", "o_proj"]))
+    if kind == "lora_mlp":
+        # Different ranks and alphas per module exercise rank_pattern / alpha_pattern.
+        return LoraConfig(task_type=CAUSAL, r=6, lora_alpha=12, target_modules=["gate_proj", "up_proj", "down_proj", "v_proj"],
+                          rank_pattern={"down_proj": 2}, alpha_pattern={"up_proj": 3})
+    if kind == "rslora":
+        return LoraConfig(task_type=CAUSAL, r=8, lora_alpha=4, use_rslora=True, target_modules="all-linear")
+    if kind == "adalora":
+        return AdaLoraConfig(task_type=CAUSAL, init_r=6, target_r=3, lora_alpha=10, total_step=10, target_modules=["q_proj", "v_proj", "down_proj"])
+    if kind == "prompt_random":
+        return PromptTuningConfig(task_type=CAUSAL, num_virtual_tokens=5)
+    if kind == "prompt_text":
+        return PromptTuningConfig(task_type=CAUSAL, num_virtual_tokens=6, prompt_tuning_init=PromptTuningInit.TEXT,
+                                  prompt_tuning_init_text="Who are you? I am a model.", tokenizer_name_or_path=kw["tokenizer"])
+    if kind == "ptuning":
+        return PromptEncoderConfig(task_type=CAUSAL, num_virtual_tokens=4, encoder_hidden_size=32)
+    if kind == "prefix":
+        return PrefixTuningConfig(task_type=CAUSAL, num_virtual_tokens=3)
+    if kind == "prefix_proj":
+        return PrefixTuningConfig(task_type=CAUSAL, num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32)
+    raise ValueError(kind)
+
+
+KINDS = ("lora", "lora_mlp", "rslora", "adalora", "prompt_random", "prompt_text", "ptuning", "prefix", "prefix_proj")
+
+
+def save_adapter(model, kind: str, out: Path, seed: int = 0, scale: float = 0.3, **kw) -> Path:
+    """Wrap `model` (consumed) with a PEFT adapter of `kind`, perturb every trainable weight with
+    seeded noise (LoRA's B starts at zero, which would make it a no-op), save_pretrained to `out`."""
+    if kind == "prompt_text" and "tokenizer" not in kw:
+        kw["tokenizer"] = model.name_or_path
+    peft = get_peft_model(model, _config(kind, model, **kw))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * scale * (p.std() if p.numel() > 1 and p.std() > 0 else 1))
+    peft.eval()
+    peft.save_pretrained(out)
+    return Path(out)
