@@ -134,9 +134,9 @@ def test_cancel_mid_stream_frees_the_row_and_others_still_match(llama, adapter_p
 
 
 def test_evicted_adapters_reload_and_still_match(llama, adapter_paths):
-    one = max(p.joinpath("adapter_model.safetensors").stat().st_size for p in adapter_paths.values())
-    cache = AdapterCacheConfig(device_bytes=int(one * 1.5), host_bytes=int(one * 2.5))
-    names = ["lora-a", "lora-b", "prefix", "prompt", "lora-a", "prefix"]
+    names = ["lora-a", "lora-c", "prefix", "prompt", "lora-a", "lora-c", "prefix"]
+    one = max(adapter_paths[n].joinpath("adapter_model.safetensors").stat().st_size for n in names)
+    cache = AdapterCacheConfig(device_bytes=int(one * 1.2), host_bytes=int(one * 1.5))  # one LoRA at a time
     with make_core(llama, adapter_paths, cache=cache) as core:
         outs = [core.generate(GenerateRequest(prompt_ids=PROMPTS[i % 4], adapter_id=n, params=GREEDY), 60) for i, n in enumerate(names)]
         stats = core.adapters.stats()
@@ -168,13 +168,21 @@ def test_stop_string_and_eos_and_chat_messages(llama):
         assert free.finish_reason == FinishReason.LENGTH and len(free.token_ids) == 16
         full = tok.decode(free.token_ids, skip_special_tokens=True)
         assert free.text == full
-        stop = full[len(full) // 2: len(full) // 2 + 2]
-        if stop.strip():
-            cut = core.generate(GenerateRequest(prompt="Who are you?", params=SamplingParams(max_new_tokens=16, stop=[stop])), 60)
-            assert cut.finish_reason == FinishReason.STOP and cut.text == full[: full.index(stop)]
-        chat = core.generate(GenerateRequest(messages=[{"role": "user", "content": "Who are you?"}], params=GREEDY), 60)
-        ids = tok.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+        # A two-character stop string from the second half of the text: cut before it, finish "stop".
+        at = next(i for i in range(len(full) // 2, len(full) - 1) if len(full[i: i + 2].strip()) == 2)
+        stop = full[at: at + 2]
+        cut = core.generate(GenerateRequest(prompt="Who are you?", params=SamplingParams(max_new_tokens=16, stop=[stop, "never-seen"])), 60)
+        assert cut.finish_reason == FinishReason.STOP and cut.text == full[: full.index(stop)]
+        # EOS ends the request with the EOS token as its last token.
+        eos = free.token_ids[5]
+        core.engine.eos_ids = {eos}
+        ended = core.generate(GenerateRequest(prompt="Who are you?", params=SamplingParams(max_new_tokens=16)), 60)
+        assert ended.finish_reason == FinishReason.EOS
+        assert ended.token_ids == free.token_ids[: free.token_ids.index(eos) + 1]
+        # Chat messages are rendered with the model's chat template.
+        msgs = [{"role": "user", "content": "Who are you?"}]
+        chat = core.generate(GenerateRequest(messages=msgs, params=GREEDY), 60)
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
         assert chat.prompt_tokens == len(ids)
-        eos = core.engine.eos_ids
-        if chat.finish_reason == FinishReason.EOS:
-            assert chat.token_ids[-1] in eos
+        same = core.generate(GenerateRequest(prompt_ids=ids, params=GREEDY), 60)
+        assert chat.token_ids == same.token_ids

@@ -20,21 +20,20 @@ NEW = 10
 TOP = 5
 
 
-def reference(checkpoint, adapter_path, prompt_ids: list[int]):
-    """PEFT running the adapter alone (plain transformers for the base): tokens and log-probs."""
+def reference(checkpoint, adapter_path, prompt_ids: list[int], new: int = NEW):
+    """PEFT running the adapter alone (plain transformers for the base), greedy, one full
+    forward per token (no KV cache, EOS not special): tokens and log-probs (new, vocab)."""
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     if adapter_path is not None:
         model = PeftModel.from_pretrained(model, adapter_path).eval()
+    ids, logprobs = list(prompt_ids), []
     with torch.inference_mode():
-        out = model.generate(
-            input_ids=torch.tensor([prompt_ids]),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-        )
-    tokens = out.sequences[0, -NEW:].tolist()
-    logprobs = torch.stack([torch.log_softmax(step[0].float(), -1) for step in out.logits])  # (NEW, vocab)
-    return tokens, logprobs
+        for _ in range(new):
+            x = torch.tensor([ids])
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].float()
+            logprobs.append(torch.log_softmax(logits, -1))
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt_ids):], torch.stack(logprobs)
 
 
 def prompts(n: int) -> list[list[int]]:
