@@ -66,3 +66,18 @@ def save_tiny_checkpoint(arch: str, out: Path, seed: int = 0) -> Path:
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return {arch: save_tiny_checkpoint(arch, root / arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def default_model_cache(tmp_path_factory):
+    """The built-in default model (SmolLM2-135M-Instruct GGUF) converted once for the session:
+    (cache dir, seconds the first conversion took, fingerprint)."""
+    import time
+
+    from hotswap.server.config import ModelConfig
+    from hotswap.server.model.loader import load_base_model
+
+    cache = tmp_path_factory.mktemp("hotswap-cache")
+    start = time.monotonic()
+    loaded = load_base_model(ModelConfig(source="default", dtype="float32", device="cpu", cache_dir=cache))
+    return cache, time.monotonic() - start, loaded.fingerprint

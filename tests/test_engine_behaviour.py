@@ -186,3 +186,27 @@ def test_stop_string_and_eos_and_chat_messages(llama):
         assert chat.prompt_tokens == len(ids)
         same = core.generate(GenerateRequest(prompt_ids=ids, params=GREEDY), 60)
         assert chat.token_ids == same.token_ids
+
+
+def test_cold_adapter_load_does_not_stall_decoding_rows(llama, adapter_paths):
+    with make_core(llama, adapter_paths) as core:
+        gate, started = threading.Event(), threading.Event()
+        real_load = core.adapters.load_fn
+
+        def slow_disk(adapter_id):  # the real loader, held back as a slow disk would
+            started.set()
+            gate.wait(60)
+            return real_load(adapter_id)
+
+        core.adapters.load_fn = slow_disk
+        running = core.submit(GenerateRequest(prompt_ids=PROMPTS[0], params=SamplingParams(max_new_tokens=30, ignore_eos=True)))
+        next(iter(running))
+        cold = core.submit(GenerateRequest(prompt_ids=PROMPTS[1], adapter_id="lora-b", params=GREEDY))
+        assert started.wait(10)
+        # While the adapter is still "on disk", the running row decodes to the end.
+        done = running.result(60)
+        assert done.error is None and len(done.token_ids) == 30
+        assert not cold._history  # the cold request has not produced anything yet
+        gate.set()
+        res = cold.result(60)
+    assert res.error is None and res.token_ids == reference(llama, adapter_paths["lora-b"], PROMPTS[1])[0]

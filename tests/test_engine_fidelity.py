@@ -20,10 +20,12 @@ NEW = 10
 TOP = 5
 
 
-def reference(checkpoint, adapter_path, prompt_ids: list[int], new: int = NEW):
+def reference(checkpoint, adapter_path, prompt_ids: list[int], new: int = NEW, model=None):
     """PEFT running the adapter alone (plain transformers for the base), greedy, one full
-    forward per token (no KV cache, EOS not special): tokens and log-probs (new, vocab)."""
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    forward per token (no KV cache, EOS not special): tokens and log-probs (new, vocab).
+    `model`: a base model to use instead of loading `checkpoint` in fp32 (e.g. quantized)."""
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     if adapter_path is not None:
         model = PeftModel.from_pretrained(model, adapter_path).eval()
     ids, logprobs = list(prompt_ids), []

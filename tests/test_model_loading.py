@@ -72,23 +72,30 @@ def test_bad_sources_and_options_name_the_field(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_gguf_is_converted_once_then_reused(tmp_path, monkeypatch):
-    cfg = ModelConfig(source="default", dtype="float32", device="cpu", cache_dir=tmp_path)
-    start = time.monotonic()
-    first = load_base_model(cfg)
-    converted_in = time.monotonic() - start
-    assert first.tokenizer.chat_template and "<|im_start|>" in first.tokenizer.chat_template
-    msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = first.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = first.model.generate(**ids, max_new_tokens=8, do_sample=False)
-    assert "Paris" in first.tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+def test_default_gguf_is_converted_once_then_reused(default_model_cache, monkeypatch):
+    cache, converted_in, fingerprint = default_model_cache
+    cfg = ModelConfig(source="default", dtype="float32", device="cpu", cache_dir=cache)
 
     def no_gguf(*a, **k):
         raise AssertionError("the cached conversion should have been reused")
 
     monkeypatch.setattr(gguf_convert, "_chat_template_from_gguf", no_gguf)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _refuse_gguf(AutoModelForCausalLM.from_pretrained))
     start = time.monotonic()
-    second = load_base_model(cfg)
+    loaded = load_base_model(cfg)
     assert time.monotonic() - start < converted_in / 3
-    assert second.fingerprint == first.fingerprint and second.checkpoint_dir == first.checkpoint_dir
+    assert loaded.fingerprint == fingerprint and loaded.checkpoint_dir.parent == cache
+    assert loaded.tokenizer.chat_template and "<|im_start|>" in loaded.tokenizer.chat_template
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = loaded.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = loaded.model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert "Paris" in loaded.tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
     assert default_gguf().is_file()
+
+
+def _refuse_gguf(original):
+    def wrapped(*args, **kwargs):
+        assert "gguf_file" not in kwargs, "the GGUF was read again"
+        return original(*args, **kwargs)
+
+    return wrapped

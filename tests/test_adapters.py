@@ -1,0 +1,240 @@
+"""Adapter files, materialisation against PEFT's own modules, validation errors, the two-tier cache."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from hotswap.server.adapters.cache import AdapterCache
+from hotswap.server.adapters.load import load_adapter
+from hotswap.server.adapters.registry import check_adapter_id
+from hotswap.server.adapters.weights import LoraWeights, PrefixWeights, PromptWeights
+from hotswap.server.config import AdapterCacheConfig
+from hotswap.server.errors import AdapterIncompatible, InvalidArgument, NotFound, ResourceExhausted
+from peft_fixtures import KINDS, save_adapter
+
+
+@pytest.fixture(scope="module")
+def base(tiny_checkpoints):
+    return tiny_checkpoints["llama"]
+
+
+def fp32(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def saved(base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {k: save_adapter(fp32(base), k, root / k, seed=i) for i, k in enumerate(KINDS)}
+
+
+@pytest.mark.parametrize("kind", ["lora", "lora_mlp", "rslora", "adalora"])
+def test_lora_family_delta_equals_peft_layer(base, saved, kind):
+    model = fp32(base)
+    adapter = load_adapter(saved[kind], kind, model, max_lora_rank=64)
+    assert isinstance(adapter.weights, LoraWeights) and adapter.weights.modules
+    peft = PeftModel.from_pretrained(fp32(base), saved[kind]).eval()
+    gen = torch.Generator().manual_seed(0)
+    for name, m in adapter.weights.modules.items():
+        x = torch.randn(2, 3, m.a.shape[1], generator=gen)
+        with torch.no_grad():
+            ours = model.get_submodule(name)(x) + ((x @ m.a.T) @ m.b.T) * m.scale
+            torch.testing.assert_close(ours, peft.base_model.model.get_submodule(name)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_and_prefix_tensors_equal_peft_get_prompt(base, saved):
+    for kind in ("prompt_random", "prompt_text", "ptuning"):
+        adapter = load_adapter(saved[kind], kind, fp32(base), 64)
+        peft = PeftModel.from_pretrained(fp32(base), saved[kind]).eval()
+        assert isinstance(adapter.weights, PromptWeights)
+        torch.testing.assert_close(adapter.weights.embeddings, peft.get_prompt(batch_size=1)[0].float())
+    for kind in ("prefix", "prefix_proj"):
+        adapter = load_adapter(saved[kind], kind, fp32(base), 64)
+        peft = PeftModel.from_pretrained(fp32(base), saved[kind]).eval()
+        cache = peft.get_prompt(batch_size=1)
+        assert isinstance(adapter.weights, PrefixWeights)
+        for layer in range(adapter.weights.keys.shape[0]):
+            torch.testing.assert_close(adapter.weights.keys[layer], cache.layers[layer].keys[0].float())
+            torch.testing.assert_close(adapter.weights.values[layer], cache.layers[layer].values[0].float())
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_file_errors(base, saved, tmp_path):
+    model = fp32(base)
+    with pytest.raises(NotFound, match="does not exist"):
+        load_adapter(tmp_path / "absent", "x", model, 64)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InvalidArgument, match="adapter_config.json"):
+        load_adapter(empty, "x", model, 64)
+    pickled = _copy(saved["lora"], tmp_path / "pickled")
+    tensors = load_file(pickled / "adapter_model.safetensors")
+    (pickled / "adapter_model.safetensors").unlink()
+    torch.save(tensors, pickled / "adapter_model.bin")
+    with pytest.raises(InvalidArgument, match="refusing pickle checkpoint 'adapter_model.bin'"):
+        load_adapter(pickled, "x", model, 64)
+    broken = _copy(saved["lora"], tmp_path / "broken")
+    (broken / "adapter_config.json").write_text("{not json")
+    with pytest.raises(InvalidArgument, match="not valid JSON"):
+        load_adapter(broken, "x", model, 64)
+    nan = _copy(saved["lora"], tmp_path / "nan")
+    t = load_file(nan / "adapter_model.safetensors")
+    save_file({k: v.fill_(float("nan")) for k, v in t.items()}, nan / "adapter_model.safetensors")
+    with pytest.raises(InvalidArgument, match="NaN"):
+        load_adapter(nan, "x", model, 64)
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def test_incompatibilities_name_the_mismatch(base, saved, tmp_path):
+    model = fp32(base)
+    odd = _copy(saved["lora"], tmp_path / "odd")
+    _edit_config(odd, peft_type="LOHA")
+    with pytest.raises(AdapterIncompatible, match="peft_type 'LOHA'") as e:
+        load_adapter(odd, "x", model, 64)
+    assert e.value.field == "peft_type"
+    with pytest.raises(AdapterIncompatible, match="rank 4 .* above the configured maximum 2") as e:
+        load_adapter(saved["lora"], "x", model, max_lora_rank=2)
+    assert e.value.field == "r"
+    dora = _copy(saved["lora"], tmp_path / "dora")
+    _edit_config(dora, use_dora=True)
+    with pytest.raises(AdapterIncompatible, match="DoRA"):
+        load_adapter(dora, "x", model, 64)
+
+    # Adapters made by PEFT on other tiny models: wider hidden size, more layers, other head layout.
+    def variant(**changes):
+        cfg = AutoModelForCausalLM.from_pretrained(base).config
+        return AutoModelForCausalLM.from_config(cfg.__class__(**{**cfg.to_dict(), **changes}))
+
+    cases = [("lora", {"hidden_size": 96}, "hidden_size", "hidden size"),
+             ("prompt_random", {"hidden_size": 96}, "hidden_size", "hidden size"),
+             ("lora", {"num_hidden_layers": 5}, "num_layers", "layer count"),
+             ("prefix", {"num_hidden_layers": 5}, "num_layers", "layer count"),
+             ("prefix", {"num_key_value_heads": 4}, "head_layout", "head layout")]
+    for i, (kind, changes, field, pattern) in enumerate(cases):
+        path = save_adapter(variant(**changes), kind, tmp_path / f"other-{i}")
+        with pytest.raises(AdapterIncompatible, match=pattern) as e:
+            load_adapter(path, "x", model, 64)
+        assert e.value.field == field, (kind, changes)
+    # LoRA on a module the base does not have.
+    ghost = _copy(saved["lora"], tmp_path / "ghost")
+    t = load_file(ghost / "adapter_model.safetensors")
+    t = {k.replace("q_proj", "qkv_fused"): v for k, v in t.items()}
+    save_file(t, ghost / "adapter_model.safetensors")
+    with pytest.raises(AdapterIncompatible, match="target modules absent.*qkv_fused") as e:
+        load_adapter(ghost, "x", model, 64)
+    assert e.value.field == "target_modules"
+
+
+def test_adapter_ids_cannot_escape_the_store():
+    for bad in ["../etc", "a/b", "/abs", "", "x" * 200, "..", "name@v1"]:
+        with pytest.raises(InvalidArgument):
+            check_adapter_id(bad)
+    assert check_adapter_id("support-bot_v2.1@3") == "support-bot_v2.1@3"
+
+
+# -- the cache ---------------------------------------------------------------------
+@pytest.fixture()
+def cache_env(base, saved):
+    model = fp32(base)
+    calls: list[str] = []
+    gate = threading.Event()
+    gate.set()
+
+    def load(adapter_id):
+        calls.append(adapter_id)
+        gate.wait()
+        return load_adapter(saved[adapter_id], adapter_id, model, 64)
+
+    sizes = {k: load_adapter(saved[k], k, model, 64).nbytes for k in ("lora", "lora_mlp", "adalora", "prefix")}
+    return load, calls, gate, sizes
+
+
+def _acquire(cache, adapter_id, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while (a := cache.acquire(adapter_id)) is None:
+        assert time.monotonic() < deadline
+        cache.wait_idle(timeout)
+    return a
+
+
+def test_cache_lru_pinning_and_in_use(cache_env):
+    load, calls, gate, sizes = cache_env
+    budget = sizes["lora"] + sizes["lora_mlp"] + 8
+    cache = AdapterCache(AdapterCacheConfig(device_bytes=budget, host_bytes=10 * budget), load, torch.device("cpu"), torch.float32)
+    a = _acquire(cache, "lora")
+    b = _acquire(cache, "lora_mlp")
+    cache.release("lora_mlp")
+    cache.release("lora")
+    _acquire(cache, "lora")  # touch: lora_mlp is now least recently used
+    cache.release("lora")
+    _acquire(cache, "adalora")
+    assert set(cache.stats().device) == {"lora", "adalora"} and cache.stats().evictions == 1
+    cache.release("adalora")
+    cache.pin("lora")
+    for name in ("lora_mlp", "adalora", "lora_mlp"):
+        _acquire(cache, name)
+        cache.release(name)
+        assert "lora" in cache.stats().device  # pinned never leaves
+    # Reload from the host tier: no second disk read, identical tensors.
+    before = calls.count("lora_mlp")
+    assert before == 1
+    again = _acquire(cache, "lora_mlp")
+    assert all(torch.equal(x, y) for x, y in zip(again.weights.tensors(), b.weights.tensors()))
+    assert a is cache.acquire("lora")
+
+
+def test_cache_load_is_async_and_failures_surface_once(cache_env):
+    load, calls, gate, sizes = cache_env
+    cache = AdapterCache(AdapterCacheConfig(device_bytes=10**8, host_bytes=10**8), load, torch.device("cpu"), torch.float32)
+    woke = threading.Event()
+    cache.on_ready = woke.set
+    gate.clear()
+    start = time.monotonic()
+    assert cache.acquire("lora") is None and cache.acquire("lora") is None
+    assert time.monotonic() - start < 0.5  # never blocks the engine thread
+    gate.set()
+    assert woke.wait(10)
+    assert cache.acquire("lora") is not None and calls.count("lora") == 1
+
+    def failing(adapter_id):
+        raise NotFound(f"unknown adapter {adapter_id!r}", field="adapter_id")
+
+    cache.load_fn = failing
+    assert cache.acquire("missing") is None
+    cache.wait_idle(10)
+    with pytest.raises(NotFound):
+        cache.acquire("missing")
+    assert cache.acquire("missing") is None  # the next request retries
+    cache.wait_idle(10)
+
+
+def test_cache_refuses_an_adapter_bigger_than_the_budget_and_waits_for_busy_ones(cache_env):
+    load, calls, gate, sizes = cache_env
+    small = AdapterCache(AdapterCacheConfig(device_bytes=sizes["lora"] - 1, host_bytes=10**8), load, torch.device("cpu"), torch.float32)
+    with pytest.raises(ResourceExhausted, match="more than the whole device budget"):
+        small.load("lora")
+    one = AdapterCache(AdapterCacheConfig(device_bytes=max(sizes["lora"], sizes["adalora"]) + 8, host_bytes=10**8), load,
+                       torch.device("cpu"), torch.float32)
+    _acquire(one, "lora")  # in use by a running row
+    assert one.acquire("adalora") is None
+    time.sleep(0.3)
+    assert "lora" in one.stats().device and one.acquire("adalora") is None  # waits, does not evict a busy adapter
+    one.release("lora")
+    assert _acquire(one, "adalora") is not None and "lora" not in one.stats().device
