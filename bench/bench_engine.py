@@ -83,11 +83,12 @@ def engine_poisson(core: ServingCore, jobs, new_tokens: int, rate: float, seed: 
 
 
 # -- baselines ---------------------------------------------------------------------
-def hf_model(checkpoint: Path, quantization: str):
-    kw = {"dtype": torch.bfloat16}
+def hf_model(checkpoint: Path, quantization: str, dtype: torch.dtype):
+    """The baseline model, loaded the way a user would, in the dtype the engine runs."""
+    kw = {"dtype": dtype}
     if quantization == "nf4":
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(checkpoint, **kw).eval()
 
 
@@ -137,12 +138,13 @@ def main() -> None:
     ap.add_argument("--one-at-a-time", type=int, default=8, help="requests the PEFT one-at-a-time baseline runs (it is slow)")
     ap.add_argument("--many", type=int, default=1000, help="adapters in the many-adapters run (0 skips it)")
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache/hotswap/bench")
+    ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     ap.add_argument("--only", default="", help="comma list of workloads: lora,mixed,poisson,many")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else {"lora", "mixed", "poisson", "many"}
     torch.manual_seed(0)
     n, T = args.requests, args.new_tokens
-    lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} — {args.quantization}, {n} requests × {T} new tokens",
+    lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} — {args.quantization} (compute dtype chosen by dtype=auto), {n} requests × {T} new tokens",
              f"\n`python bench/bench_engine.py --quantization {args.quantization} --requests {n} --new-tokens {T} "
              f"--one-at-a-time {args.one_at_a_time} --many {args.many}{' --only ' + args.only if args.only else ''}`"
              f" on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n"]
@@ -151,7 +153,7 @@ def main() -> None:
         print(s, flush=True)
         lines.append(s)
 
-    loaded = load_base_model(ModelConfig(quantization=args.quantization, dtype="bfloat16"))
+    loaded = load_base_model(ModelConfig(quantization=args.quantization))
     tok, pad = loaded.tokenizer, loaded.tokenizer.pad_token_id
     ckpt = loaded.checkpoint_dir
     fp32_base = lambda: AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)  # noqa: E731
@@ -161,12 +163,14 @@ def main() -> None:
                        AdapterCacheConfig(device_bytes=8 * 2**30, host_bytes=16 * 2**30))
     for i, p in enumerate(lora_paths):
         core.register_adapter(f"lora-{i}", p)
+    for i in range(len(lora_paths)):  # steady state: adapters already active (cold loads are measured below)
+        core.adapters.load(f"lora-{i}")
     ps = prompts(tok, n)
     base_jobs = [("", p) for p in ps]
     engine_run(core, base_jobs[:4], 4)  # warm-up
     base = engine_run(core, base_jobs, T)["tok_s"]
 
-    hf = hf_model(ckpt, args.quantization)
+    hf = hf_model(ckpt, args.quantization, loaded.dtype)
     hf_base = hf_batched(hf, base_jobs, T, pad, batch=n)
     log("| workload | hotswap tok/s | baseline | baseline tok/s | ratio |\n|---|---|---|---|---|")
     log(f"| base only | {base:.0f} | transformers batched generate (batch {n}) | {hf_base:.0f} | {base / hf_base:.2f}× |")
@@ -193,6 +197,9 @@ def main() -> None:
             core.register_adapter(f"prompt-{i}", p)
         for i, p in enumerate(prefix_paths):
             core.register_adapter(f"prefix-{i}", p)
+        for i in range(8):
+            core.adapters.load(f"prompt-{i}")
+            core.adapters.load(f"prefix-{i}")
         kinds = [f"lora-{i}" for i in range(16)] + [f"prompt-{i}" for i in range(8)] + [f"prefix-{i}" for i in range(8)] + [""] * 4
         jobs = [(kinds[i % len(kinds)], p) for i, p in enumerate(ps)]
         ours = engine_run(core, jobs, T)["tok_s"]
@@ -233,7 +240,7 @@ def main() -> None:
             f"cold-load p50 {pct(loads, 50) * 1e3:.0f}ms p90 {pct(loads, 90) * 1e3:.0f}ms p99 {pct(loads, 99) * 1e3:.0f}ms")
         core.close()
 
-    with open(HERE / "RESULTS.md", "a") as f:
+    with open(args.out, "a") as f:
         f.write("\n".join(lines) + "\n")
 
 
