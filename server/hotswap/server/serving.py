@@ -60,6 +60,7 @@ class ServingCore:
 
     def close(self) -> None:
         self.loop.shutdown()
+        self.adapters.close()
 
     def __enter__(self) -> "ServingCore":
         return self

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from ..model.loader import LoadedModel
 
 
-
 class Engine:
     def __init__(self, loaded: LoadedModel, cfg: EngineConfig | None = None, adapters: AdapterCache | None = None) -> None:
         self.cfg = cfg or EngineConfig()
@@ -119,9 +118,9 @@ class Engine:
     def _guarded(self, fn, first_slot: int, rows: list[Row]) -> torch.Tensor:
         try:
             return fn(first_slot, rows)
-        except Exception:  # noqa: BLE001 - isolate the failing row(s)
+        except Exception as e:  # noqa: BLE001 - isolate the failing row(s)
             if len(rows) == 1:
-                rows[0].error = _as_error(rows[0])
+                rows[0].error = HotswapError(f"request failed in the model forward: {type(e).__name__}: {e}")
                 return torch.full((1, self.vocab_size), float("nan"), device=self.runner.device)
             return torch.cat([self._guarded(fn, first_slot + i, [row]) for i, row in enumerate(rows)])
 
@@ -200,13 +199,6 @@ class Engine:
             row.sink(StreamEvent(row.request_id, token_ids, text, lps, reason, error))
         except Exception:  # noqa: BLE001 - a broken consumer ends only its own request
             row.finish_reason = row.finish_reason or FinishReason.CANCELLED
-
-
-def _as_error(row: Row) -> HotswapError:
-    import sys
-
-    exc = sys.exc_info()[1]
-    return HotswapError(f"request failed in the model forward: {type(exc).__name__}: {exc}")
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:
