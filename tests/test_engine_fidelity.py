@@ -91,3 +91,20 @@ def test_mixed_batch_matches_peft_alone(adapters, lora_mode):
         for step, lp in enumerate(res.logprobs):
             top_ids = [t for t, _ in lp.top]
             torch.testing.assert_close(torch.tensor([v for _, v in lp.top]), ref_lp[step, top_ids], atol=2e-4, rtol=1e-4)
+
+
+def test_base_rows_match_plain_generate(tiny_checkpoints):
+    """Base-model rows, mixed with adapter-free neighbours of other lengths, give exactly what
+    transformers' own generate gives for each prompt alone (EOS handling included)."""
+    ckpt = tiny_checkpoints["qwen2"]
+    plain = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
+    jobs = [("", p) for p in prompts(6)]
+    with ServingCore(loaded, EngineConfig(max_batch_size=4, max_seq_len=128)) as core:
+        results = run_in_waves(core, jobs, SamplingParams(max_new_tokens=NEW))
+    for (_, p), r in zip(jobs, results):
+        out = plain.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                             max_new_tokens=NEW, do_sample=False)
+        expected = out[0, len(p):].tolist()
+        assert r.token_ids == expected
+        assert r.finish_reason == (FinishReason.EOS if expected[-1] == loaded.tokenizer.eos_token_id else FinishReason.LENGTH)
