@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 KINDS = {
     "lora": lambda r: LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=2 * r, target_modules="all-linear"),
+    "lora-attn": lambda r: LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     "lora-qv": lambda r: LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]),
     "prompt": lambda r: PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=r),
     "prefix": lambda r: PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=r),

@@ -158,13 +158,19 @@ def main() -> None:
     ckpt = loaded.checkpoint_dir
     fp32_base = lambda: AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)  # noqa: E731
     work = args.workdir
-    lora_paths = adapter_set(fp32_base, work, "lora", 64, [8, 16, 32])
+    lora_sets = {  # name -> (PEFT kind, ranks): a typical attention adapter, and a heavy all-linear one
+        "attention r16": ("lora-attn", [16]),
+        "all-linear r8/16/32": ("lora", [8, 16, 32]),
+    }
+    lora_paths = {name: adapter_set(fp32_base, work, kind, 64, ranks) for name, (kind, ranks) in lora_sets.items()}
     core = ServingCore(loaded, EngineConfig(max_batch_size=64, max_tokens_per_step=8192, max_seq_len=1024),
                        AdapterCacheConfig(device_bytes=8 * 2**30, host_bytes=16 * 2**30))
-    for i, p in enumerate(lora_paths):
-        core.register_adapter(f"lora-{i}", p)
-    for i in range(len(lora_paths)):  # steady state: adapters already active (cold loads are measured below)
-        core.adapters.load(f"lora-{i}")
+    ids = {}
+    for set_no, (name, paths) in enumerate(lora_paths.items()):
+        ids[name] = [f"lora{set_no}-{i}" for i in range(len(paths))]
+        for adapter_id, p in zip(ids[name], paths):
+            core.register_adapter(adapter_id, p)
+            core.adapters.load(adapter_id)  # steady state: already active (cold loads are measured below)
     ps = prompts(tok, n)
     base_jobs = [("", p) for p in ps]
     engine_run(core, base_jobs[:4], 4)  # warm-up
@@ -176,19 +182,22 @@ def main() -> None:
     log(f"| base only | {base:.0f} | transformers batched generate (batch {n}) | {hf_base:.0f} | {base / hf_base:.2f}× |")
 
     if "lora" in only:
-        peft = PeftModel.from_pretrained(hf, lora_paths[0], adapter_name="lora-0")
-        for i, p in enumerate(lora_paths[1:], 1):
-            peft.load_adapter(p, adapter_name=f"lora-{i}")
-        peft.eval()
-        for distinct in (1, 16, 64):
-            jobs = [(f"lora-{i % distinct}", p) for i, p in enumerate(ps)]
-            ours = engine_run(core, jobs, T)["tok_s"]
-            one = peft_one_at_a_time(peft, jobs[: args.one_at_a_time], T, pad)
-            mixed = hf_batched(peft, jobs, T, pad, batch=n, mixed=True)
-            log(f"| {distinct} LoRA | {ours:.0f} | PEFT one at a time | {one:.0f} | {ours / one:.2f}× |")
-            log(f"| {distinct} LoRA | {ours:.0f} | PEFT mixed batch (adapter_names) | {mixed:.0f} | {ours / mixed:.2f}× |")
-            log(f"| {distinct} LoRA | {ours:.0f} | hotswap base only | {base:.0f} | {ours / base:.2f}× |")
-        del peft
+        for name, paths in lora_paths.items():
+            peft = PeftModel.from_pretrained(hf, paths[0], adapter_name=ids[name][0])
+            for adapter_id, p in zip(ids[name][1:], paths[1:]):
+                peft.load_adapter(p, adapter_name=adapter_id)
+            peft.eval()
+            for distinct in (1, 16, 64):
+                jobs = [(ids[name][i % distinct], p) for i, p in enumerate(ps)]
+                ours = engine_run(core, jobs, T)["tok_s"]
+                one = peft_one_at_a_time(peft, jobs[: args.one_at_a_time], T, pad)
+                mixed = hf_batched(peft, jobs, T, pad, batch=n, mixed=True)
+                label = f"{distinct} LoRA ({name})"
+                log(f"| {label} | {ours:.0f} | PEFT one at a time | {one:.0f} | {ours / one:.2f}× |")
+                log(f"| {label} | {ours:.0f} | PEFT mixed batch (adapter_names) | {mixed:.0f} | {ours / mixed:.2f}× |")
+                log(f"| {label} | {ours:.0f} | hotswap base only | {base:.0f} | {ours / base:.2f}× |")
+            hf = peft.unload()  # back to the plain base for the next set
+            del peft
 
     if "mixed" in only:
         prompt_paths = adapter_set(fp32_base, work, "prompt", 8, [8, 16])
@@ -200,14 +209,14 @@ def main() -> None:
         for i in range(8):
             core.adapters.load(f"prompt-{i}")
             core.adapters.load(f"prefix-{i}")
-        kinds = [f"lora-{i}" for i in range(16)] + [f"prompt-{i}" for i in range(8)] + [f"prefix-{i}" for i in range(8)] + [""] * 4
+        kinds = ids["attention r16"][:8] + ids["all-linear r8/16/32"][:8] + [f"prompt-{i}" for i in range(8)] + [f"prefix-{i}" for i in range(8)] + [""] * 4
         jobs = [(kinds[i % len(kinds)], p) for i, p in enumerate(ps)]
         ours = engine_run(core, jobs, T)["tok_s"]
         log(f"| mixed LoRA + prompt + prefix + base | {ours:.0f} | hotswap base only | {base:.0f} | {ours / base:.2f}× |")
         log(f"| mixed LoRA + prompt + prefix + base | {ours:.0f} | transformers batched generate, base | {hf_base:.0f} | {ours / hf_base:.2f}× |")
 
     if "poisson" in only:
-        jobs = [(f"lora-{i % 16}", p) for i, p in enumerate(ps)]
+        jobs = [(ids["attention r16"][i % 16], p) for i, p in enumerate(ps)]
         rate = 0.6 * base / T  # requests/s at ~60% of base-only capacity
         r = engine_poisson(core, jobs, T, rate)
         log(f"\nPoisson arrivals, {rate:.2f} req/s, 16 LoRA adapters: {r['tok_s']:.0f} tok/s; "
