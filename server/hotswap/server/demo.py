@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default", help="HF folder, hub id (from the local cache), .gguf file, or 'default'")
     ap.add_argument("--quantization", default="none", choices=["none", "nf4", "int8"])
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     ap.add_argument("--max-new-tokens", type=int, default=40)
     args = ap.parse_args(argv)
 
