@@ -30,6 +30,9 @@ def _config(kind: str, model, **kw):
         return LoraConfig(task_type=CAUSAL, r=8, lora_alpha=4, use_rslora=True, target_modules="all-linear")
     if kind == "adalora":
         return AdaLoraConfig(task_type=CAUSAL, init_r=6, target_r=3, lora_alpha=10, total_step=10, target_modules=["q_proj", "v_proj", "down_proj"])
+    if kind == "adalora_pruned":
+        return AdaLoraConfig(task_type=CAUSAL, init_r=6, target_r=2, lora_alpha=10, tinit=1, tfinal=1, deltaT=1,
+                             total_step=6, target_modules=["q_proj", "v_proj", "down_proj"])
     if kind == "prompt_random":
         return PromptTuningConfig(task_type=CAUSAL, num_virtual_tokens=5)
     if kind == "prompt_text":
@@ -44,7 +47,7 @@ def _config(kind: str, model, **kw):
     raise ValueError(kind)
 
 
-KINDS = ("lora", "lora_mlp", "rslora", "adalora", "prompt_random", "prompt_text", "ptuning", "prefix", "prefix_proj")
+KINDS = ("lora", "lora_mlp", "rslora", "adalora", "adalora_pruned", "prompt_random", "prompt_text", "ptuning", "prefix", "prefix_proj")
 
 
 def save_adapter(model, kind: str, out: Path, seed: int = 0, scale: float = 0.3, **kw) -> Path:
@@ -58,6 +61,23 @@ def save_adapter(model, kind: str, out: Path, seed: int = 0, scale: float = 0.3,
         for name, p in peft.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * scale * (p.std() if p.numel() > 1 and p.std() > 0 else 1))
+    if kind == "adalora_pruned":
+        _prune_adalora(peft, seed)
     peft.eval()
     peft.save_pretrained(out)
     return Path(out)
+
+
+def _prune_adalora(peft, seed: int) -> None:
+    """A few AdaLoRA training steps with rank allocation, so the saved checkpoint carries a
+    rank_pattern and PEFT resizes (and drops to rank 0) modules exactly as in real training."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(3, 300, (2, 12), generator=gen)
+    peft.train()
+    for step in range(6):
+        peft(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        peft.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    assert peft.peft_config["default"].rank_pattern, "rank allocation did not prune"

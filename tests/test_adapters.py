@@ -36,7 +36,7 @@ def saved(base, tmp_path_factory):
     return {k: save_adapter(fp32(base), k, root / k, seed=i) for i, k in enumerate(KINDS)}
 
 
-@pytest.mark.parametrize("kind", ["lora", "lora_mlp", "rslora", "adalora"])
+@pytest.mark.parametrize("kind", ["lora", "lora_mlp", "rslora", "adalora", "adalora_pruned"])
 def test_lora_family_delta_equals_peft_layer(base, saved, kind):
     model = fp32(base)
     adapter = load_adapter(saved[kind], kind, model, max_lora_rank=64)

@@ -15,7 +15,7 @@ from hotswap.server.model.loader import load_base_model
 from hotswap.server.serving import ServingCore
 from peft_fixtures import save_adapter
 
-KINDS = ["lora", "lora_mlp", "rslora", "adalora", "prompt_random", "prompt_text", "ptuning", "prefix", "prefix_proj"]
+KINDS = ["lora", "lora_mlp", "rslora", "adalora", "adalora_pruned", "prompt_random", "prompt_text", "ptuning", "prefix", "prefix_proj"]
 NEW = 10
 TOP = 5
 
