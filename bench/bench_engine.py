@@ -49,6 +49,8 @@ def prompts(tok, n: int) -> list[list[int]]:
 
 
 def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
@@ -241,12 +243,15 @@ def main() -> None:
         base_many = engine_run(core, [("", p) for _, p in jobs], T // 2)["tok_s"]
         ours = engine_run(core, jobs, T // 2)["tok_s"]
         stats = core.adapters.stats()
-        loads = stats.load_durations
+        loads, promotes, waits = stats.load_durations, stats.promote_durations, stats.room_waits
         log(f"\n{args.many} LoRA adapters (q,v; ranks 8–64), Zipf(1.1) popularity, {reqs} requests × {T // 2} tokens, "
             f"device cache {device_budget / 2**20:.0f} MiB (~{device_budget / (statistics.mean(sizes) / 2):.0f} adapters): "
             f"{ours:.0f} tok/s vs base-only {base_many:.0f} tok/s = {ours / base_many:.2f}×; "
             f"{len(set(picks))} distinct adapters used, {stats.loads} loads, {stats.evictions} evictions; "
-            f"cold-load p50 {pct(loads, 50) * 1e3:.0f}ms p90 {pct(loads, 90) * 1e3:.0f}ms p99 {pct(loads, 99) * 1e3:.0f}ms")
+            f"cold load from disk ({len(loads)}) p50 {pct(loads, 50) * 1e3:.0f}ms p90 {pct(loads, 90) * 1e3:.0f}ms "
+            f"p99 {pct(loads, 99) * 1e3:.0f}ms; host→device ({len(promotes)}) p50 {pct(promotes, 50) * 1e3:.1f}ms "
+            f"p99 {pct(promotes, 99) * 1e3:.1f}ms; then waiting for device room held by running rows "
+            f"p50 {pct(waits, 50) * 1e3:.0f}ms p99 {pct(waits, 99) * 1e3:.0f}ms")
         core.close()
 
     with open(args.out, "a") as f:

@@ -35,7 +35,11 @@ class CacheStats:
     """Device-tier evictions."""
     host_evictions: int = 0
     load_durations: list[float] = field(default_factory=list)
-    """Seconds from a load's start to its adapter being usable, per load."""
+    """Cold loads (disk → host → device): seconds to read, validate and copy, per load."""
+    promote_durations: list[float] = field(default_factory=list)
+    """Warm loads (host tier → device): seconds per load."""
+    room_waits: list[float] = field(default_factory=list)
+    """Seconds a load then waited for device room held by in-use adapters (0 when it fit)."""
 
 
 class AdapterCache:
@@ -114,6 +118,7 @@ class AdapterCache:
                 host={k: a.nbytes for k, a in self._host.items()},
                 hits=s.hits, misses=s.misses, loads=s.loads, evictions=s.evictions,
                 host_evictions=s.host_evictions, load_durations=list(s.load_durations),
+                promote_durations=list(s.promote_durations), room_waits=list(s.room_waits),
             )
 
     def is_pinned(self, adapter_id: str) -> bool:
@@ -156,7 +161,7 @@ class AdapterCache:
                 self._device.move_to_end(adapter_id)
                 return self._device[adapter_id]
         start = time.monotonic()
-        host = self._host_copy(adapter_id)
+        host, from_disk = self._host_copy(adapter_id)
         if host.nbytes > self.cfg.device_bytes:
             raise ResourceExhausted(
                 f"adapter {adapter_id!r} needs {host.nbytes} bytes, more than the whole device budget of "
@@ -164,18 +169,21 @@ class AdapterCache:
                 field="device_bytes",
             )
         active = host.to(self.device, self.dtype)
+        ready = time.monotonic()
         with self._lock:
             self._make_room(active.nbytes)
             self._device[adapter_id] = active
             self._stats.loads += 1
-            self._stats.load_durations.append(time.monotonic() - start)
+            (self._stats.load_durations if from_disk else self._stats.promote_durations).append(ready - start)
+            self._stats.room_waits.append(time.monotonic() - ready)
             return active
 
-    def _host_copy(self, adapter_id: str) -> Adapter:
+    def _host_copy(self, adapter_id: str) -> tuple[Adapter, bool]:
+        """(host copy, whether it came from disk)."""
         with self._lock:
             if adapter_id in self._host:
                 self._host.move_to_end(adapter_id)
-                return self._host[adapter_id]
+                return self._host[adapter_id], False
         adapter = self.load_fn(adapter_id)  # disk I/O outside the lock
         with self._lock:
             if adapter.nbytes <= self.cfg.host_bytes:
@@ -187,7 +195,7 @@ class AdapterCache:
                     self._stats.host_evictions += 1
                 if used + adapter.nbytes <= self.cfg.host_bytes:
                     self._host[adapter_id] = adapter
-        return adapter
+        return adapter, True
 
     def _make_room(self, nbytes: int) -> None:
         """Evict least-recently-used idle, unpinned device adapters; wait while only busy ones remain. Holds the lock."""
