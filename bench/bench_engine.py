@@ -172,7 +172,7 @@ def main() -> None:
         ids[name] = [f"lora{set_no}-{i}" for i in range(len(paths))]
         for adapter_id, p in zip(ids[name], paths):
             core.register_adapter(adapter_id, p)
-            core.adapters.load(adapter_id)  # steady state: already active (cold loads are measured below)
+            core.adapters.load(core.resolve(adapter_id))  # steady state: already active (cold loads are measured below)
     ps = prompts(tok, n)
     base_jobs = [("", p) for p in ps]
     engine_run(core, base_jobs[:4], 4)  # warm-up
@@ -209,8 +209,8 @@ def main() -> None:
         for i, p in enumerate(prefix_paths):
             core.register_adapter(f"prefix-{i}", p)
         for i in range(8):
-            core.adapters.load(f"prompt-{i}")
-            core.adapters.load(f"prefix-{i}")
+            core.adapters.load(core.resolve(f"prompt-{i}"))
+            core.adapters.load(core.resolve(f"prefix-{i}"))
         kinds = ids["attention r16"][:8] + ids["all-linear r8/16/32"][:8] + [f"prompt-{i}" for i in range(8)] + [f"prefix-{i}" for i in range(8)] + [""] * 4
         jobs = [(kinds[i % len(kinds)], p) for i, p in enumerate(ps)]
         ours = engine_run(core, jobs, T)["tok_s"]
@@ -234,7 +234,7 @@ def main() -> None:
                            AdapterCacheConfig(device_bytes=int(device_budget), host_bytes=int(4 * device_budget)))
         t0 = time.monotonic()
         for i, p in enumerate(many_paths):
-            core.registry.add(f"many-{i}", p)  # the files were written by PEFT's layout; skip the read-back
+            core.register_adapter(f"many-{i}", p)
         rnd = random.Random(0)
         weights = [1 / (i + 1) ** 1.1 for i in range(args.many)]
         reqs = 4 * n

@@ -66,7 +66,7 @@ def test_non_finite_row_fails_alone(llama, adapter_paths, tmp_path):
 
 def test_exception_in_one_rows_adapter_fails_only_that_row(llama, adapter_paths):
     with make_core(llama, adapter_paths) as core:
-        broken = core.adapters.load("lora-c", pin=True)
+        broken = core.adapters.load(core.resolve("lora-c"), pin=True)
         name, module = next(iter(broken.weights.modules.items()))
         module.a = module.a[:, :-1]  # a shape the matmul rejects, as a corrupted device copy would
         jobs = [("lora-a", PROMPTS[0]), ("lora-c", PROMPTS[1]), ("prefix", PROMPTS[2]), ("", PROMPTS[3])]
@@ -83,7 +83,7 @@ def test_adapter_that_fails_to_load_ends_its_requests_only(llama, adapter_paths,
         (gone / f.name).write_bytes(f.read_bytes())
     with make_core(llama, adapter_paths) as core:
         core.register_adapter("gone", gone)
-        (gone / "adapter_model.safetensors").unlink()
+        (core.registry.path("gone") / "adapter_model.safetensors").unlink()
         s_bad = core.submit(GenerateRequest(prompt_ids=PROMPTS[0], adapter_id="gone", params=GREEDY))
         s_ok = core.submit(GenerateRequest(prompt_ids=PROMPTS[1], params=GREEDY))
         bad, ok = s_bad.result(60), s_ok.result(60)

@@ -47,3 +47,11 @@ class ModelLoadError(HotswapError):
     """The base model could not be found or loaded (missing files, offline hub, bad GGUF)."""
 
     code = "FAILED_PRECONDITION"
+
+
+class DeadlineExceeded(HotswapError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class Unauthenticated(HotswapError):
+    code = "UNAUTHENTICATED"

@@ -2,15 +2,18 @@
 an adapter registry and two-tier cache, and the engine on its own thread."""
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 from .adapters.cache import AdapterCache
 from .adapters.load import load_adapter
-from .adapters.registry import AdapterRegistry, check_adapter_id
+from .adapters.registry import AdapterRecord, AdapterRegistry
 from .adapters.weights import Adapter
 from .config import AdapterCacheConfig, EngineConfig, ModelConfig
 from .engine.engine import Engine, EngineLoop, RequestStream
-from .engine.request import GenerateRequest, GenerateResult
+from .engine.request import GenerateRequest, GenerateResult, StreamEvent
 from .model.loader import LoadedModel, load_base_model
 
 
@@ -20,10 +23,14 @@ class ServingCore:
         loaded: LoadedModel,
         engine_cfg: EngineConfig | None = None,
         cache_cfg: AdapterCacheConfig | None = None,
+        registry: AdapterRegistry | None = None,
     ) -> None:
         self.loaded = loaded
         self.cache_cfg = cache_cfg or AdapterCacheConfig()
-        self.registry = AdapterRegistry()
+        if registry is None:  # in-process use: a throwaway store
+            self._tmp = tempfile.TemporaryDirectory(prefix="hotswap-adapters-")
+            registry = AdapterRegistry(Path(self._tmp.name) / "registry.sqlite", Path(self._tmp.name) / "store")
+        self.registry = registry
         self.adapters = AdapterCache(self.cache_cfg, self._load_from_store, loaded.device, loaded.dtype)
         self.engine = Engine(loaded, engine_cfg, self.adapters)
         self.loop = EngineLoop(self.engine).start()
@@ -34,23 +41,39 @@ class ServingCore:
         model_cfg: ModelConfig,
         engine_cfg: EngineConfig | None = None,
         cache_cfg: AdapterCacheConfig | None = None,
+        registry: AdapterRegistry | None = None,
     ) -> "ServingCore":
-        return cls(load_base_model(model_cfg), engine_cfg, cache_cfg)
+        return cls(load_base_model(model_cfg), engine_cfg, cache_cfg, registry)
 
     def _load_from_store(self, adapter_id: str) -> Adapter:
         return load_adapter(self.registry.path(adapter_id), adapter_id, self.loaded.model, self.cache_cfg.max_lora_rank)
 
-    def register_adapter(self, adapter_id: str, path: str | Path) -> Adapter:
-        """Validate the adapter against the base model (reading it once) and make it servable."""
-        check_adapter_id(adapter_id)
-        adapter = load_adapter(Path(path), adapter_id, self.loaded.model, self.cache_cfg.max_lora_rank)
-        self.registry.add(adapter_id, Path(path))
-        return adapter
+    def _validate(self, path: Path) -> Adapter:
+        return load_adapter(path, path.name, self.loaded.model, self.cache_cfg.max_lora_rank)
 
-    def submit(self, request: GenerateRequest) -> RequestStream:
-        if request.adapter_id:
-            self.registry.path(request.adapter_id)  # NOT_FOUND now, not after queueing
-        return self.loop.submit(request)
+    def register_adapter(self, name: str, source: str | Path, labels: dict[str, str] | None = None) -> AdapterRecord:
+        """Copy the adapter into the store, validate it against the base model and
+        publish it as the next version of `name`; returns its record (id "name@v")."""
+        return self.registry.register(name, str(source), self._validate, self.loaded.fingerprint, labels)
+
+    def resolve(self, adapter_id: str) -> str:
+        """"name" -> "name@latest"; "name@v" checked to exist. NotFound otherwise."""
+        return self.registry.get(adapter_id).id
+
+    def delete_adapter(self, adapter_id: str) -> list[str]:
+        """Unregister (one version or all) and drop from the caches. Rows already
+        running keep their device copy until they finish."""
+        deleted = [r.id for r in self.registry.delete(adapter_id)]
+        for rid in deleted:
+            self.adapters.forget(rid)
+        return deleted
+
+    def submit(self, request: GenerateRequest, notify: Callable[[StreamEvent], None] | None = None) -> RequestStream:
+        """Validate and enqueue; iterate the stream or wait on it. `notify` also gets every
+        event, on the engine thread (the gRPC layer wakes its asyncio loop with it)."""
+        if request.adapter_id:  # NOT_FOUND now, not after queueing; the cache keys on the versioned id
+            request = dataclasses.replace(request, adapter_id=self.resolve(request.adapter_id))
+        return self.loop.submit(request, notify)
 
     def generate(self, request: GenerateRequest, timeout: float | None = None) -> GenerateResult:
         return self.submit(request).result(timeout)
@@ -61,6 +84,8 @@ class ServingCore:
     def close(self) -> None:
         self.loop.shutdown()
         self.adapters.close()
+        if hasattr(self, "_tmp"):
+            self._tmp.cleanup()
 
     def __enter__(self) -> "ServingCore":
         return self

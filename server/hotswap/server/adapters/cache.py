@@ -110,6 +110,21 @@ class AdapterCache:
                 self._stats.evictions += 1
             self._host.pop(adapter_id, None)
 
+    def forget(self, adapter_id: str) -> None:
+        """The adapter was deleted: drop it from both tiers even while rows use it
+        (they hold their own reference and finish; no new row can acquire it)."""
+        with self._lock:
+            self._pinned.discard(adapter_id)
+            if self._device.pop(adapter_id, None) is not None:
+                self._stats.evictions += 1
+            self._host.pop(adapter_id, None)
+            self._failures.pop(adapter_id, None)
+
+    def residency(self, adapter_id: str) -> str:
+        """"device", "host" or "" (files only)."""
+        with self._lock:
+            return "device" if adapter_id in self._device else "host" if adapter_id in self._host else ""
+
     def stats(self) -> CacheStats:
         with self._lock:
             s = self._stats

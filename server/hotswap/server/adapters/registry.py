@@ -1,48 +1,299 @@
-"""Which adapter ids exist and where their files are. In memory for now; the
-gRPC server's persistent registry (SQLite) replaces this behind the same calls."""
+"""Which adapters exist: metadata in SQLite, files in a local store folder.
+
+Ids are ``name@version``. Registering a name again adds the next version (versions
+are never reused, even after a delete, so a cache keyed by id can never serve a
+stale copy); a bare name resolves to the latest version. Registration copies the
+files into ``<store>/<name>/<version>/`` first, validates them, and only then
+makes the version visible in one transaction, so a reader sees either the old
+latest version or the complete new one. Other processes (the tuner) write to the
+same SQLite file and the server sees their adapters on its next lookup.
+"""
 from __future__ import annotations
 
+import base64
+import json
 import re
+import shutil
+import sqlite3
 import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
-from ..errors import InvalidArgument, NotFound
+from ..errors import HotswapError, InvalidArgument, NotFound
+from .peft_files import CONFIG, PICKLES, WEIGHTS
+from .weights import Adapter, LoraWeights
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[0-9]+)?$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ID = re.compile(r"^(?P<name>[^@]+)(@(?P<version>[0-9]{1,9}))?$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    peft_type TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    target_modules TEXT NOT NULL,
+    num_virtual_tokens INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    base_fingerprint TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    source_uri TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS adapter_names (
+    name TEXT PRIMARY KEY,
+    next_version INTEGER NOT NULL
+);
+"""
+
+
+def check_adapter_name(name: str, field_name: str = "name") -> str:
+    """Names are plain words: no slashes, no '..', so a name can never address a
+    file outside the adapter store."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise InvalidArgument(
+            f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' (at most 128, starting with a letter or digit)",
+            field=field_name,
+        )
+    return name
+
+
+def parse_adapter_id(adapter_id: str) -> tuple[str, int | None]:
+    """"name@3" -> ("name", 3); "name" -> ("name", None)."""
+    m = _ID.match(adapter_id or "")
+    if not m:
+        raise InvalidArgument(f"invalid adapter id {adapter_id!r}: use name or name@version", field="adapter_id")
+    check_adapter_name(m["name"], "adapter_id")
+    return m["name"], int(m["version"]) if m["version"] else None
 
 
 def check_adapter_id(adapter_id: str) -> str:
-    """Ids are plain names (optionally name@version): no slashes, no '..', so an id can
-    never address a file outside the adapter store."""
-    if not _ID.match(adapter_id) or ".." in adapter_id:
-        raise InvalidArgument(
-            f"invalid adapter id {adapter_id!r}: use letters, digits, '.', '_', '-' (at most 128), optionally @version",
-            field="adapter_id",
-        )
+    parse_adapter_id(adapter_id)
     return adapter_id
 
 
+@dataclass
+class AdapterRecord:
+    name: str
+    version: int
+    peft_type: str
+    rank: int
+    target_modules: list[str]
+    num_virtual_tokens: int
+    size_bytes: int
+    base_fingerprint: str
+    created_at: float
+    """Unix time."""
+    source_uri: str
+    path: Path
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def describe(adapter: Adapter) -> dict:
+    """The registry's summary of a loaded adapter."""
+    rank, targets = 0, []
+    if isinstance(adapter.weights, LoraWeights):
+        mods = adapter.weights.modules
+        rank = max((m.rank for m in mods.values()), default=0)
+        targets = sorted({name.rsplit(".", 1)[-1] for name in mods})
+    return dict(peft_type=adapter.peft_type, rank=rank, target_modules=targets,
+                num_virtual_tokens=adapter.num_virtual_tokens, size_bytes=adapter.nbytes)
+
+
 class AdapterRegistry:
-    def __init__(self) -> None:
-        self._paths: dict[str, Path] = {}
-        self._lock = threading.Lock()
+    """SQLite metadata + a folder of adapter files. Safe from any thread and from
+    several processes sharing the same files."""
 
-    def add(self, adapter_id: str, path: Path) -> None:
-        with self._lock:
-            self._paths[check_adapter_id(adapter_id)] = Path(path)
+    def __init__(self, db_path: str | Path, store_dir: str | Path) -> None:
+        self.db_path = Path(db_path)
+        self.store = Path(store_dir).resolve()
+        self.store.mkdir(parents=True, exist_ok=True)
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._db().executescript(_SCHEMA)  # IF NOT EXISTS: safe when several processes start together
 
-    def remove(self, adapter_id: str) -> None:
-        with self._lock:
-            if self._paths.pop(adapter_id, None) is None:
-                raise NotFound(f"unknown adapter {adapter_id!r}", field="adapter_id")
+    # -- connections ---------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            db.row_factory = sqlite3.Row
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; IMMEDIATE takes the write lock up front so two
+        registrations of one name cannot both pick the same version."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # -- writes --------------------------------------------------------------------
+    def register(
+        self,
+        name: str,
+        source_uri: str,
+        validate: Callable[[Path], Adapter],
+        base_fingerprint: str,
+        labels: dict[str, str] | None = None,
+    ) -> AdapterRecord:
+        """Copy, validate, publish. `validate` loads the staged folder against the base
+        model and raises a HotswapError when it does not fit."""
+        check_adapter_name(name)
+        labels = dict(labels or {})
+        staging = self.store / ".staging" / uuid.uuid4().hex
+        try:
+            fetch_adapter_files(source_uri, staging)
+            try:
+                info = describe(validate(staging))
+            except HotswapError as e:
+                if e.field == "path":
+                    e.field = "source_uri"
+                raise
+            with self._tx() as db:
+                row = db.execute("SELECT next_version FROM adapter_names WHERE name = ?", (name,)).fetchone()
+                version = row[0] if row else 1
+                final = self.store / name / str(version)
+                if final.exists():  # left by a crash between rename and commit
+                    shutil.rmtree(final)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                staging.rename(final)
+                try:
+                    db.execute(
+                        "INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        (name, version, info["peft_type"], info["rank"], json.dumps(info["target_modules"]),
+                         info["num_virtual_tokens"], info["size_bytes"], base_fingerprint, time.time(),
+                         source_uri, json.dumps(labels)),
+                    )
+                    db.execute("INSERT OR REPLACE INTO adapter_names VALUES (?, ?)", (name, version + 1))
+                except BaseException:
+                    shutil.rmtree(final, ignore_errors=True)
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.get(f"{name}@{version}")
+
+    def delete(self, adapter_id: str) -> list[AdapterRecord]:
+        """"name@v" deletes that version, "name" every version. Returns what was deleted."""
+        name, version = parse_adapter_id(adapter_id)
+        with self._tx() as db:
+            if version is None:
+                rows = db.execute("SELECT * FROM adapters WHERE name = ?", (name,)).fetchall()
+                db.execute("DELETE FROM adapters WHERE name = ?", (name,))
+            else:
+                rows = db.execute("SELECT * FROM adapters WHERE name = ? AND version = ?", (name, version)).fetchall()
+                db.execute("DELETE FROM adapters WHERE name = ? AND version = ?", (name, version))
+        if not rows:
+            raise NotFound(f"unknown adapter {adapter_id!r}", field="adapter_id")
+        records = [self._record(r) for r in rows]
+        for r in records:
+            shutil.rmtree(r.path, ignore_errors=True)
+        return records
+
+    # -- reads -----------------------------------------------------------------------
+    def get(self, adapter_id: str) -> AdapterRecord:
+        """Resolve "name" (latest version) or "name@v"."""
+        name, version = parse_adapter_id(adapter_id)
+        db = self._db()
+        if version is None:
+            row = db.execute("SELECT * FROM adapters WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)).fetchone()
+        else:
+            row = db.execute("SELECT * FROM adapters WHERE name = ? AND version = ?", (name, version)).fetchone()
+        if row is None:
+            raise NotFound(f"unknown adapter {adapter_id!r}", field="adapter_id")
+        return self._record(row)
 
     def path(self, adapter_id: str) -> Path:
-        with self._lock:
+        return self.get(adapter_id).path
+
+    def list(self, page_size: int = 100, page_token: str = "", name: str = "") -> tuple[list[AdapterRecord], str]:
+        """A page ordered by (name, version) and the token of the next page ("" at the end)."""
+        page_size = 100 if page_size <= 0 else min(page_size, 1000)
+        after = ("", 0)
+        if page_token:
             try:
-                return self._paths[adapter_id]
-            except KeyError:
-                raise NotFound(f"unknown adapter {adapter_id!r}", field="adapter_id") from None
+                n, v = json.loads(base64.urlsafe_b64decode(page_token.encode()))
+                after = (str(n), int(v))
+            except Exception:  # noqa: BLE001 - any garbage token is the caller's error
+                raise InvalidArgument("not a token this server issued", field="page_token") from None
+        sql, args = "SELECT * FROM adapters WHERE (name, version) > (?, ?)", [*after]
+        if name:
+            check_adapter_name(name)
+            sql += " AND name = ?"
+            args.append(name)
+        rows = self._db().execute(sql + " ORDER BY name, version LIMIT ?", (*args, page_size + 1)).fetchall()
+        records = [self._record(r) for r in rows[:page_size]]
+        token = ""
+        if len(rows) > page_size:
+            last = records[-1]
+            token = base64.urlsafe_b64encode(json.dumps([last.name, last.version]).encode()).decode()
+        return records, token
 
     def ids(self) -> list[str]:
-        with self._lock:
-            return sorted(self._paths)
+        rows = self._db().execute("SELECT name, version FROM adapters ORDER BY name, version").fetchall()
+        return [f"{n}@{v}" for n, v in rows]
+
+    def _record(self, row: sqlite3.Row) -> AdapterRecord:
+        path = (self.store / row["name"] / str(row["version"])).resolve()
+        if self.store not in path.parents:  # names are checked on the way in; this guards a hand-edited database
+            raise InvalidArgument(f"adapter {row['name']!r} points outside the store", field="adapter_id")
+        return AdapterRecord(
+            name=row["name"], version=row["version"], peft_type=row["peft_type"], rank=row["rank"],
+            target_modules=json.loads(row["target_modules"]), num_virtual_tokens=row["num_virtual_tokens"],
+            size_bytes=row["size_bytes"], base_fingerprint=row["base_fingerprint"], created_at=row["created_at"],
+            source_uri=row["source_uri"], path=path, labels=json.loads(row["labels"]),
+        )
+
+
+def fetch_adapter_files(source_uri: str, dest: Path) -> None:
+    """Copy a PEFT adapter folder from a local path or any fsspec URL into `dest`.
+    Only the two files PEFT's format needs are copied; pickles are refused here,
+    before a byte of them is read."""
+    import fsspec
+
+    if not source_uri:
+        raise InvalidArgument("give a local folder or URL holding the adapter", field="source_uri")
+    try:
+        fs, root = fsspec.core.url_to_fs(source_uri)
+    except (ImportError, ValueError) as e:
+        raise InvalidArgument(f"cannot open {source_uri!r}: {e}", field="source_uri") from None
+    root = root.rstrip("/")
+    try:
+        if not fs.isdir(root):
+            raise NotFound(f"no adapter folder at {source_uri!r}", field="source_uri")
+        names = {Path(p).name for p in fs.ls(root, detail=False)}
+    except HotswapError:
+        raise
+    except Exception as e:  # noqa: BLE001 - remote filesystems raise their own errors (auth, network)
+        raise InvalidArgument(f"cannot read {source_uri!r}: {type(e).__name__}: {e}", field="source_uri") from None
+    if CONFIG not in names:
+        raise InvalidArgument(f"{source_uri!r} has no {CONFIG}: not a PEFT adapter folder", field="source_uri")
+    if WEIGHTS not in names:
+        pickles = sorted(n for n in names if Path(n).suffix in PICKLES)
+        if pickles:
+            raise InvalidArgument(
+                f"refusing pickle checkpoint {pickles[0]!r} in {source_uri!r}: loading pickles can run arbitrary code; "
+                f"re-save the adapter with safetensors (PEFT's save_pretrained does by default)",
+                field="source_uri",
+            )
+        raise InvalidArgument(f"{source_uri!r} has no {WEIGHTS}", field="source_uri")
+    dest.mkdir(parents=True)
+    for n in (CONFIG, WEIGHTS):
+        fs.get(f"{root}/{n}", str(dest / n))

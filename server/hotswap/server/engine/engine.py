@@ -5,7 +5,9 @@ own thread behind a small thread-safe API (submit / cancel / shutdown) that
 the gRPC layer uses."""
 from __future__ import annotations
 
+import logging
 import queue
+from dataclasses import dataclass
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -20,6 +22,8 @@ from .request import FinishReason, GenerateRequest, GenerateResult, StreamEvent,
 from .runner import ModelRunner
 from .sampling import apply_repetition_penalty, process_and_sample
 from .scheduler import Scheduler, SchedulerOutput
+
+log = logging.getLogger("hotswap.engine")
 
 if TYPE_CHECKING:
     from ..adapters.cache import AdapterCache
@@ -224,14 +228,27 @@ class RequestStream:
         self.finished_at: float | None = None
         self.row: Row | None = None
         self._history: list[StreamEvent] = []
+        self.generated_tokens = 0
+        self.finish_reason: FinishReason | None = None
 
     def put(self, event: StreamEvent) -> None:  # engine thread
         now = time.monotonic()
         if event.token_ids and self.first_token_at is None:
             self.first_token_at = now
+        self.generated_tokens += len(event.token_ids)
         if event.finished:
             self.finished_at = now
+            self.finish_reason = event.finish_reason
         self._events.put(event)
+
+    @property
+    def submitted_at(self) -> float:
+        return self._submitted
+
+    @property
+    def queue_time(self) -> float:
+        """Seconds from submit to admission (to the end, if never admitted); valid once finished."""
+        return ((self.row and self.row.admitted_at) or self.finished_at) - self._submitted
 
     def __iter__(self) -> Iterator[StreamEvent]:
         yield from self._take()
@@ -260,11 +277,23 @@ class RequestStream:
             finish_reason=last.finish_reason,
             prompt_tokens=self.prompt_tokens,
             logprobs=[lp for e in events for lp in e.logprobs],
-            queue_time=((self.row and self.row.admitted_at) or self.finished_at) - start,
+            queue_time=self.queue_time,
             time_to_first_token=(self.first_token_at or self.finished_at) - start,
             total_time=self.finished_at - start,
             error=last.error,
         )
+
+
+@dataclass(frozen=True)
+class LoopSnapshot:
+    """What the engine is doing, published by the engine thread after every step
+    for readers on other threads (metrics, ModelInfo) without touching its queues."""
+
+    running: int = 0
+    waiting: int = 0
+    """Admitted to the scheduler but not running, plus submitted but not yet taken in."""
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
 
 
 class EngineLoop:
@@ -281,24 +310,36 @@ class EngineLoop:
         if engine.adapters is not None:
             engine.adapters.on_ready = self._wake.set
         self.step_error: BaseException | None = None
+        self.snapshot = LoopSnapshot()
+        self.on_step: Callable[[SchedulerOutput, int], None] | None = None
+        """Called on the engine thread after each step with its output and the rows it ran."""
+        self.on_finish: Callable[[RequestStream], None] | None = None
+        """Called on the engine thread when a request ends, however it ends (metrics)."""
 
     def start(self) -> "EngineLoop":
         self._thread.start()
         return self
 
-    def submit(self, request: GenerateRequest, sink: Callable[[StreamEvent], None] | None = None) -> RequestStream:
+    def submit(self, request: GenerateRequest, notify: Callable[[StreamEvent], None] | None = None) -> RequestStream:
         """Validate and enqueue. Raises InvalidArgument, ResourceExhausted (queue full) or
-        Unavailable (shutting down) at once; everything later arrives as events."""
+        Unavailable (shutting down) at once; everything later arrives as events on the
+        returned stream, and is also passed to `notify` (on the engine thread) when given."""
         if self._stopping:
             raise Unavailable("the engine is shutting down")
-        stream = None
-        if sink is None:
-            stream = RequestStream(request, 0)
-            sink = stream.put
+        stream = RequestStream(request, 0)
+
+        def sink(event: StreamEvent) -> None:
+            stream.put(event)
+            if event.finished and self.on_finish is not None:
+                try:
+                    self.on_finish(stream)
+                except Exception:  # noqa: BLE001 - an observer never costs a request its result
+                    log.exception("on_finish observer failed")
+            if notify is not None:
+                notify(event)
         row = self.engine.make_row(request, self._counting(sink))
-        if stream is not None:
-            stream.prompt_tokens = len(row.prompt_ids)
-            stream.row = row
+        stream.prompt_tokens = len(row.prompt_ids)
+        stream.row = row
         with self._lock:
             if self._queued >= self.engine.cfg.max_queue:
                 raise ResourceExhausted(f"the request queue is full ({self.engine.cfg.max_queue} waiting)", field="max_queue")
@@ -344,6 +385,7 @@ class EngineLoop:
         while not self._stopping:
             self._drain_inbox()
             if not self.engine.has_work:
+                self._publish(None)
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -353,12 +395,27 @@ class EngineLoop:
                 self.step_error = e
                 self._fail_all(HotswapError(f"engine step failed: {type(e).__name__}: {e}"))
                 continue
+            self._publish(out)
             if out.empty:
                 # Everything waiting is blocked on an adapter load; sleep until it lands.
                 self._wake.wait(0.01)
                 self._wake.clear()
         self._drain_inbox()
         self._fail_all(Unavailable("the engine shut down"), FinishReason.CANCELLED)
+
+    def _publish(self, out: SchedulerOutput | None) -> None:
+        sched = self.engine.scheduler
+        running, waiting = sched.running.rows, sched.waiting
+        with self._lock:
+            queued = self._queued  # submitted and not yet out of prefill: inbox + scheduler queue
+        self.snapshot = LoopSnapshot(
+            running=len(running),
+            waiting=max(queued, len(waiting)),
+            running_adapters=tuple(sorted({r.request.adapter_id for r in running if r.request.adapter_id})),
+            waiting_adapters=tuple(sorted({r.request.adapter_id for r in waiting if r.request.adapter_id})),
+        )
+        if out is not None and self.on_step is not None and not out.empty:
+            self.on_step(out, len(out.decode) + len(out.prefill))
 
     def _fail_all(self, error: HotswapError, reason: FinishReason = FinishReason.ERROR) -> None:
         sched = self.engine.scheduler

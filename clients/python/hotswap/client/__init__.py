@@ -1,0 +1,19 @@
+"""hotswap client SDK: grpcio + protobuf only.
+
+    from hotswap.client import Client
+    with Client("localhost:50051") as c:
+        print(c.generate("Who are you?", adapter="support-bot", max_new_tokens=32).text)
+"""
+from .aio import AsyncClient
+from .errors import (
+    Cancelled, DeadlineExceeded, FailedPrecondition, HotswapError, Internal, InvalidArgument, NotFound,
+    ResourceExhausted, Unauthenticated, Unavailable, Unimplemented,
+)
+from .sync import Client
+from .types import Adapter, Generation, ModelInfo, StreamChunk, Timing, TokenLogprob, Tokens
+
+__all__ = [
+    "Adapter", "AsyncClient", "Cancelled", "Client", "DeadlineExceeded", "FailedPrecondition", "Generation",
+    "HotswapError", "Internal", "InvalidArgument", "ModelInfo", "NotFound", "ResourceExhausted", "StreamChunk",
+    "Timing", "TokenLogprob", "Tokens", "Unauthenticated", "Unavailable", "Unimplemented",
+]

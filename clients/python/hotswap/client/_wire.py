@@ -1,0 +1,136 @@
+"""Request building and response reading shared by the sync and asyncio clients."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import grpc
+
+from hotswap.v1 import adapters_pb2, inference_pb2
+
+from .types import Adapter, Generation, ModelInfo, StreamChunk, Timing, TokenLogprob, Tokens
+
+DEFAULT_TIMEOUT = 300.0
+"""Seconds; a generation on a busy CPU server can take minutes."""
+
+FINISH = {
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_EOS: "eos",
+    inference_pb2.FINISH_REASON_CANCELLED: "cancelled",
+    inference_pb2.FINISH_REASON_ERROR: "error",
+}
+RESIDENCY = {adapters_pb2.RESIDENCY_REGISTERED: "registered", adapters_pb2.RESIDENCY_HOST: "host", adapters_pb2.RESIDENCY_DEVICE: "device"}
+
+# grpc's own retry: UNAVAILABLE (server starting, draining, or a dropped connection)
+# is retried with backoff before the call is committed.
+SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": "hotswap.v1.InferenceService"}, {"service": "hotswap.v1.AdapterService"},
+                 {"service": "hotswap.v1.TunerService"}],
+        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.25s", "maxBackoff": "4s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]},
+    }]
+})
+
+
+def channel_args(max_message_mb: int = 64) -> list[tuple[str, object]]:
+    return [
+        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_send_message_length", max_message_mb * 2**20),
+        ("grpc.max_receive_message_length", max_message_mb * 2**20),
+        ("grpc.keepalive_time_ms", 30_000),
+    ]
+
+
+def credentials(tls: bool, ca_cert: bytes | None, client_cert: bytes | None, client_key: bytes | None) -> grpc.ChannelCredentials | None:
+    if not (tls or ca_cert or client_cert):
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=ca_cert, private_key=client_key, certificate_chain=client_cert)
+
+
+def metadata(token: str | None, adapter: str = "") -> tuple[tuple[str, str], ...]:
+    md = []
+    if token:
+        md.append(("authorization", f"Bearer {token}"))
+    if adapter:  # lets a router pick a replica without parsing the body
+        md.append(("hotswap-adapter-id", adapter))
+    return tuple(md)
+
+
+def generate_fields(prompt: str | None, messages: list[dict] | None, adapter: str, request_id: str, **sampling) -> dict:
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt or messages")
+    fields: dict = {"adapter_id": adapter or "", "request_id": request_id or "", "sampling": sampling_params(**sampling)}
+    if prompt is not None:
+        fields["prompt"] = prompt
+    else:
+        fields["messages"] = chat(messages)
+    return fields
+
+
+def chat(messages: list[dict]) -> inference_pb2.ChatMessages:
+    return inference_pb2.ChatMessages(messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
+
+
+def sampling_params(max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
+                    top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
+                    stop: list[str] | None = None, ignore_eos: bool = False, logprobs: int | None = None) -> inference_pb2.SamplingParameters:
+    p = inference_pb2.SamplingParameters(
+        max_new_tokens=max_new_tokens or 0, temperature=temperature or 0.0, top_k=top_k or 0, top_p=top_p or 0.0,
+        repetition_penalty=repetition_penalty or 0.0, stop=list(stop or []), ignore_eos=ignore_eos,
+    )
+    if seed is not None:
+        p.seed = seed
+    if logprobs is not None:
+        p.logprobs = logprobs
+    return p
+
+
+def logprobs(items) -> list[TokenLogprob]:
+    return [TokenLogprob(x.token_id, x.token, x.logprob, [(t.token_id, t.token, t.logprob) for t in x.top]) for x in items]
+
+
+def timing(t) -> Timing:
+    return Timing(t.queue_seconds, t.time_to_first_token_seconds, t.total_seconds)
+
+
+def generation(r: inference_pb2.GenerateResponse) -> Generation:
+    return Generation(text=r.text, token_ids=list(r.token_ids), finish_reason=FINISH.get(r.finish_reason, ""),
+                      prompt_tokens=r.prompt_tokens, generated_tokens=r.generated_tokens, timing=timing(r.timing),
+                      request_id=r.request_id, adapter_id=r.adapter_id, logprobs=logprobs(r.logprobs))
+
+
+def chunk(r: inference_pb2.GenerateStreamResponse) -> StreamChunk:
+    last = r.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
+    return StreamChunk(text=r.text, token_ids=list(r.token_ids), request_id=r.request_id, adapter_id=r.adapter_id,
+                       logprobs=logprobs(r.logprobs), finish_reason=FINISH.get(r.finish_reason) if last else None,
+                       prompt_tokens=r.prompt_tokens, generated_tokens=r.generated_tokens,
+                       timing=timing(r.timing) if last else None)
+
+
+def adapter(a: adapters_pb2.Adapter) -> Adapter:
+    created = datetime.fromtimestamp(a.created_at.seconds + a.created_at.nanos / 1e9, tz=timezone.utc)
+    return Adapter(id=a.id, name=a.name, version=a.version, peft_type=a.peft_type, rank=a.rank,
+                   target_modules=list(a.target_modules), num_virtual_tokens=a.num_virtual_tokens,
+                   size_bytes=a.size_bytes, base_fingerprint=a.base_fingerprint, created_at=created,
+                   source_uri=a.source_uri, residency=RESIDENCY.get(a.residency, "registered"), pinned=a.pinned,
+                   labels=dict(a.labels))
+
+
+def model_info(r: inference_pb2.ModelInfoResponse) -> ModelInfo:
+    return ModelInfo(source=r.source, model_type=r.model_type, quantization=r.quantization, dtype=r.dtype,
+                     device=r.device, fingerprint=r.fingerprint, vocab_size=r.vocab_size, hidden_size=r.hidden_size,
+                     num_layers=r.num_layers, has_chat_template=r.has_chat_template, max_seq_len=r.max_seq_len,
+                     max_batch_size=r.max_batch_size, max_lora_rank=r.max_lora_rank, adapter_types=list(r.adapter_types))
+
+
+def tokens(r) -> Tokens:
+    return Tokens(list(r.token_ids), list(r.tokens))
+
+
+def tokenize_fields(prompt: str | None, messages: list[dict] | None) -> dict:
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt or messages")
+    return {"prompt": prompt} if prompt is not None else {"messages": chat(messages)}

@@ -1,0 +1,99 @@
+"""asyncio client; the same calls as `Client`, awaited."""
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import grpc
+
+from hotswap.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+from . import _wire
+from .errors import from_rpc_error
+from .types import Adapter, Generation, ModelInfo, StreamChunk, Tokens
+
+
+class AsyncClient:
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        ca_cert: bytes | None = None,
+        client_cert: bytes | None = None,
+        client_key: bytes | None = None,
+        server_name: str | None = None,
+        timeout: float = _wire.DEFAULT_TIMEOUT,
+    ) -> None:
+        self.token, self.timeout = token, timeout
+        creds = _wire.credentials(tls, ca_cert, client_cert, client_key)
+        args = _wire.channel_args()
+        if server_name:
+            args.append(("grpc.ssl_target_name_override", server_name))
+        self._channel = grpc.aio.secure_channel(target, creds, args) if creds else grpc.aio.insecure_channel(target, args)
+        self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
+        self._adapters = adapters_pb2_grpc.AdapterServiceStub(self._channel)
+
+    async def _call(self, method, request, timeout: float | None, adapter: str = ""):
+        try:
+            return await method(request, timeout=timeout or self.timeout, metadata=_wire.metadata(self.token, adapter))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None, adapter: str = "",
+                       request_id: str = "", timeout: float | None = None, **sampling) -> Generation:
+        req = inference_pb2.GenerateRequest(**_wire.generate_fields(prompt, messages, adapter, request_id, **sampling))
+        return _wire.generation(await self._call(self._inference.Generate, req, timeout, adapter))
+
+    async def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, adapter: str = "",
+                     request_id: str = "", timeout: float | None = None, **sampling) -> AsyncIterator[StreamChunk]:
+        req = inference_pb2.GenerateStreamRequest(**_wire.generate_fields(prompt, messages, adapter, request_id, **sampling))
+        call = self._inference.GenerateStream(req, timeout=timeout or self.timeout, metadata=_wire.metadata(self.token, adapter))
+        try:
+            async for msg in call:
+                yield _wire.chunk(msg)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    async def tokenize(self, prompt: str | None = None, *, messages: list[dict] | None = None, timeout: float | None = None) -> Tokens:
+        req = inference_pb2.TokenizeRequest(**_wire.tokenize_fields(prompt, messages))
+        return _wire.tokens(await self._call(self._inference.Tokenize, req, timeout))
+
+    async def model_info(self, timeout: float | None = None) -> ModelInfo:
+        return _wire.model_info(await self._call(self._inference.ModelInfo, inference_pb2.ModelInfoRequest(), timeout))
+
+    async def register_adapter(self, name: str, source_uri: str, labels: dict[str, str] | None = None, timeout: float | None = None) -> Adapter:
+        req = adapters_pb2.RegisterAdapterRequest(name=name, source_uri=str(source_uri), labels=labels or {})
+        return _wire.adapter((await self._call(self._adapters.RegisterAdapter, req, timeout)).adapter)
+
+    async def list_adapters(self, name: str = "", page_size: int = 100, timeout: float | None = None) -> list[Adapter]:
+        out, token = [], ""
+        while True:
+            page = await self._call(self._adapters.ListAdapters, adapters_pb2.ListAdaptersRequest(page_size=page_size, page_token=token, name=name), timeout)
+            out += [_wire.adapter(a) for a in page.adapters]
+            token = page.next_page_token
+            if not token:
+                return out
+
+    async def get_adapter(self, adapter_id: str, timeout: float | None = None) -> Adapter:
+        return _wire.adapter((await self._call(self._adapters.GetAdapter, adapters_pb2.GetAdapterRequest(adapter_id=adapter_id), timeout)).adapter)
+
+    async def load_adapter(self, adapter_id: str, pin: bool = False, timeout: float | None = None) -> Adapter:
+        return _wire.adapter((await self._call(self._adapters.LoadAdapter, adapters_pb2.LoadAdapterRequest(adapter_id=adapter_id, pin=pin), timeout)).adapter)
+
+    async def unload_adapter(self, adapter_id: str, timeout: float | None = None) -> Adapter:
+        return _wire.adapter((await self._call(self._adapters.UnloadAdapter, adapters_pb2.UnloadAdapterRequest(adapter_id=adapter_id), timeout)).adapter)
+
+    async def delete_adapter(self, adapter_id: str, timeout: float | None = None) -> list[str]:
+        return list((await self._call(self._adapters.DeleteAdapter, adapters_pb2.DeleteAdapterRequest(adapter_id=adapter_id), timeout)).deleted_ids)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

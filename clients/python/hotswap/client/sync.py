@@ -1,0 +1,111 @@
+"""Blocking client."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import grpc
+
+from hotswap.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+from . import _wire
+from .errors import from_rpc_error
+from .types import Adapter, Generation, ModelInfo, StreamChunk, Tokens
+
+
+class Client:
+    """hotswap.Client("localhost:50051").generate("Hello", adapter="support-bot")
+
+    Every call has a deadline (`timeout`, default 300 s) and is retried on
+    UNAVAILABLE; failures raise the exception class of their status code."""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        ca_cert: bytes | None = None,
+        client_cert: bytes | None = None,
+        client_key: bytes | None = None,
+        server_name: str | None = None,
+        timeout: float = _wire.DEFAULT_TIMEOUT,
+    ) -> None:
+        self.token, self.timeout = token, timeout
+        creds = _wire.credentials(tls, ca_cert, client_cert, client_key)
+        args = _wire.channel_args()
+        if server_name:
+            args.append(("grpc.ssl_target_name_override", server_name))
+        self._channel = grpc.secure_channel(target, creds, args) if creds else grpc.insecure_channel(target, args)
+        self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
+        self._adapters = adapters_pb2_grpc.AdapterServiceStub(self._channel)
+
+    def _call(self, method, request, timeout: float | None, adapter: str = ""):
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=_wire.metadata(self.token, adapter))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    # -- inference ------------------------------------------------------------------------
+    def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None, adapter: str = "",
+                 request_id: str = "", timeout: float | None = None, **sampling) -> Generation:
+        """Sampling keywords: max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+        seed, stop, ignore_eos, logprobs."""
+        req = inference_pb2.GenerateRequest(**_wire.generate_fields(prompt, messages, adapter, request_id, **sampling))
+        return _wire.generation(self._call(self._inference.Generate, req, timeout, adapter))
+
+    def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, adapter: str = "",
+               request_id: str = "", timeout: float | None = None, **sampling) -> Iterator[StreamChunk]:
+        """Chunks of new text as they are generated. Leaving the loop early cancels the
+        request on the server (its batch row is freed at the next step)."""
+        req = inference_pb2.GenerateStreamRequest(**_wire.generate_fields(prompt, messages, adapter, request_id, **sampling))
+        call = self._inference.GenerateStream(req, timeout=timeout or self.timeout, metadata=_wire.metadata(self.token, adapter))
+        try:
+            for msg in call:
+                yield _wire.chunk(msg)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def tokenize(self, prompt: str | None = None, *, messages: list[dict] | None = None, timeout: float | None = None) -> Tokens:
+        return _wire.tokens(self._call(self._inference.Tokenize, inference_pb2.TokenizeRequest(**_wire.tokenize_fields(prompt, messages)), timeout))
+
+    def model_info(self, timeout: float | None = None) -> ModelInfo:
+        return _wire.model_info(self._call(self._inference.ModelInfo, inference_pb2.ModelInfoRequest(), timeout))
+
+    # -- adapters -----------------------------------------------------------------------
+    def register_adapter(self, name: str, source_uri: str, labels: dict[str, str] | None = None, timeout: float | None = None) -> Adapter:
+        req = adapters_pb2.RegisterAdapterRequest(name=name, source_uri=str(source_uri), labels=labels or {})
+        return _wire.adapter(self._call(self._adapters.RegisterAdapter, req, timeout).adapter)
+
+    def list_adapters(self, name: str = "", page_size: int = 100, timeout: float | None = None) -> list[Adapter]:
+        """Every registered adapter (all pages)."""
+        out, token = [], ""
+        while True:
+            page = self._call(self._adapters.ListAdapters, adapters_pb2.ListAdaptersRequest(page_size=page_size, page_token=token, name=name), timeout)
+            out += [_wire.adapter(a) for a in page.adapters]
+            token = page.next_page_token
+            if not token:
+                return out
+
+    def get_adapter(self, adapter_id: str, timeout: float | None = None) -> Adapter:
+        return _wire.adapter(self._call(self._adapters.GetAdapter, adapters_pb2.GetAdapterRequest(adapter_id=adapter_id), timeout).adapter)
+
+    def load_adapter(self, adapter_id: str, pin: bool = False, timeout: float | None = None) -> Adapter:
+        return _wire.adapter(self._call(self._adapters.LoadAdapter, adapters_pb2.LoadAdapterRequest(adapter_id=adapter_id, pin=pin), timeout).adapter)
+
+    def unload_adapter(self, adapter_id: str, timeout: float | None = None) -> Adapter:
+        return _wire.adapter(self._call(self._adapters.UnloadAdapter, adapters_pb2.UnloadAdapterRequest(adapter_id=adapter_id), timeout).adapter)
+
+    def delete_adapter(self, adapter_id: str, timeout: float | None = None) -> list[str]:
+        return list(self._call(self._adapters.DeleteAdapter, adapters_pb2.DeleteAdapterRequest(adapter_id=adapter_id), timeout).deleted_ids)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

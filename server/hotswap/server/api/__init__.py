@@ -1,0 +1,1 @@
+"""The network surface: gRPC services over the serving core."""

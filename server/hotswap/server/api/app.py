@@ -1,0 +1,152 @@
+"""The server process: gRPC (asyncio) + health + reflection + /metrics, and its lifecycle.
+
+    start gRPC (health NOT_SERVING) → load and warm the model → SERVING
+    SIGTERM/SIGINT → NOT_SERVING, refuse new calls, finish in-flight ones
+    (up to --drain-seconds) → exit 0
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hotswap.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+from ..adapters.registry import AdapterRegistry
+from ..engine.request import GenerateRequest, SamplingParams
+from ..metrics import Metrics
+from ..options import ServerOptions, parse_options
+from ..serving import ServingCore
+from .adapters import AdapterService
+from .inference import InferenceService
+from .interceptors import ErrorInterceptor, TokenAuthInterceptor
+from .state import ServerState
+
+log = logging.getLogger("hotswap.server")
+
+SERVICES = (
+    inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
+)
+
+
+def channel_options(opts: ServerOptions) -> list[tuple[str, int]]:
+    size = opts.max_message_mb * 2**20
+    return [
+        ("grpc.max_send_message_length", size),
+        ("grpc.max_receive_message_length", size),
+        # Long streams idle between tokens: keep the connection alive through proxies,
+        # and let clients ping as often as every 10 s without being told off.
+        ("grpc.keepalive_time_ms", opts.keepalive_seconds * 1000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def _credentials(opts: ServerOptions) -> grpc.ServerCredentials | None:
+    if not opts.tls_cert:
+        return None
+    key, cert = Path(opts.tls_key).read_bytes(), Path(opts.tls_cert).read_bytes()
+    ca = Path(opts.tls_client_ca).read_bytes() if opts.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+class Server:
+    def __init__(self, opts: ServerOptions) -> None:
+        self.opts = opts
+        self.metrics = Metrics()
+        self.state = ServerState(opts, self.metrics)
+        self.health = health.aio.HealthServicer()
+        interceptors = []
+        if opts.auth_token:
+            interceptors.append(TokenAuthInterceptor(opts.auth_token, self.metrics))
+        interceptors.append(ErrorInterceptor(self.metrics))
+        self.grpc = grpc.aio.server(options=channel_options(opts), interceptors=interceptors)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceService(self.state), self.grpc)
+        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterService(self.state), self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        address = f"{opts.host}:{opts.port}"
+        creds = _credentials(opts)
+        self.port = self.grpc.add_secure_port(address, creds) if creds else self.grpc.add_insecure_port(address)
+        self.metrics_port: int | None = None
+        self.stopping = asyncio.Event()
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICES):
+            await self.health.set(name, status)
+
+    def _load(self) -> ServingCore:
+        opts = self.opts
+        registry = AdapterRegistry(opts.registry_path, opts.store_path)
+        core = ServingCore.from_config(opts.model_config(), opts.engine_config(), opts.cache_config(), registry)
+        # Warm-up: the first forward allocates and picks kernels; do it before SERVING.
+        warm = core.generate(GenerateRequest(prompt="Hello", params=SamplingParams(max_new_tokens=2)), timeout=600)
+        if warm.error is not None:
+            core.close()
+            raise RuntimeError(f"warm-up generation failed: {warm.error}")
+        return core
+
+    async def run(self) -> int:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.start()
+        if self.opts.metrics_port >= 0:
+            httpd, _ = self.metrics.serve(self.opts.metrics_port, self.opts.metrics_host)
+            self.metrics_port = httpd.server_port
+        # One line a supervisor (or a test) can parse for the bound ports.
+        print(f"hotswap: grpc port {self.port} metrics port {self.metrics_port if self.metrics_port is not None else 'off'}", flush=True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+
+        load = asyncio.ensure_future(asyncio.to_thread(self._load))
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait([load, stop], return_when=asyncio.FIRST_COMPLETED)
+        if load.done():
+            if load.exception() is not None:
+                log.error("could not start: %s", load.exception())
+                await self.grpc.stop(0)
+                return 1
+            self.state.core = load.result()
+            self.metrics.attach(self.state.core)
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving %s on port %d", self.opts.model, self.port)
+            print("hotswap: serving", flush=True)
+            await stop
+        return await self.drain(load)
+
+    async def drain(self, load: asyncio.Future) -> int:
+        log.info("draining: up to %.0fs for %d in-flight requests", self.opts.drain_seconds, self.state.inflight)
+        self.state.draining = True
+        await self.health.enter_graceful_shutdown()
+        # grpc stops accepting calls at once and cancels those still running after the grace.
+        await self.grpc.stop(self.opts.drain_seconds)
+        if not load.done():
+            await asyncio.wait([load])  # a model load cannot be interrupted; let it finish, then close
+        if load.done() and not load.cancelled() and load.exception() is None:
+            load.result().close()
+        print("hotswap: stopped", flush=True)
+        return 0
+
+
+async def serve(opts: ServerOptions) -> int:
+    # grpc.aio binds the server to the running event loop: build it inside.
+    return await Server(opts).run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_options(argv)
+    logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(asyncio.run(serve(opts)))
+
+
+if __name__ == "__main__":
+    main()

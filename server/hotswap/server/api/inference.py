@@ -1,0 +1,117 @@
+"""InferenceService: Generate, GenerateStream, Tokenize, ModelInfo.
+
+Handlers never touch tensors: they hand a GenerateRequest to the serving core and
+read its events through an asyncio queue the engine thread feeds. When the call
+ends early (client cancel, deadline), the request is cancelled in the engine and
+its row is freed at the next step."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator
+
+import grpc
+
+from hotswap.v1 import inference_pb2, inference_pb2_grpc
+
+from ..adapters.load import SUPPORTED
+from ..engine.engine import RequestStream
+from ..engine.request import GenerateRequest, SamplingParams, StreamEvent
+from ..errors import DeadlineExceeded, HotswapError, Unavailable
+from . import convert
+from .state import ServerState
+
+ADAPTER_METADATA_KEY = "hotswap-adapter-id"
+
+
+def metadata_adapter_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == ADAPTER_METADATA_KEY:
+            return value
+    return ""
+
+
+class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def _run(self, msg, context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[RequestStream, StreamEvent]]:
+        """Submit and yield (stream, event) until the last event; cancels the engine
+        request if the caller stops listening (cancel, deadline, disconnect)."""
+        core = self.state.ready()
+        request = convert.generate_request(msg, metadata_adapter_id(context))
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+
+        def notify(event: StreamEvent) -> None:  # engine thread
+            with contextlib.suppress(RuntimeError):  # the event loop already closed (server exiting)
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        stream = core.submit(request, notify)
+        self.state.inflight += 1
+        finished = False
+        try:
+            remaining = context.time_remaining()
+            async with asyncio.timeout(remaining):
+                while not finished:
+                    event = await events.get()
+                    finished = event.finished
+                    yield stream, event
+        except TimeoutError:
+            raise DeadlineExceeded(f"the call's deadline passed before generation finished", field="deadline") from None
+        finally:
+            self.state.inflight -= 1
+            if not finished:
+                core.cancel(stream.request.request_id)
+
+    @staticmethod
+    def _raise_if_failed(event: StreamEvent) -> None:
+        if event.finished and event.error is not None:
+            if isinstance(event.error, HotswapError):
+                raise event.error
+            raise Unavailable(f"generation failed: {event.error}")
+
+    async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
+        async with contextlib.aclosing(self._run(request, context)) as events:
+            async for stream, event in events:
+                if event.finished:
+                    self._raise_if_failed(event)
+                    result = stream.result(0)
+                    return convert.generate_response(result, stream.request.adapter_id, self.state.core.loaded.tokenizer)
+        raise Unavailable("generation ended without a result")  # pragma: no cover - the engine always finishes
+
+    async def GenerateStream(self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext):
+        async with contextlib.aclosing(self._run(request, context)) as events:
+            async for stream, event in events:
+                self._raise_if_failed(event)
+                chunk = inference_pb2.GenerateStreamResponse(
+                    text=event.text, token_ids=event.token_ids,
+                    logprobs=convert.logprobs(event.logprobs, self.state.core.loaded.tokenizer),
+                    request_id=stream.request.request_id, adapter_id=stream.request.adapter_id,
+                )
+                if event.finished:
+                    result = stream.result(0)
+                    chunk.finish_reason = convert.FINISH_REASONS[event.finish_reason]
+                    chunk.prompt_tokens = result.prompt_tokens
+                    chunk.generated_tokens = len(result.token_ids)
+                    chunk.timing.CopyFrom(convert.timing(result))
+                if chunk.text or chunk.token_ids or event.finished:
+                    yield chunk
+
+    async def Tokenize(self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext) -> inference_pb2.TokenizeResponse:
+        core = self.state.ready()
+        ids = core.engine.tokenize(GenerateRequest(**convert.prompt_input(request), params=SamplingParams(max_new_tokens=1)))
+        return inference_pb2.TokenizeResponse(token_ids=ids, tokens=core.loaded.tokenizer.convert_ids_to_tokens(ids))
+
+    async def ModelInfo(self, request: inference_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext) -> inference_pb2.ModelInfoResponse:
+        core = self.state.ready()
+        loaded, opts = core.loaded, self.state.opts
+        cfg = loaded.model.config
+        return inference_pb2.ModelInfoResponse(
+            source=opts.model, model_type=cfg.model_type, quantization=loaded.config.quantization,
+            dtype=str(loaded.dtype).removeprefix("torch."), device=str(loaded.device), fingerprint=loaded.fingerprint,
+            vocab_size=core.engine.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers,
+            has_chat_template=bool(loaded.tokenizer.chat_template), max_seq_len=core.engine.cfg.max_seq_len,
+            max_batch_size=core.engine.cfg.max_batch_size, max_lora_rank=core.cache_cfg.max_lora_rank,
+            adapter_types=list(SUPPORTED),
+        )

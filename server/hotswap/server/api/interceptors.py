@@ -1,0 +1,109 @@
+"""Cross-cutting concerns of every RPC, in one place: bearer-token auth and the
+mapping of domain errors to gRPC status codes (and their failure metric)."""
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+import grpc
+
+from ..errors import HotswapError
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+
+log = logging.getLogger("hotswap.server")
+
+# Kubernetes' gRPC probes cannot send credentials.
+UNAUTHENTICATED_OK = ("/grpc.health.v1.Health/",)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, around) -> grpc.RpcMethodHandler:
+    """A copy of `handler` whose behaviour runs inside `around` (unary or streaming response)."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(around(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(around(handler.unary_stream, True), handler.request_deserializer, handler.response_serializer)
+    return handler  # no client-streaming RPCs yet
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """HotswapError → its status code with the message naming the field; anything
+    else → INTERNAL (logged with its traceback). Counts failures by code."""
+
+    def __init__(self, metrics: Metrics | None) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation: Callable[..., Awaitable], details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        return _wrap(handler, lambda fn, streaming: self._streaming(fn, details.method) if streaming else self._unary(fn, details.method))
+
+    def _unary(self, fn, method: str):
+        async def run(request, context):
+            try:
+                return await fn(request, context)
+            except Exception as e:  # noqa: BLE001 - mapped to a status here, once
+                await self._abort(e, context, method)
+
+        return run
+
+    def _streaming(self, fn, method: str):
+        async def run(request, context):
+            try:
+                async for item in fn(request, context):
+                    yield item
+            except Exception as e:  # noqa: BLE001 - mapped to a status here, once
+                await self._abort(e, context, method)
+
+        return run
+
+    async def _abort(self, e: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
+        if isinstance(e, grpc.aio.AbortError):  # the handler aborted on purpose
+            raise e
+        if isinstance(e, HotswapError):
+            code, message = getattr(grpc.StatusCode, e.code, grpc.StatusCode.INTERNAL), str(e)
+        else:
+            log.exception("unexpected error in %s", method)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+        if self.metrics is not None:
+            self.metrics.failures.labels(code.name).inc()
+        await context.abort(code, message)
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on every call except health checks."""
+
+    def __init__(self, token: str, metrics: Metrics | None) -> None:
+        self.token = token.encode()
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(UNAUTHENTICATED_OK):
+            return handler
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.token):
+            return handler
+        reason = "missing" if not given else "invalid"
+        metrics = self.metrics
+
+        def around(fn, streaming):
+            async def deny(request, context):
+                if metrics is not None:
+                    metrics.failures.labels("UNAUTHENTICATED").inc()
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"authorization: {reason} bearer token")
+
+            if not streaming:
+                return deny
+
+            async def deny_stream(request, context):
+                await deny(request, context)
+                yield  # pragma: no cover - unreachable, makes this an async generator
+
+            return deny_stream
+
+        return _wrap(handler, around)

@@ -1,0 +1,29 @@
+"""What the services share: the serving core once it is loaded, and the lifecycle."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import Unavailable
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+    from ..options import ServerOptions
+    from ..serving import ServingCore
+
+
+class ServerState:
+    def __init__(self, opts: ServerOptions, metrics: Metrics) -> None:
+        self.opts = opts
+        self.metrics = metrics
+        self.core: ServingCore | None = None
+        self.draining = False
+        self.inflight = 0
+        """Generate calls accepted and not yet finished (the drain waits for these)."""
+
+    def ready(self) -> ServingCore:
+        """The core, or UNAVAILABLE while starting or draining (clients retry elsewhere)."""
+        if self.draining:
+            raise Unavailable("the server is draining (shutting down); retry on another replica")
+        if self.core is None:
+            raise Unavailable("the server is starting: the base model is still loading")
+        return self.core

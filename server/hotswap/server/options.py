@@ -1,0 +1,164 @@
+"""Server options: command-line flags, each with an environment variable
+(HOTSWAP_<NAME>) and a key in an optional TOML config file.
+
+Precedence: flag > environment > config file > default.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import DTYPES, QUANTIZATIONS, AdapterCacheConfig, EngineConfig, ModelConfig
+from .errors import InvalidArgument
+
+
+def _data_dir() -> str:
+    return os.path.expanduser("~/.local/share/hotswap")
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ServerOptions:
+    # network
+    host: str = _opt("0.0.0.0", "address the gRPC server binds")
+    port: int = _opt(50051, "gRPC port (0 picks a free one; the chosen port is printed)")
+    metrics_host: str = _opt("0.0.0.0", "address of the Prometheus /metrics HTTP server")
+    metrics_port: int = _opt(9400, "Prometheus /metrics port; -1 disables it")
+    # model
+    model: str = _opt("default", "base model: a local HF folder, a hub id in the local HF cache, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
+    quantization: str = _opt("none", "bitsandbytes quantization of the base", choices=QUANTIZATIONS)
+    dtype: str = _opt("auto", "weights/compute dtype; auto = bf16 on CUDA and bf16-capable CPUs, else fp32", choices=DTYPES)
+    device: str = _opt("auto", "auto (CUDA when present), cpu or cuda[:N]")
+    double_quant: bool = _opt(True, "nf4: also quantize the quantization constants")
+    model_cache_dir: str = _opt(os.path.expanduser("~/.cache/hotswap"), "where GGUF models are converted once to safetensors")
+    # engine
+    max_batch_size: int = _opt(64, "rows decoded together in one step")
+    max_tokens_per_step: int = _opt(4096, "token budget of one step (prefill tokens + decoding rows)")
+    max_queue: int = _opt(1024, "requests waiting for a row; more get RESOURCE_EXHAUSTED")
+    max_seq_len: int = _opt(4096, "longest row (virtual tokens + prompt + generated); longer prompts get INVALID_ARGUMENT")
+    # adapters
+    data_dir: str = _opt(_data_dir(), "holds the registry database and the adapter store unless those are set")
+    registry_db: str = _opt("", "SQLite file of the adapter registry (default: DATA_DIR/registry.sqlite)")
+    adapter_store: str = _opt("", "folder of registered adapter files (default: DATA_DIR/adapters)")
+    adapter_device_cache_mb: int = _opt(512, "byte budget of adapters on the device, MiB")
+    adapter_host_cache_mb: int = _opt(2048, "byte budget of adapters in host RAM, MiB")
+    max_lora_rank: int = _opt(64, "LoRA adapters of a higher rank are refused")
+    # security
+    tls_cert: str = _opt("", "PEM server certificate; enables TLS (with --tls-key)")
+    tls_key: str = _opt("", "PEM private key of the server certificate")
+    tls_client_ca: str = _opt("", "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)")
+    auth_token: str = _opt("", "when set, calls must carry 'authorization: Bearer <token>' (health checks are exempt)")
+    # lifecycle
+    drain_seconds: float = _opt(30.0, "on SIGTERM, how long in-flight requests may take to finish")
+    max_message_mb: int = _opt(64, "largest gRPC message, MiB, either way")
+    keepalive_seconds: int = _opt(30, "HTTP/2 keepalive ping interval for long streams")
+    log_level: str = _opt("INFO", "Python logging level")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise InvalidArgument(f"must be 0..65535, got {self.port}", field="port")
+        if not -1 <= self.metrics_port <= 65535:
+            raise InvalidArgument(f"must be -1..65535, got {self.metrics_port}", field="metrics_port")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InvalidArgument("give both --tls-cert and --tls-key", field="tls_cert")
+        if self.tls_client_ca and not self.tls_cert:
+            raise InvalidArgument("mutual TLS needs the server's own --tls-cert and --tls-key", field="tls_client_ca")
+        if self.drain_seconds < 0:
+            raise InvalidArgument("must be >= 0", field="drain_seconds")
+
+    # -- derived configs ----------------------------------------------------------------
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(source=self.model, quantization=self.quantization, double_quant=self.double_quant,
+                           dtype=self.dtype, device=self.device, cache_dir=Path(self.model_cache_dir))
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(max_batch_size=self.max_batch_size, max_tokens_per_step=self.max_tokens_per_step,
+                            max_queue=self.max_queue, max_seq_len=self.max_seq_len)
+
+    def cache_config(self) -> AdapterCacheConfig:
+        return AdapterCacheConfig(device_bytes=self.adapter_device_cache_mb * 2**20,
+                                  host_bytes=self.adapter_host_cache_mb * 2**20, max_lora_rank=self.max_lora_rank)
+
+    @property
+    def registry_path(self) -> Path:
+        return Path(self.registry_db or Path(self.data_dir) / "registry.sqlite")
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.adapter_store or Path(self.data_dir) / "adapters")
+
+
+def _env_name(name: str) -> str:
+    return "HOTSWAP_" + name.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def build_parser(prog: str = "hotswap-server") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description="hotswap gRPC server: one base model, every PEFT adapter type, one continuous batch.",
+        epilog="Every option also reads HOTSWAP_<NAME> from the environment (e.g. HOTSWAP_PORT) and <name> from "
+        "the TOML file given by --config (e.g. port = 50051). Precedence: flag > environment > config file > default.",
+    )
+    ap.add_argument("--config", default=os.environ.get("HOTSWAP_CONFIG", ""),
+                    help="TOML file with option values (env HOTSWAP_CONFIG)")
+    for f in dataclasses.fields(ServerOptions):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default!r}; env {_env_name(f.name)})"
+        if f.type in ("bool", bool):
+            ap.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            ap.add_argument(flag, default=None, type=_type_of(f), choices=f.metadata.get("choices"), help=help_text)
+    return ap
+
+
+def _type_of(f: dataclasses.Field):
+    return {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+
+
+def parse_options(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerOptions:
+    environ = os.environ if environ is None else environ
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    from_file: dict = {}
+    if args.config:
+        try:
+            from_file = tomllib.loads(Path(args.config).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            ap.error(f"--config {args.config}: {e}")
+        known = {f.name for f in dataclasses.fields(ServerOptions)}
+        unknown = sorted(set(from_file) - known)
+        if unknown:
+            ap.error(f"--config {args.config}: unknown option(s) {', '.join(unknown)}")
+    values = {}
+    for f in dataclasses.fields(ServerOptions):
+        value = getattr(args, f.name)
+        if value is None and _env_name(f.name) in environ:
+            raw = environ[_env_name(f.name)]
+            try:
+                value = _parse_bool(raw) if f.type in ("bool", bool) else _type_of(f)(raw)
+            except ValueError as e:
+                ap.error(f"{_env_name(f.name)}={raw!r}: {e}")
+        if value is None and f.name in from_file:
+            value = from_file[f.name]
+        if value is not None:
+            values[f.name] = value
+    try:
+        return ServerOptions(**values)
+    except InvalidArgument as e:
+        ap.error(str(e))

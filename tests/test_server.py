@@ -1,0 +1,276 @@
+"""End to end: a real `hotswap-server` process on a loopback port (tiny llama), driven
+through our SDK, raw gRPC stubs, reflection, Prometheus' promtool and a Node client."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from transformers import AutoModelForCausalLM
+
+from hotswap.client import (
+    AsyncClient, Client, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unimplemented,
+)
+from hotswap.v1 import inference_pb2, inference_pb2_grpc, tuner_pb2, tuner_pb2_grpc
+from peft_fixtures import save_adapter
+from server_process import ServerProcess
+from test_engine_fidelity import reference
+from tools import ROOT, node_modules, promtool
+
+NEW = 6
+S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("server-adapters")
+    fresh = lambda arch: AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch], dtype=torch.float32)  # noqa: E731
+    out = {name: save_adapter(fresh("llama"), kind, root / name, seed=i)
+           for i, (name, kind) in enumerate({"lora": "lora_mlp", "prefix": "prefix", "prompt": "prompt_random"}.items())}
+    out["qwen-prefix"] = save_adapter(fresh("qwen2"), "prefix", root / "qwen-prefix")  # 2 layers: does not fit llama's 3
+    return out
+
+
+@pytest.fixture(scope="module")
+def s3(adapters):
+    """A local S3 (moto's server) holding the LoRA adapter under s3://adapters/lora/."""
+    import boto3
+
+    port = free_port()
+    proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        s3c = boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in S3_ENV.items() if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1")
+        for _ in range(100):
+            try:
+                s3c.create_bucket(Bucket="adapters")
+                break
+            except Exception:  # noqa: BLE001 - still starting
+                time.sleep(0.1)
+        for f in adapters["lora"].iterdir():
+            s3c.upload_file(str(f), "adapters", f"lora/{f.name}")
+        yield endpoint
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints, tmp_path_factory, s3):
+    env = {**S3_ENV, "FSSPEC_S3_ENDPOINT_URL": s3}
+    with ServerProcess(tiny_checkpoints["llama"], tmp_path_factory.mktemp("server-data"), env=env) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def registered(server, adapters) -> dict[str, str]:
+    with Client(server.target) as c:
+        return {name: c.register_adapter(name, str(adapters[name])).id for name in ("lora", "prefix", "prompt")}
+
+
+def scrape(server: ServerProcess) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    assert m, f"{name}{labels} not exported"
+    return float(m[1])
+
+
+JOBS = [("", "the quick brown fox"), ("lora", "hello world"), ("prefix", "a b c d"), ("prompt", "once upon a time"),
+        ("lora", "the cat sat"), ("", "hello"), ("prefix", "jumps over"), ("prompt", "the lazy dog")]
+
+
+def test_sdk_generate_and_stream_concurrently_match_peft(server, registered, adapters, tiny_checkpoints):
+    with Client(server.target) as c:
+        ids = {p: c.tokenize(p).token_ids for _, p in JOBS}
+
+        def run(i: int):
+            adapter, prompt = JOBS[i]
+            if i % 2:
+                return c.generate(prompt, adapter=adapter, max_new_tokens=NEW, ignore_eos=True)
+            chunks = list(c.stream(prompt, adapter=adapter, max_new_tokens=NEW, ignore_eos=True))
+            return chunks
+
+        with ThreadPoolExecutor(len(JOBS)) as ex:
+            results = list(ex.map(run, range(len(JOBS))))
+
+    for i, ((adapter, prompt), r) in enumerate(zip(JOBS, results)):
+        want = reference(tiny_checkpoints["llama"], adapters.get(adapter), ids[prompt], NEW)[0]
+        if i % 2:
+            got, last = r.token_ids, r
+            assert r.text and r.prompt_tokens == len(ids[prompt])
+        else:
+            got, last = [t for ch in r for t in ch.token_ids], r[-1]
+            assert all(ch.finish_reason is None for ch in r[:-1])
+        assert got == want, (adapter, prompt)
+        assert last.finish_reason == "length" and last.generated_tokens == NEW
+        assert last.adapter_id == (registered[adapter] if adapter else "")
+        assert 0 <= last.timing.queue_seconds <= last.timing.time_to_first_token_seconds <= last.timing.total_seconds
+
+
+def test_async_client_and_adapter_named_in_metadata(server, registered):
+    async def main():
+        async with AsyncClient(server.target) as c:
+            gens = [c.generate(p, adapter=a, max_new_tokens=NEW, ignore_eos=True) for a, p in JOBS[:4]]
+
+            async def collect(a, p):
+                return [ch async for ch in c.stream(p, adapter=a, max_new_tokens=NEW, ignore_eos=True)]
+
+            return await asyncio.gather(*gens), await asyncio.gather(*[collect(a, p) for a, p in JOBS[:4]])
+
+    gens, streams = asyncio.run(main())
+    for g, chunks in zip(gens, streams):
+        assert g.token_ids == [t for ch in chunks for t in ch.token_ids] and g.text == "".join(ch.text for ch in chunks)
+
+    with grpc.insecure_channel(server.target) as ch:  # a router sets the adapter in metadata only
+        stub = inference_pb2_grpc.InferenceServiceStub(ch)
+        req = inference_pb2.GenerateRequest(prompt="hello world", sampling=inference_pb2.SamplingParameters(max_new_tokens=NEW, ignore_eos=True))
+        r = stub.Generate(req, metadata=[("hotswap-adapter-id", "lora")], timeout=60)
+    assert r.adapter_id == registered["lora"] and list(r.token_ids) == gens[1].token_ids
+
+
+def test_chat_messages_logprobs_and_adapter_management(server, registered):
+    with Client(server.target) as c:
+        g = c.generate(messages=[{"role": "user", "content": "hi there"}], max_new_tokens=4, ignore_eos=True, logprobs=2)
+        assert len(g.logprobs) == 4 and all(len(lp.top) == 2 and lp.logprob <= 0 for lp in g.logprobs)
+        assert [lp.token_id for lp in g.logprobs] == g.token_ids
+        assert g.prompt_tokens == len(c.tokenize(messages=[{"role": "user", "content": "hi there"}]).token_ids)
+
+        info = c.model_info()
+        assert info.model_type == "llama" and info.num_layers == 3 and "PREFIX_TUNING" in info.adapter_types
+
+        ids = [a.id for a in c.list_adapters(page_size=1)]  # three pages
+        assert ids == sorted(registered.values())
+        pinned = c.load_adapter("prefix", pin=True)
+        assert pinned.residency == "device" and pinned.pinned
+        assert c.unload_adapter("prefix").residency == "registered"
+        v2 = c.register_adapter("prompt", c.get_adapter("prompt").source_uri, labels={"note": "v2"})
+        assert v2.id == "prompt@2" and v2.labels == {"note": "v2"} and c.get_adapter("prompt").id == "prompt@2"
+        assert c.delete_adapter("prompt@2") == ["prompt@2"]
+        assert c.get_adapter("prompt").id == "prompt@1"
+
+
+def test_every_error_is_its_status_code_naming_the_field(server, registered, adapters):
+    with Client(server.target) as c:
+        with pytest.raises(InvalidArgument, match="sampling.temperature"):
+            c.generate("hi", temperature=-1.0)
+        with pytest.raises(InvalidArgument, match="sampling.top_p"):
+            c.generate("hi", top_p=1.5)
+        with pytest.raises(InvalidArgument, match="prompt.*max_seq_len"):
+            c.generate("a " * 5000)
+        with pytest.raises(InvalidArgument, match=r"messages\[0\].role"):
+            c.generate(messages=[{"role": "wizard", "content": "x"}])
+        with pytest.raises(InvalidArgument, match="name"):
+            c.register_adapter("../escape", str(adapters["lora"]))
+        with pytest.raises(InvalidArgument, match="adapter_id"):
+            c.generate("hi", adapter="a/b")
+        with pytest.raises(NotFound, match="adapter_id.*nope"):
+            c.generate("hi", adapter="nope")
+        with pytest.raises(NotFound, match="lora@9"):
+            c.get_adapter("lora@9")
+        with pytest.raises(NotFound, match="source_uri"):
+            c.register_adapter("x", "/does/not/exist")
+        with pytest.raises(FailedPrecondition, match="layer"):
+            c.register_adapter("qwen-prefix", str(adapters["qwen-prefix"]))
+        assert "qwen-prefix" not in [a.name for a in c.list_adapters()]
+    with grpc.insecure_channel(server.target) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            inference_pb2_grpc.InferenceServiceStub(ch).Generate(inference_pb2.GenerateRequest(), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # defined in the API, implemented by the tuner
+            tuner_pb2_grpc.TunerServiceStub(ch).GetTrainingJob(tuner_pb2.GetTrainingJobRequest(job_id="x"), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    text = scrape(server)
+    assert metric(text, "hotswap_request_failures_total", '{code="INVALID_ARGUMENT"}') >= 7
+    assert metric(text, "hotswap_request_failures_total", '{code="FAILED_PRECONDITION"}') >= 1
+
+
+def test_deadline_and_cancellation_free_their_rows(server, registered):
+    before = metric(scrape(server), "hotswap_requests_finished_total", '{finish_reason="cancelled"}')
+    with Client(server.target) as c:
+        with pytest.raises(DeadlineExceeded):
+            c.generate("tick", adapter="lora", max_new_tokens=3000, ignore_eos=True, timeout=1.0)
+        stream = c.stream("tock", adapter="prefix", max_new_tokens=3000, ignore_eos=True)
+        first = next(stream)
+        assert first.token_ids
+        stream.close()  # the client walks away mid-stream
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = scrape(server)
+            if metric(text, "hotswap_requests_running") == 0 and metric(text, "hotswap_requests_finished_total", '{finish_reason="cancelled"}') >= before + 2:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("cancelled rows were not freed:\n" + text)
+        # the server is healthy afterwards
+        assert c.generate("tick", max_new_tokens=2, ignore_eos=True).generated_tokens == 2
+
+
+def test_health_and_reflection(server):
+    with grpc.insecure_channel(server.target) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "hotswap.v1.InferenceService", "hotswap.v1.AdapterService"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+    assert {"hotswap.v1.InferenceService", "hotswap.v1.AdapterService", "grpc.health.v1.Health"} <= services
+
+
+def test_register_from_s3(server, registered, adapters, tiny_checkpoints):
+    with Client(server.target) as c:
+        a = c.register_adapter("from-s3", "s3://adapters/lora")
+        assert a.id == "from-s3@1" and a.source_uri == "s3://adapters/lora" and a.peft_type == "LORA"
+        prompt_ids = c.tokenize("hello world").token_ids
+        g = c.generate("hello world", adapter="from-s3", max_new_tokens=NEW, ignore_eos=True)
+        with pytest.raises(NotFound, match="source_uri"):
+            c.register_adapter("nothing", "s3://adapters/absent")
+    assert g.token_ids == reference(tiny_checkpoints["llama"], adapters["lora"], prompt_ids, NEW)[0]
+
+
+def test_metrics_pass_promtool_and_name_what_ops_need(server, registered, tmp_path):
+    with Client(server.target) as c:
+        c.generate("warm", adapter="lora", max_new_tokens=3)
+    text = scrape(server)
+    for name in ("hotswap_requests_running", "hotswap_requests_waiting", "hotswap_time_to_first_token_seconds_bucket",
+                 "hotswap_time_per_output_token_seconds_bucket", "hotswap_e2e_request_latency_seconds_bucket",
+                 "hotswap_request_queue_time_seconds_bucket", "hotswap_prompt_tokens_total", "hotswap_generation_tokens_total",
+                 "hotswap_requests_finished_total", "hotswap_request_failures_total", "hotswap_batch_size_bucket",
+                 "hotswap_adapters_resident", "hotswap_adapter_loads_total", "hotswap_adapter_evictions_total",
+                 "hotswap_adapter_cache_hits_total", "hotswap_adapter_cache_misses_total",
+                 "hotswap_adapter_load_duration_seconds_bucket", "hotswap_lora_requests_info"):
+        assert re.search(rf"^{name}[{{ ]", text, re.M), name
+    assert metric(text, "hotswap_adapters_resident", '{tier="device"}') >= 1
+    assert not re.search(r'adapter_id="', text)  # no per-adapter label
+    r = subprocess.run([str(promtool()), "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_node_grpc_js_client_calls_generate(server, registered):
+    modules = node_modules()
+    r = subprocess.run(["node", str(ROOT / "tests" / "node" / "generate.js"), server.target, str(ROOT / "protos"), "lora", "hello world"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "NODE_PATH": str(modules)})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    with Client(server.target) as c:
+        ours = c.generate("hello world", adapter="lora", max_new_tokens=8, ignore_eos=True)
+    assert res["adapter_id"] == "lora@1" and res["finish_reason"] == "FINISH_REASON_LENGTH"
+    assert [int(t) for t in res["token_ids"]] == ours.token_ids and res["text"] == ours.text

@@ -1,0 +1,149 @@
+"""The server's life: NOT_SERVING while the model loads, SERVING after, SIGTERM drains
+without losing an accepted request, and registered adapters survive a restart.
+Also TLS (mutual), bearer tokens and a full queue. Real processes, real sockets."""
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transformers import AutoModelForCausalLM
+
+from hotswap.client import Client, ResourceExhausted, Unauthenticated, Unavailable
+from hotswap.v1 import inference_pb2, inference_pb2_grpc
+from peft_fixtures import save_adapter
+from server_process import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_checkpoints, tmp_path_factory) -> Path:
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32)
+    return save_adapter(model, "lora", tmp_path_factory.mktemp("lifecycle") / "lora")
+
+
+def health_status(target: str, credentials=None, metadata=None) -> int:
+    ch = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    with ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10, metadata=metadata).status
+
+
+def test_starting_serving_draining_and_restart(tiny_checkpoints, lora, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    # Hold the registry database locked: the server binds its port, then waits on the
+    # lock while loading, which pins it in the "starting" state for as long as we like.
+    lock = sqlite3.connect(data / "registry.sqlite", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    srv = ServerProcess(tiny_checkpoints["llama"], data).start(wait_serving=False)
+    try:
+        assert health_status(srv.target) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with grpc.insecure_channel(srv.target) as ch:  # a raw stub: no SDK retries
+            with pytest.raises(grpc.RpcError) as e:
+                inference_pb2_grpc.InferenceServiceStub(ch).Generate(inference_pb2.GenerateRequest(prompt="hi"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "starting" in e.value.details()
+        lock.execute("ROLLBACK")
+        lock.close()
+        srv.wait_serving()
+        assert health_status(srv.target) == health_pb2.HealthCheckResponse.SERVING
+
+        with Client(srv.target) as c:
+            assert c.register_adapter("keep", str(lora)).id == "keep@1"
+            before = c.generate("hello world", adapter="keep", max_new_tokens=8, ignore_eos=True)
+
+            # Streams in flight when SIGTERM arrives all finish in full.
+            n_tokens, results, started = 1500, {}, threading.Barrier(5)
+
+            def consume(i: int) -> None:
+                chunks = c.stream(f"stream {i}", adapter="keep" if i % 2 else "", max_new_tokens=n_tokens, ignore_eos=True)
+                first = next(chunks)
+                started.wait(60)
+                results[i] = [first, *chunks]
+
+            threads = [threading.Thread(target=consume, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            started.wait(60)
+            srv.proc.send_signal(15)
+            time.sleep(0.5)
+            with pytest.raises(Unavailable):  # no new work once draining
+                Client(srv.target, timeout=5).generate("late", max_new_tokens=2)
+            for t in threads:
+                t.join(120)
+        assert srv.proc.wait(120) == 0
+        assert "hotswap: stopped" in srv.log()
+        for i in range(4):
+            last = results[i][-1]
+            assert last.finish_reason == "length" and sum(len(ch.token_ids) for ch in results[i]) == n_tokens == last.generated_tokens
+    finally:
+        srv.stop()
+
+    with ServerProcess(tiny_checkpoints["llama"], data) as again, Client(again.target) as c:
+        assert c.get_adapter("keep").id == "keep@1"
+        after = c.generate("hello world", adapter="keep", max_new_tokens=8, ignore_eos=True)
+        assert after.token_ids == before.token_ids and after.adapter_id == "keep@1"
+
+
+def make_certs(d: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, with openssl."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=hotswap test CA",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+            "-extfile", "san.ext", "-out", f"{name}.pem")
+    return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def test_mutual_tls_token_auth_and_a_full_queue(tiny_checkpoints, tmp_path):
+    certs = make_certs(tmp_path)
+    extra = ["--tls-cert", str(certs["server.pem"]), "--tls-key", str(certs["server.key"]),
+             "--tls-client-ca", str(certs["ca.pem"]), "--auth-token", "s3cret", "--max-batch-size", "1", "--max-queue", "1"]
+    read = lambda k: certs[k].read_bytes()  # noqa: E731
+    tls = dict(ca_cert=read("ca.pem"), client_cert=read("client.pem"), client_key=read("client.key"))
+    with ServerProcess(tiny_checkpoints["llama"], tmp_path / "data", *extra) as srv:
+        creds = grpc.ssl_channel_credentials(read("ca.pem"), read("client.key"), read("client.pem"))
+        assert health_status(srv.target, creds) == health_pb2.HealthCheckResponse.SERVING  # probes need no token
+
+        with Client(srv.target, token="s3cret", **tls) as c:
+            assert c.generate("hi", max_new_tokens=3, ignore_eos=True).generated_tokens == 3
+        for token in (None, "wrong"):
+            with Client(srv.target, token=token, **tls) as c, pytest.raises(Unauthenticated, match="bearer token"):
+                c.generate("hi", max_new_tokens=3)
+        with Client(srv.target, token="s3cret", ca_cert=read("ca.pem"), timeout=5) as c, pytest.raises(Unavailable):
+            c.generate("hi", max_new_tokens=3)  # no client certificate: the handshake fails
+        with Client(srv.target, token="s3cret", timeout=5) as c, pytest.raises(Unavailable):
+            c.generate("hi", max_new_tokens=3)  # plaintext to a TLS port
+
+        # One row, one queue slot: a running request and a waiting one fill the server.
+        with Client(srv.target, token="s3cret", **tls) as c:
+            running = c.stream("long", max_new_tokens=3000, ignore_eos=True)
+            next(running)
+            errors, done = [], []
+
+            def extra_call() -> None:
+                try:
+                    done.append(c.generate("queued", max_new_tokens=2, ignore_eos=True, timeout=120))
+                except ResourceExhausted as e:
+                    errors.append(e)
+
+            threads = [threading.Thread(target=extra_call) for _ in range(3)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 60
+            while len(errors) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            running.close()  # frees the row: the queued request then runs
+            for t in threads:
+                t.join(120)
+        assert len(errors) == 2 and all("queue is full" in e.details for e in errors)
+        assert len(done) == 1 and done[0].generated_tokens == 2
