@@ -210,3 +210,25 @@ def test_cold_adapter_load_does_not_stall_decoding_rows(llama, adapter_paths):
         gate.set()
         res = cold.result(60)
     assert res.error is None and res.token_ids == reference(llama, adapter_paths["lora-b"], PROMPTS[1])[0]
+
+
+def test_out_of_memory_ends_only_the_row_that_does_not_fit(llama):
+    """A CUDA OOM cannot happen on this CPU, so the forward raises torch's own
+    OutOfMemoryError whenever a batch holds the oversized prompt: the batch is retried
+    row by row, the other rows finish, and that row ends with RESOURCE_EXHAUSTED."""
+    big = [7] * 40
+    with make_core(llama) as core:
+        def oom(module, args, kwargs):
+            if kwargs["inputs_embeds"].shape[1] >= len(big):  # a forward holding the big prompt
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        handle = core.engine.runner.decoder.register_forward_pre_hook(oom, with_kwargs=True)
+        try:
+            streams = [core.submit(GenerateRequest(prompt_ids=p, params=GREEDY)) for p in (PROMPTS[0], big, PROMPTS[1])]
+            results = [s.result(60) for s in streams]
+        finally:
+            handle.remove()
+    assert results[1].finish_reason == FinishReason.ERROR and isinstance(results[1].error, ResourceExhausted)
+    assert "out of device memory" in str(results[1].error)
+    for p, r in zip((PROMPTS[0], PROMPTS[1]), (results[0], results[2])):
+        assert r.error is None and r.token_ids == reference(llama, None, p)[0]

@@ -274,3 +274,50 @@ def test_a_node_grpc_js_client_calls_generate(server, registered):
         ours = c.generate("hello world", adapter="lora", max_new_tokens=8, ignore_eos=True)
     assert res["adapter_id"] == "lora@1" and res["finish_reason"] == "FINISH_REASON_LENGTH"
     assert [int(t) for t in res["token_ids"]] == ours.token_ids and res["text"] == ours.text
+
+
+def test_a_cancelled_call_is_cancelled_and_frees_its_row(server, registered):
+    before = metric(scrape(server), "hotswap_requests_finished_total", '{finish_reason="cancelled"}')
+    with grpc.insecure_channel(server.target) as ch:
+        req = inference_pb2.GenerateRequest(prompt="spin", adapter_id="lora",
+                                            sampling=inference_pb2.SamplingParameters(max_new_tokens=3000, ignore_eos=True))
+        call = inference_pb2_grpc.InferenceServiceStub(ch).Generate.future(req, timeout=120)
+        time.sleep(1.0)
+        assert call.cancel()
+        with pytest.raises(grpc.FutureCancelledError):
+            call.result()
+        assert call.code() == grpc.StatusCode.CANCELLED
+    deadline = time.monotonic() + 30
+    while metric(scrape(server), "hotswap_requests_finished_total", '{finish_reason="cancelled"}') < before + 1:
+        assert time.monotonic() < deadline, "the cancelled call's row was not freed"
+        time.sleep(0.2)
+    assert metric(scrape(server), "hotswap_requests_running") == 0
+
+
+def hotswap_cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "hotswap.client.cli", "--target", server.target, *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_tables_json_streaming_and_errors(server, registered, adapters):
+    r = hotswap_cli(server, "adapters", "list")
+    assert r.returncode == 0 and r.stdout.splitlines()[0].split()[:3] == ["ID", "PEFT_TYPE", "RANK"]
+    assert "lora@1" in r.stdout and "PREFIX_TUNING" in r.stdout
+    listed = json.loads(hotswap_cli(server, "--json", "adapters", "list").stdout)
+    assert {a["id"] for a in listed} >= {"lora@1", "prefix@1", "prompt@1"}
+
+    r = hotswap_cli(server, "generate", "hello world", "--adapter", "lora", "-n", "5")
+    assert r.returncode == 0 and "5 tokens" in r.stderr and "adapter lora@1" in r.stderr
+    with Client(server.target) as c:
+        want = c.generate("hello world", adapter="lora", max_new_tokens=5)
+    assert r.stdout.rstrip("\n") == want.text.rstrip("\n") or r.stdout[:-1] == want.text
+    g = json.loads(hotswap_cli(server, "--json", "generate", "hi", "--chat", "-n", "3").stdout)
+    assert g["generated_tokens"] <= 3 and g["finish_reason"] in ("length", "eos")
+
+    r = hotswap_cli(server, "adapters", "register", "cli-made", str(adapters["prefix"]), "--label", "by=cli")
+    assert r.returncode == 0 and "cli-made@1" in r.stdout
+    assert "deleted cli-made@1" in hotswap_cli(server, "adapters", "delete", "cli-made").stdout
+    r = hotswap_cli(server, "generate", "hi", "--adapter", "cli-made")
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr and "cli-made" in r.stderr

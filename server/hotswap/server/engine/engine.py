@@ -124,7 +124,10 @@ class Engine:
             return fn(first_slot, rows)
         except Exception as e:  # noqa: BLE001 - isolate the failing row(s)
             if len(rows) == 1:
-                rows[0].error = HotswapError(f"request failed in the model forward: {type(e).__name__}: {e}")
+                if isinstance(e, torch.OutOfMemoryError):  # the whole batch was retried row by row: this row alone does not fit
+                    rows[0].error = ResourceExhausted(f"out of device memory running this request: {e}", field="prompt")
+                else:
+                    rows[0].error = HotswapError(f"request failed in the model forward: {type(e).__name__}: {e}")
                 return torch.full((1, self.vocab_size), float("nan"), device=self.runner.device)
             return torch.cat([self._guarded(fn, first_slot + i, [row]) for i, row in enumerate(rows)])
 
