@@ -53,6 +53,10 @@ class Metrics:
         core.loop.on_step = self.observe_step
         core.loop.on_finish = self.observe_request
 
+    def attach_jobs(self, store) -> None:
+        """Export training jobs by state from the job store (read at scrape time)."""
+        self.registry.register(JobsCollector(store))
+
     def observe_step(self, out: SchedulerOutput, rows: int) -> None:
         self.batch_size.observe(rows)
 
@@ -130,6 +134,17 @@ class EngineCollector(Collector):
             h = HistogramMetricFamily("hotswap_adapter_load_duration_seconds", "Time to bring an adapter onto the device (from disk or from the host tier).")
             h.add_metric([], cumulative, sum_value=self._load_sum)
             return h
+
+
+class JobsCollector(Collector):
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterable:
+        g = GaugeMetricFamily("hotswap_training_jobs", "Training jobs in the job store, by state.", labels=["state"])
+        for state, n in self.store.counts_by_state().items():
+            g.add_metric([state], n)
+        yield g
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

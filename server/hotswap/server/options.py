@@ -50,6 +50,10 @@ class ServerOptions:
     adapter_device_cache_mb: int = _opt(512, "byte budget of adapters on the device, MiB")
     adapter_host_cache_mb: int = _opt(2048, "byte budget of adapters in host RAM, MiB")
     max_lora_rank: int = _opt(64, "LoRA adapters of a higher rank are refused")
+    # tuner
+    jobs_db: str = _opt("", "SQLite file of training jobs (default: DATA_DIR/jobs.sqlite)")
+    tuner_workers: int = _opt(1, "training workers the server starts beside itself (0: run hotswap-tuner separately)")
+    tuner_stale_seconds: float = _opt(60.0, "a running job whose worker has not reported for this long is requeued and resumes from its last checkpoint")
     # security
     tls_cert: str = _opt("", "PEM server certificate; enables TLS (with --tls-key)")
     tls_key: str = _opt("", "PEM private key of the server certificate")
@@ -89,6 +93,15 @@ class ServerOptions:
     @property
     def registry_path(self) -> Path:
         return Path(self.registry_db or Path(self.data_dir) / "registry.sqlite")
+
+    @property
+    def jobs_path(self) -> Path:
+        return Path(self.jobs_db or Path(self.data_dir) / "jobs.sqlite")
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Checkpoints and outputs of training jobs."""
+        return Path(self.data_dir) / "jobs"
 
     @property
     def store_path(self) -> Path:
@@ -131,9 +144,9 @@ def _type_of(f: dataclasses.Field):
     return {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
 
 
-def parse_options(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerOptions:
+def parse_options(argv: list[str] | None = None, environ: dict[str, str] | None = None, prog: str = "hotswap-server") -> ServerOptions:
     environ = os.environ if environ is None else environ
-    ap = build_parser()
+    ap = build_parser(prog)
     args = ap.parse_args(argv)
     from_file: dict = {}
     if args.config:

@@ -134,3 +134,79 @@ def tokenize_fields(prompt: str | None, messages: list[dict] | None) -> dict:
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt or messages")
     return {"prompt": prompt} if prompt is not None else {"messages": chat(messages)}
+
+
+# -- tuner ---------------------------------------------------------------------------
+METHODS = {"lora": 1, "qlora": 2, "prompt_tuning": 3, "p_tuning": 4, "prefix_tuning": 5}
+STATES = {1: "queued", 2: "validating", 3: "running", 4: "succeeded", 5: "failed", 6: "cancelled"}
+HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens", "prompt_tuning_init_text",
+                   "learning_rate", "epochs", "batch_size", "gradient_accumulation_steps", "max_seq_len", "warmup_ratio", "seed",
+                   "train_on_prompt", "early_stopping_patience")
+
+
+def _time(ts, present: bool = True):
+    if not present:
+        return None
+    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=timezone.utc)
+
+
+def dataset(examples: list[dict] | None, uri: str | None, what: str):
+    from hotswap.v1 import tuner_pb2
+
+    if (examples is None) == (uri is None):
+        raise ValueError(f"give exactly one of {what}_examples or {what}_uri")
+    if uri is not None:
+        return tuner_pb2.Dataset(uri=str(uri))
+    out = []
+    for e in examples:
+        e = dict(e)
+        msgs = [inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in e.pop("messages", [])]
+        out.append(tuner_pb2.TrainingExample(messages=msgs, **e))
+    return tuner_pb2.Dataset(inline=tuner_pb2.InlineExamples(examples=out))
+
+
+def train_request(name: str, method: str, examples, dataset_uri, validation_examples, validation_uri, labels, hyper: dict):
+    from hotswap.v1 import tuner_pb2
+
+    unknown = sorted(set(hyper) - set(HYPERPARAMETERS))
+    if unknown:
+        raise TypeError(f"unknown hyperparameters: {', '.join(unknown)}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}")
+    req = tuner_pb2.TrainAdapterRequest(adapter_name=name, method=METHODS[method], train=dataset(examples, dataset_uri, "train"),
+                                        hyperparameters=tuner_pb2.Hyperparameters(**hyper), labels=labels or {})
+    if validation_examples is not None or validation_uri is not None:
+        req.validation.CopyFrom(dataset(validation_examples, validation_uri, "validation"))
+    return req
+
+
+def training_job(j):
+    from .types import TrainingJob
+
+    methods = {v: k for k, v in METHODS.items()}
+    return TrainingJob(id=j.id, adapter_name=j.adapter_name, method=methods.get(j.method, ""), state=STATES.get(j.state, ""),
+                       created_at=_time(j.created_at, j.HasField("created_at")), started_at=_time(j.started_at, j.HasField("started_at")),
+                       finished_at=_time(j.finished_at, j.HasField("finished_at")),
+                       estimated_finish_at=_time(j.estimated_finish_at, j.HasField("estimated_finish_at")),
+                       error_code=j.error_code, error_message=j.error_message, trained_tokens=j.trained_tokens, adapter_id=j.adapter_id,
+                       step=j.step, total_steps=j.total_steps)
+
+
+def job_event(r):
+    from .types import JobEvent
+
+    kind = r.WhichOneof("event")
+    ev = JobEvent(time=_time(r.time), kind=kind, job=training_job(r.job))
+    if kind == "state":
+        ev.state = STATES.get(r.state, "")
+    elif kind == "step":
+        s = r.step
+        ev.metrics = {"step": s.step, "total_steps": s.total_steps, "epoch": s.epoch, "train_loss": s.train_loss,
+                      "learning_rate": s.learning_rate, "tokens_per_second": s.tokens_per_second}
+    elif kind == "eval":
+        ev.metrics = {"step": r.eval.step, "eval_loss": r.eval.eval_loss}
+    elif kind == "checkpoint":
+        ev.message = r.checkpoint
+    else:
+        ev.message = r.warning
+    return ev

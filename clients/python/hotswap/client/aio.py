@@ -5,11 +5,11 @@ from typing import AsyncIterator
 
 import grpc
 
-from hotswap.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+from hotswap.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc, tuner_pb2, tuner_pb2_grpc
 
 from . import _wire
 from .errors import from_rpc_error
-from .types import Adapter, Generation, ModelInfo, StreamChunk, Tokens
+from .types import Adapter, Generation, JobEvent, ModelInfo, StreamChunk, Tokens, TrainingJob
 
 
 class AsyncClient:
@@ -33,6 +33,7 @@ class AsyncClient:
         self._channel = grpc.aio.secure_channel(target, creds, args) if creds else grpc.aio.insecure_channel(target, args)
         self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdapterServiceStub(self._channel)
+        self._tuner = tuner_pb2_grpc.TunerServiceStub(self._channel)
 
     async def _call(self, method, request, timeout: float | None, adapter: str = ""):
         try:
@@ -88,6 +89,48 @@ class AsyncClient:
 
     async def delete_adapter(self, adapter_id: str, timeout: float | None = None) -> list[str]:
         return list((await self._call(self._adapters.DeleteAdapter, adapters_pb2.DeleteAdapterRequest(adapter_id=adapter_id), timeout)).deleted_ids)
+
+    # -- tuner ----------------------------------------------------------------------------
+    async def train_adapter(self, name: str, method: str = "lora", *, examples: list[dict] | None = None, dataset_uri: str | None = None,
+                      validation_examples: list[dict] | None = None, validation_uri: str | None = None,
+                      labels: dict[str, str] | None = None, timeout: float | None = None, **hyperparameters) -> TrainingJob:
+        """Queue a training job. `examples`: dicts with messages, prompt/completion,
+        instruction/input/output or text; or `dataset_uri`: JSONL/CSV/Parquet path or URL.
+        Hyperparameters: lora_r, lora_alpha, lora_dropout, target_modules, num_virtual_tokens,
+        prompt_tuning_init_text, learning_rate, epochs, batch_size, gradient_accumulation_steps,
+        max_seq_len, warmup_ratio, seed, train_on_prompt, early_stopping_patience."""
+        req = _wire.train_request(name, method, examples, dataset_uri, validation_examples, validation_uri, labels, hyperparameters)
+        return _wire.training_job((await self._call(self._tuner.TrainAdapter, req, timeout)).job)
+
+    async def get_training_job(self, job_id: str, timeout: float | None = None) -> TrainingJob:
+        return _wire.training_job((await self._call(self._tuner.GetTrainingJob, tuner_pb2.GetTrainingJobRequest(job_id=job_id), timeout)).job)
+
+    async def list_training_jobs(self, state: str = "", page_size: int = 100, timeout: float | None = None) -> list[TrainingJob]:
+        """Every job (all pages), newest first; `state` filters."""
+        states = {v: k for k, v in _wire.STATES.items()}
+        out, token = [], ""
+        while True:
+            req = tuner_pb2.ListTrainingJobsRequest(page_size=page_size, page_token=token, state=states.get(state, 0))
+            page = await self._call(self._tuner.ListTrainingJobs, req, timeout)
+            out += [_wire.training_job(j) for j in page.jobs]
+            token = page.next_page_token
+            if not token:
+                return out
+
+    async def watch_training_job(self, job_id: str, timeout: float | None = None) -> AsyncIterator[JobEvent]:
+        """Every event so far, then live ones, until the job ends (default deadline: none)."""
+        call = self._tuner.WatchTrainingJob(tuner_pb2.WatchTrainingJobRequest(job_id=job_id), timeout=timeout,
+                                            metadata=_wire.metadata(self.token))
+        try:
+            async for msg in call:
+                yield _wire.job_event(msg)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    async def cancel_training_job(self, job_id: str, timeout: float | None = None) -> TrainingJob:
+        return _wire.training_job((await self._call(self._tuner.CancelTrainingJob, tuner_pb2.CancelTrainingJobRequest(job_id=job_id), timeout)).job)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -17,6 +17,7 @@ from typing import Sequence
 from .errors import HotswapError
 from .sync import Client
 
+JOB_COLUMNS = ("id", "adapter_name", "method", "state", "step", "total_steps", "adapter_id", "created_at")
 ADAPTER_COLUMNS = ("id", "peft_type", "rank", "num_virtual_tokens", "size_bytes", "residency", "pinned", "created_at")
 
 
@@ -97,7 +98,98 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--pin", action="store_true", help="keep it on the device until unloaded")
     ad.add_parser("unload", help="unpin and drop from the caches").add_argument("adapter_id")
     ad.add_parser("delete", help="unregister one version (name@v) or all (name)").add_argument("adapter_id")
+
+    tr = sub.add_parser("train", help="queue a training job (the adapter is registered when it succeeds)")
+    tr.add_argument("name", help="adapter name; an existing name gets a new version")
+    tr.add_argument("--method", "-m", default="lora", choices=("lora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning"))
+    data = tr.add_mutually_exclusive_group(required=True)
+    data.add_argument("--examples", help="local JSONL file, sent inline with the request")
+    data.add_argument("--data", help="JSONL/CSV/Parquet path or URL the tuner worker reads")
+    val = tr.add_mutually_exclusive_group()
+    val.add_argument("--validation-examples", help="local JSONL validation file, sent inline")
+    val.add_argument("--validation-data", help="validation path or URL the worker reads")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="hyperparameter, e.g. lora_r=8, epochs=5, learning_rate=1e-3, target_modules=q_proj,v_proj")
+    tr.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    tr.add_argument("--watch", "-w", action="store_true", help="then follow it until it ends")
+
+    jobs = sub.add_parser("jobs", help="training jobs").add_subparsers(dest="action", required=True)
+    jl = jobs.add_parser("list", help="jobs, newest first")
+    jl.add_argument("--state", default="", choices=("", "queued", "validating", "running", "succeeded", "failed", "cancelled"))
+    jobs.add_parser("get", help="one job").add_argument("job_id")
+    jobs.add_parser("watch", help="follow a job with a progress bar until it ends").add_argument("job_id")
+    jobs.add_parser("cancel", help="stop a job (nothing is registered)").add_argument("job_id")
     return ap
+
+
+HYPER_TYPES = {"lora_r": int, "num_virtual_tokens": int, "epochs": int, "batch_size": int, "gradient_accumulation_steps": int,
+               "max_seq_len": int, "seed": int, "early_stopping_patience": int, "lora_alpha": float, "lora_dropout": float,
+               "learning_rate": float, "warmup_ratio": float, "train_on_prompt": lambda v: v.lower() in ("1", "true", "yes"),
+               "target_modules": lambda v: [t for t in v.split(",") if t], "prompt_tuning_init_text": str}
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"error: {path} line {n} is not valid JSON: {e.msg}") from None
+    return out
+
+
+def _train(c: Client, args: argparse.Namespace):
+    hyper = {}
+    for kv in args.set:
+        key, _, value = kv.partition("=")
+        if key not in HYPER_TYPES:
+            raise SystemExit(f"error: unknown hyperparameter {key!r}; known: {', '.join(HYPER_TYPES)}")
+        hyper[key] = HYPER_TYPES[key](value)
+    job = c.train_adapter(
+        args.name, args.method,
+        examples=_read_jsonl(args.examples) if args.examples else None, dataset_uri=args.data,
+        validation_examples=_read_jsonl(args.validation_examples) if args.validation_examples else None,
+        validation_uri=args.validation_data, labels=dict(kv.split("=", 1) for kv in args.label if "=" in kv), **hyper,
+    )
+    if args.watch:
+        return _watch(c, job.id, args.json)
+    return job
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = int(width * done / total) if total else 0
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _watch(c: Client, job_id: str, as_json: bool):
+    job = None
+    for ev in c.watch_training_job(job_id):
+        job = ev.job
+        if as_json:
+            print(json.dumps(_jsonable(ev)), flush=True)
+            continue
+        if ev.kind == "step":
+            m = ev.metrics
+            eta = ""
+            if job.estimated_finish_at is not None:
+                eta = f" eta {max(0, (job.estimated_finish_at - ev.time).total_seconds()):.0f}s"
+            sys.stderr.write(f"\r{_bar(m['step'], m['total_steps'])} step {m['step']}/{m['total_steps']} loss {m['train_loss']:.4f} "
+                             f"lr {m['learning_rate']:.2e} {m['tokens_per_second']:.0f} tok/s{eta}   ")
+            sys.stderr.flush()
+        elif ev.kind == "state":
+            sys.stderr.write(f"\n{job_id}: {ev.state}\n")
+        elif ev.kind == "eval":
+            sys.stderr.write(f"\n  eval loss {ev.metrics['eval_loss']:.4f} at step {ev.metrics['step']}\n")
+        elif ev.kind == "warning":
+            sys.stderr.write(f"\n  warning: {ev.message}\n")
+    if job is not None and job.state == "failed":
+        print(f"error: {job.error_code}: {job.error_message}", file=sys.stderr)
+        sys.exit(1)
+    if job is not None and not as_json:
+        print(f"{job.id} {job.state}" + (f": adapter {job.adapter_id}" if job.adapter_id else ""))
+    return None
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -133,7 +225,22 @@ def run(args: argparse.Namespace) -> None:
     with _client(args) as c:
         if args.command == "generate":
             return _generate(c, args)
-        if args.command == "info":
+        if args.command == "train":
+            result = _train(c, args)
+            if result is None:
+                return None
+        elif args.command == "jobs":
+            if args.action == "watch":
+                return _watch(c, args.job_id, args.json)
+            if args.action == "list":
+                result = c.list_training_jobs(state=args.state)
+                if not args.json:
+                    return print_table(result, JOB_COLUMNS)
+            elif args.action == "get":
+                result = c.get_training_job(args.job_id)
+            else:
+                result = c.cancel_training_job(args.job_id)
+        elif args.command == "info":
             result = c.model_info()
         elif args.action == "list":
             result = c.list_adapters(name=args.name)

@@ -5,11 +5,11 @@ from typing import Iterator
 
 import grpc
 
-from hotswap.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+from hotswap.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc, tuner_pb2, tuner_pb2_grpc
 
 from . import _wire
 from .errors import from_rpc_error
-from .types import Adapter, Generation, ModelInfo, StreamChunk, Tokens
+from .types import Adapter, Generation, JobEvent, ModelInfo, StreamChunk, Tokens, TrainingJob
 
 
 class Client:
@@ -38,6 +38,7 @@ class Client:
         self._channel = grpc.secure_channel(target, creds, args) if creds else grpc.insecure_channel(target, args)
         self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdapterServiceStub(self._channel)
+        self._tuner = tuner_pb2_grpc.TunerServiceStub(self._channel)
 
     def _call(self, method, request, timeout: float | None, adapter: str = ""):
         try:
@@ -99,6 +100,48 @@ class Client:
 
     def delete_adapter(self, adapter_id: str, timeout: float | None = None) -> list[str]:
         return list(self._call(self._adapters.DeleteAdapter, adapters_pb2.DeleteAdapterRequest(adapter_id=adapter_id), timeout).deleted_ids)
+
+    # -- tuner ----------------------------------------------------------------------------
+    def train_adapter(self, name: str, method: str = "lora", *, examples: list[dict] | None = None, dataset_uri: str | None = None,
+                      validation_examples: list[dict] | None = None, validation_uri: str | None = None,
+                      labels: dict[str, str] | None = None, timeout: float | None = None, **hyperparameters) -> TrainingJob:
+        """Queue a training job. `examples`: dicts with messages, prompt/completion,
+        instruction/input/output or text; or `dataset_uri`: JSONL/CSV/Parquet path or URL.
+        Hyperparameters: lora_r, lora_alpha, lora_dropout, target_modules, num_virtual_tokens,
+        prompt_tuning_init_text, learning_rate, epochs, batch_size, gradient_accumulation_steps,
+        max_seq_len, warmup_ratio, seed, train_on_prompt, early_stopping_patience."""
+        req = _wire.train_request(name, method, examples, dataset_uri, validation_examples, validation_uri, labels, hyperparameters)
+        return _wire.training_job((self._call(self._tuner.TrainAdapter, req, timeout)).job)
+
+    def get_training_job(self, job_id: str, timeout: float | None = None) -> TrainingJob:
+        return _wire.training_job((self._call(self._tuner.GetTrainingJob, tuner_pb2.GetTrainingJobRequest(job_id=job_id), timeout)).job)
+
+    def list_training_jobs(self, state: str = "", page_size: int = 100, timeout: float | None = None) -> list[TrainingJob]:
+        """Every job (all pages), newest first; `state` filters."""
+        states = {v: k for k, v in _wire.STATES.items()}
+        out, token = [], ""
+        while True:
+            req = tuner_pb2.ListTrainingJobsRequest(page_size=page_size, page_token=token, state=states.get(state, 0))
+            page = self._call(self._tuner.ListTrainingJobs, req, timeout)
+            out += [_wire.training_job(j) for j in page.jobs]
+            token = page.next_page_token
+            if not token:
+                return out
+
+    def watch_training_job(self, job_id: str, timeout: float | None = None) -> Iterator[JobEvent]:
+        """Every event so far, then live ones, until the job ends (default deadline: none)."""
+        call = self._tuner.WatchTrainingJob(tuner_pb2.WatchTrainingJobRequest(job_id=job_id), timeout=timeout,
+                                            metadata=_wire.metadata(self.token))
+        try:
+            for msg in call:
+                yield _wire.job_event(msg)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def cancel_training_job(self, job_id: str, timeout: float | None = None) -> TrainingJob:
+        return _wire.training_job((self._call(self._tuner.CancelTrainingJob, tuner_pb2.CancelTrainingJobRequest(job_id=job_id), timeout)).job)
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:

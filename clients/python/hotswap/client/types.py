@@ -92,3 +92,42 @@ class ModelInfo:
 class Tokens:
     token_ids: list[int]
     tokens: list[str]
+
+
+@dataclass
+class TrainingJob:
+    id: str
+    adapter_name: str
+    method: str
+    """"lora", "qlora", "prompt_tuning", "p_tuning" or "prefix_tuning"."""
+    state: str
+    """"queued", "validating", "running", "succeeded", "failed" or "cancelled"."""
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    estimated_finish_at: datetime | None
+    error_code: str
+    error_message: str
+    trained_tokens: int
+    adapter_id: str
+    """"name@version" once succeeded: usable in generate at once."""
+    step: int
+    total_steps: int
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class JobEvent:
+    time: datetime
+    kind: str
+    """"state", "step", "eval", "checkpoint" or "warning"."""
+    job: TrainingJob
+    """The job as of this event."""
+    state: str | None = None
+    metrics: dict = field(default_factory=dict)
+    """kind "step": step, total_steps, epoch, train_loss, learning_rate, tokens_per_second; kind "eval": step, eval_loss."""
+    message: str = ""
+    """kind "warning": the warning; kind "checkpoint": the checkpoint's name."""

@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hotswap.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+from hotswap.tuner.jobs import JobStore
+from hotswap.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc, tuner_pb2, tuner_pb2_grpc
 
 from ..adapters.registry import AdapterRegistry
 from ..engine.request import GenerateRequest, SamplingParams
@@ -27,12 +30,14 @@ from .adapters import AdapterService
 from .inference import InferenceService
 from .interceptors import ErrorInterceptor, TokenAuthInterceptor
 from .state import ServerState
+from .tuner import TunerService
 
 log = logging.getLogger("hotswap.server")
 
 SERVICES = (
     inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
     adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
+    tuner_pb2.DESCRIPTOR.services_by_name["TunerService"].full_name,
 )
 
 
@@ -72,6 +77,10 @@ class Server:
         self.grpc = grpc.aio.server(options=channel_options(opts), interceptors=interceptors)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceService(self.state), self.grpc)
         adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterService(self.state), self.grpc)
+        self.jobs = JobStore(opts.jobs_path)
+        self.metrics.attach_jobs(self.jobs)
+        tuner_pb2_grpc.add_TunerServiceServicer_to_server(TunerService(self.state, self.jobs), self.grpc)
+        self.workers: list[subprocess.Popen] = []
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         address = f"{opts.host}:{opts.port}"
@@ -120,6 +129,7 @@ class Server:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("serving %s on port %d", self.opts.model, self.port)
             print("hotswap: serving", flush=True)
+            self.start_workers()
             await stop
         return await self.drain(load)
 
@@ -127,14 +137,33 @@ class Server:
         log.info("draining: up to %.0fs for %d in-flight requests", self.opts.drain_seconds, self.state.inflight)
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
+        for w in self.workers:  # their jobs resume from the last checkpoint on the next start
+            w.terminate()
         # grpc stops accepting calls at once and cancels those still running after the grace.
         await self.grpc.stop(self.opts.drain_seconds)
         if not load.done():
             await asyncio.wait([load])  # a model load cannot be interrupted; let it finish, then close
         if load.done() and not load.cancelled() and load.exception() is None:
             load.result().close()
+        for w in self.workers:
+            w.wait(30)
         print("hotswap: stopped", flush=True)
         return 0
+
+    def start_workers(self) -> None:
+        """Tuner workers beside the server, with the same options (so the same stores)."""
+        argv = []
+        for f in dataclasses.fields(ServerOptions):
+            if f.name in ("auth_token", "tls_key"):  # workers serve no network; keep secrets out of `ps`
+                continue
+            value = getattr(self.opts, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            else:
+                argv += [flag, str(value)]
+        for _ in range(self.opts.tuner_workers):
+            self.workers.append(subprocess.Popen([sys.executable, "-m", "hotswap.tuner.worker", *argv]))
 
 
 async def serve(opts: ServerOptions) -> int:

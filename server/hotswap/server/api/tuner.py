@@ -1,0 +1,132 @@
+"""TunerService: training jobs over gRPC. The server only validates, queues and
+reports; tuner workers (hotswap-tuner) run the jobs from the shared job store."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from hotswap.tuner.data import detect_format
+from hotswap.tuner.jobs import Job, JobEvent, JobStore
+from hotswap.tuner.spec import TrainSpec, check_against_base, linear_names
+from hotswap.v1 import tuner_pb2, tuner_pb2_grpc
+
+from .convert import timestamp
+from .state import ServerState
+
+METHODS = {
+    tuner_pb2.TRAINING_METHOD_LORA: "lora",
+    tuner_pb2.TRAINING_METHOD_QLORA: "qlora",
+    tuner_pb2.TRAINING_METHOD_PROMPT_TUNING: "prompt_tuning",
+    tuner_pb2.TRAINING_METHOD_P_TUNING: "p_tuning",
+    tuner_pb2.TRAINING_METHOD_PREFIX_TUNING: "prefix_tuning",
+}
+METHOD_ENUM = {v: k for k, v in METHODS.items()}
+STATE_ENUM = {
+    "queued": tuner_pb2.JOB_STATE_QUEUED, "validating": tuner_pb2.JOB_STATE_VALIDATING, "running": tuner_pb2.JOB_STATE_RUNNING,
+    "succeeded": tuner_pb2.JOB_STATE_SUCCEEDED, "failed": tuner_pb2.JOB_STATE_FAILED, "cancelled": tuner_pb2.JOB_STATE_CANCELLED,
+}
+STATE_NAME = {v: k for k, v in STATE_ENUM.items()}
+HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "num_virtual_tokens", "prompt_tuning_init_text", "learning_rate", "epochs",
+                   "batch_size", "gradient_accumulation_steps", "max_seq_len", "warmup_ratio", "train_on_prompt", "early_stopping_patience")
+WATCH_POLL_SECONDS = 0.25
+
+
+def example(e: tuner_pb2.TrainingExample) -> dict:
+    out = {k: getattr(e, k) for k in ("prompt", "completion", "instruction", "input", "output", "text") if getattr(e, k)}
+    if e.messages:
+        out["messages"] = [{"role": m.role, "content": m.content} for m in e.messages]
+    return out
+
+
+def dataset(d: tuner_pb2.Dataset) -> dict:
+    which = d.WhichOneof("source")
+    if which == "inline":
+        return {"inline": [example(e) for e in d.inline.examples]}
+    if which == "uri":
+        return {"uri": d.uri}
+    return {}
+
+
+def spec_dict(req: tuner_pb2.TrainAdapterRequest) -> dict:
+    hp = {k: getattr(req.hyperparameters, k) for k in HYPERPARAMETERS}
+    hp["target_modules"] = list(req.hyperparameters.target_modules)
+    if req.hyperparameters.HasField("seed"):
+        hp["seed"] = req.hyperparameters.seed
+    return {
+        "adapter_name": req.adapter_name, "method": METHODS.get(req.method, ""), "train": dataset(req.train),
+        "validation": dataset(req.validation) if req.HasField("validation") else None,
+        "hyperparameters": hp, "labels": dict(req.labels),
+    }
+
+
+def _ts(t: float | None) -> Timestamp | None:
+    return timestamp(t) if t else None
+
+
+def job_proto(j: Job) -> tuner_pb2.TrainingJob:
+    return tuner_pb2.TrainingJob(
+        id=j.id, adapter_name=j.adapter_name, method=METHOD_ENUM.get(j.method, 0), state=STATE_ENUM[j.state],
+        created_at=_ts(j.created_at), started_at=_ts(j.started_at), finished_at=_ts(j.finished_at),
+        estimated_finish_at=_ts(j.estimated_finish_at if j.state == "running" else None), error_code=j.error_code,
+        error_message=j.error_message, trained_tokens=j.trained_tokens, adapter_id=j.adapter_id, step=j.step, total_steps=j.total_steps,
+    )
+
+
+def event_proto(e: JobEvent, job: Job) -> tuner_pb2.WatchTrainingJobResponse:
+    msg = tuner_pb2.WatchTrainingJobResponse(time=timestamp(e.time), job=job_proto(job))
+    p = e.payload
+    if e.kind == "state":
+        msg.state = STATE_ENUM[p["state"]]
+    elif e.kind == "step":
+        msg.step.CopyFrom(tuner_pb2.StepMetrics(**p))
+    elif e.kind == "eval":
+        msg.eval.CopyFrom(tuner_pb2.EvalMetrics(**p))
+    elif e.kind == "checkpoint":
+        msg.checkpoint = p["path"]
+    else:
+        msg.warning = p.get("message", "")
+    return msg
+
+
+class TunerService(tuner_pb2_grpc.TunerServiceServicer):
+    def __init__(self, state: ServerState, store: JobStore) -> None:
+        self.state, self.store = state, store
+
+    async def TrainAdapter(self, request: tuner_pb2.TrainAdapterRequest, context: grpc.aio.ServicerContext) -> tuner_pb2.TrainAdapterResponse:
+        core = self.state.ready()
+        spec = TrainSpec.from_dict(spec_dict(request))
+        # What can be checked without the data files is checked now, so a bad request
+        # fails at submit instead of in a worker minutes later.
+        check_against_base(spec, linear_names(core.loaded.model), core.cache_cfg.max_lora_rank)
+        for name in ("train", "validation"):
+            src = getattr(spec, name)
+            if src and src.get("inline"):
+                detect_format(src["inline"], name)
+        job = self.store.create(spec.adapter_name, spec.method, spec.to_dict())
+        return tuner_pb2.TrainAdapterResponse(job=job_proto(job))
+
+    async def GetTrainingJob(self, request: tuner_pb2.GetTrainingJobRequest, context: grpc.aio.ServicerContext) -> tuner_pb2.GetTrainingJobResponse:
+        return tuner_pb2.GetTrainingJobResponse(job=job_proto(self.store.get(request.job_id)))
+
+    async def ListTrainingJobs(self, request: tuner_pb2.ListTrainingJobsRequest, context: grpc.aio.ServicerContext) -> tuner_pb2.ListTrainingJobsResponse:
+        jobs, token = self.store.list(request.page_size, request.page_token, STATE_NAME.get(request.state, ""))
+        return tuner_pb2.ListTrainingJobsResponse(jobs=[job_proto(j) for j in jobs], next_page_token=token)
+
+    async def WatchTrainingJob(self, request: tuner_pb2.WatchTrainingJobRequest, context: grpc.aio.ServicerContext):
+        self.store.get(request.job_id)  # NOT_FOUND before streaming anything
+        seq = -1
+        while True:
+            job = self.store.get(request.job_id)  # read before the events: a final state implies its event is stored
+            events = self.store.events(request.job_id, seq)
+            for e in events:
+                yield event_proto(e, job)
+                seq = e.seq
+            if job.finished and not events:
+                return
+            if not events:
+                await asyncio.sleep(WATCH_POLL_SECONDS)
+
+    async def CancelTrainingJob(self, request: tuner_pb2.CancelTrainingJobRequest, context: grpc.aio.ServicerContext) -> tuner_pb2.CancelTrainingJobResponse:
+        return tuner_pb2.CancelTrainingJobResponse(job=job_proto(self.store.request_cancel(request.job_id)))
