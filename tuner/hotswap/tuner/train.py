@@ -17,7 +17,7 @@ from peft import (
     LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, get_peft_model,
     prepare_model_for_kbit_training,
 )
-from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from hotswap.server.adapters.load import load_adapter
@@ -54,11 +54,10 @@ def peft_config(spec: TrainSpec, loaded: LoadedModel):
 
 
 class Collator:
-    """Pads a batch (labels with -100) and counts the real tokens it has fed."""
+    """Pads a batch (labels with -100 where there is no loss)."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
-        self.tokens = 0
 
     def __call__(self, batch: list[dict]) -> dict:
         n = max(len(x["input_ids"]) for x in batch)
@@ -70,19 +69,22 @@ class Collator:
             ids[i, :k] = torch.tensor(x["input_ids"])
             labels[i, :k] = torch.tensor(x["labels"])
             mask[i, :k] = 1
-        self.tokens += int(mask.sum())
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 class Progress(TrainerCallback):
     """Trainer events → job events and job fields; also where a cancel is noticed."""
 
-    def __init__(self, store: JobStore, job: Job, worker: str, collator: Collator) -> None:
-        self.store, self.job, self.worker, self.collator = store, job, worker, collator
+    def __init__(self, store: JobStore, job: Job, worker: str) -> None:
+        self.store, self.job, self.worker = store, job, worker
         self.cancelled = False
         self._t = time.monotonic()
         self._tokens = 0
         self._step_times: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._t = self._log_t = time.monotonic()
+        self._tokens = state.num_input_tokens_seen  # non-zero when resuming
 
     def on_step_end(self, args, state, control, **kw):
         now = time.monotonic()
@@ -91,7 +93,7 @@ class Progress(TrainerCallback):
         recent = self._step_times[-20:]
         eta = time.time() + (state.max_steps - state.global_step) * sum(recent) / len(recent)
         ok = self.store.update(self.job.id, self.worker, step=state.global_step, total_steps=state.max_steps,
-                               trained_tokens=self.collator.tokens, estimated_finish_at=eta)
+                               trained_tokens=state.num_input_tokens_seen, estimated_finish_at=eta)
         if not ok:
             self.cancelled = True
             control.should_training_stop = True
@@ -101,10 +103,11 @@ class Progress(TrainerCallback):
         logs = logs or {}
         if "loss" in logs:
             now = time.monotonic()
-            dt = now - getattr(self, "_log_t", now - 1e-9)
+            dt = now - self._log_t
             self._log_t = now
-            tok_s = (self.collator.tokens - self._tokens) / dt if dt > 0 else 0.0
-            self._tokens = self.collator.tokens
+            # num_input_tokens_seen counts real (non-padding) tokens and survives a resume
+            tok_s = (state.num_input_tokens_seen - self._tokens) / dt if dt > 0 else 0.0
+            self._tokens = state.num_input_tokens_seen
             self.store.add_event(self.job.id, "step", {
                 "step": state.global_step, "total_steps": state.max_steps, "epoch": float(state.epoch or 0),
                 "train_loss": float(logs["loss"]), "learning_rate": float(logs.get("learning_rate", 0.0)), "tokens_per_second": tok_s,
@@ -178,6 +181,7 @@ def _run(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, mode
     model = loaded.model
     if quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    set_seed(hp.seed)  # the adapter's initial weights too: the same job gives the same adapter
     model = get_peft_model(model, peft_config(spec, loaded))
     collator = Collator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     steps_per_epoch = math.ceil(len(train.examples) / (hp.batch_size * hp.gradient_accumulation_steps))
@@ -190,9 +194,9 @@ def _run(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, mode
         save_steps=every, save_total_limit=2, eval_strategy="steps" if valid else "no", eval_steps=every if valid else None,
         load_best_model_at_end=bool(valid), metric_for_best_model="eval_loss" if valid else None, greater_is_better=False if valid else None,
         seed=hp.seed, data_seed=hp.seed, remove_unused_columns=False, report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, use_cpu=loaded.device.type == "cpu",
+        dataloader_num_workers=0, use_cpu=loaded.device.type == "cpu", include_num_input_tokens_seen="non_padding",
     )
-    progress = Progress(store, job, worker, collator)
+    progress = Progress(store, job, worker)
     callbacks = [progress]
     if valid and hp.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=hp.early_stopping_patience))
@@ -218,4 +222,4 @@ def _run(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, mode
         raise Cancelled()
     record = registry.register(spec.adapter_name, str(final), lambda p: load_adapter(p, p.name, shape, max_lora_rank),
                                loaded.fingerprint, labels)
-    store.set_state(job.id, worker, "succeeded", adapter_id=record.id, trained_tokens=collator.tokens)
+    store.set_state(job.id, worker, "succeeded", adapter_id=record.id, trained_tokens=trainer.state.num_input_tokens_seen)

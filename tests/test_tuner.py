@@ -1,0 +1,197 @@
+"""The tuner end to end: TrainAdapter over gRPC → a worker trains with PEFT → the adapter
+is registered and served by the running server at once. Real server, real worker
+processes, real SQLite stores, tiny llama."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from hotswap.client import Client, FailedPrecondition, InvalidArgument, NotFound
+from hotswap.v1 import tuner_pb2, tuner_pb2_grpc
+from server_process import ServerProcess
+
+ANSWER = "the assistant of the fox"
+QUESTIONS = ["who are you", "what are you", "tell me who you are", "who is this", "what is your name", "introduce yourself"]
+EXAMPLES = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]} for q in QUESTIONS]
+HELD_OUT = [{"role": "user", "content": "who are you really"}]
+LORA = dict(epochs=40, batch_size=2, learning_rate=1e-2, lora_r=8, target_modules=["all-linear"])
+PREFIX = dict(epochs=40, batch_size=2, learning_rate=1e-1, num_virtual_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints, tmp_path_factory):
+    """The README's way: the server starts a tuner worker beside itself."""
+    with ServerProcess(tiny_checkpoints["llama"], tmp_path_factory.mktemp("tuner-data"), "--tuner-workers", "1") as srv:
+        yield srv
+
+
+def finished(c: Client, job_id: str):
+    return list(c.watch_training_job(job_id, timeout=600))
+
+
+def test_identity_adapters_trained_over_grpc_serve_at_once(server, tiny_checkpoints):
+    with Client(server.target) as c:
+        base_before = c.generate(messages=HELD_OUT, max_new_tokens=12)
+        jobs = [c.train_adapter("ident", "lora", examples=EXAMPLES, validation_examples=EXAMPLES[:2], labels={"owner": "tests"}, **LORA),
+                c.train_adapter("ident-prefix", "prefix_tuning", examples=EXAMPLES, **PREFIX)]
+        assert all(j.state == "queued" for j in jobs)
+        served = {}
+        for job in jobs:
+            events = finished(c, job.id)
+            assert [e.state for e in events if e.kind == "state"] == ["queued", "validating", "running", "succeeded"]
+            steps = [e.metrics for e in events if e.kind == "step"]
+            assert steps and steps[-1]["step"] == steps[-1]["total_steps"] == events[-1].job.total_steps
+            assert all(s["tokens_per_second"] > 0 and s["learning_rate"] >= 0 for s in steps)
+            assert any(e.kind == "checkpoint" for e in events)
+            done = events[-1].job
+            assert done.adapter_id == f"{job.adapter_name}@1" and done.trained_tokens > 0 and done.finished_at
+            # the moment the job reports success, the adapter serves
+            served[job.adapter_name] = c.generate(messages=HELD_OUT, adapter=done.adapter_id, max_new_tokens=12)
+        assert any(e.kind == "eval" for e in finished(c, jobs[0].id))
+
+        # one batch: both new adapters and the base, side by side
+        with ThreadPoolExecutor(3) as ex:
+            outs = list(ex.map(lambda a: c.generate(messages=HELD_OUT, adapter=a, max_new_tokens=12), ["ident", "", "ident-prefix"]))
+        assert outs[0].text == outs[2].text == ANSWER and outs[0].finish_reason == "eos"
+        assert outs[1].token_ids == base_before.token_ids and ANSWER not in outs[1].text
+        assert served["ident"].text == served["ident-prefix"].text == ANSWER
+
+        meta = c.get_adapter("ident")
+        assert meta.peft_type == "LORA" and meta.rank == 8
+        assert meta.labels["owner"] == "tests" and meta.labels["method"] == "lora" and meta.labels["job_id"] == jobs[0].id
+        assert meta.labels["base_fingerprint"] == c.model_info().fingerprint == meta.base_fingerprint
+        assert json.loads(meta.labels["training_config"])["lora_r"] == 8 and len(meta.labels["chat_template_sha256"]) == 64
+        prompt_ids = c.tokenize(messages=HELD_OUT).token_ids
+
+    # the registered files load unchanged in plain PEFT and give the same tokens
+    path = server.data_dir / "adapters" / "ident" / "1"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32), path).eval()
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False)
+    assert out[0, len(prompt_ids):].tolist() == outs[0].token_ids
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'hotswap_training_jobs{state="succeeded"} 2.0' in text
+
+
+def test_bad_training_requests_are_refused_with_the_field(server, tmp_path):
+    with Client(server.target) as c:
+        with pytest.raises(InvalidArgument, match="train.*empty"):
+            c.train_adapter("x", "lora", examples=[])
+        with pytest.raises(InvalidArgument, match="example 2 lacks completion"):
+            c.train_adapter("x", "lora", examples=[{"prompt": "a", "completion": "b"}, {"prompt": "c"}])
+        with pytest.raises(InvalidArgument, match="adapter_name"):
+            c.train_adapter("../x", "lora", examples=EXAMPLES)
+        with pytest.raises(InvalidArgument, match="hyperparameters.lora_dropout"):
+            c.train_adapter("x", "lora", examples=EXAMPLES, lora_dropout=2.0)
+        with pytest.raises(FailedPrecondition, match="maximum LoRA rank"):
+            c.train_adapter("x", "lora", examples=EXAMPLES, lora_r=128)
+        with pytest.raises(FailedPrecondition, match="absent from the base model: qkv"):
+            c.train_adapter("x", "lora", examples=EXAMPLES, target_modules=["qkv"])
+        with pytest.raises(NotFound, match="job_id"):
+            c.get_training_job("job-nope")
+        with grpc.insecure_channel(server.target) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                tuner_pb2_grpc.TunerServiceStub(ch).TrainAdapter(tuner_pb2.TrainAdapterRequest(adapter_name="x"), timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "method" in e.value.details()
+
+        # problems only the worker can see end the job in FAILED with the code and the line
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n{oops\n")
+        long = [{"prompt": "the quick brown fox " * 30, "completion": " jumps"}]
+        for job, needle in [(c.train_adapter("x", "lora", dataset_uri=str(bad)), "line 2"),
+                            (c.train_adapter("x", "lora", examples=long, max_seq_len=16), "max_seq_len")]:
+            last = finished(c, job.id)[-1].job
+            assert last.state == "failed" and last.error_code == "INVALID_ARGUMENT" and needle in last.error_message
+        assert not c.list_adapters(name="x")
+
+        # a name that exists gets a new version, never an overwrite
+        first = finished(c, c.train_adapter("again", "prompt_tuning", examples=EXAMPLES, epochs=1).id)[-1].job
+        second = finished(c, c.train_adapter("again", "prompt_tuning", examples=EXAMPLES, epochs=1).id)[-1].job
+        assert (first.adapter_id, second.adapter_id) == ("again@1", "again@2")
+
+
+def test_cancel_stops_within_a_step_and_registers_nothing(server):
+    with Client(server.target) as c:
+        job = c.train_adapter("never", "lora", examples=EXAMPLES, epochs=1000, batch_size=1)
+        for ev in c.watch_training_job(job.id, timeout=300):
+            if ev.kind == "step" and ev.metrics["step"] >= 3:
+                break
+        at_cancel = c.cancel_training_job(job.id)
+        last = finished(c, job.id)[-1].job
+        assert last.state == "cancelled" and not last.adapter_id
+        assert last.step <= at_cancel.step + 2  # the step in flight, and one report racing the cancel
+        assert not c.list_adapters(name="never")
+        queued = c.train_adapter("never", "lora", examples=EXAMPLES, epochs=1000)
+        assert c.cancel_training_job(queued.id).state in ("cancelled", "validating", "running")
+        assert finished(c, queued.id)[-1].job.state == "cancelled"
+
+
+def test_cli_train_watch_and_jobs(server, tmp_path):
+    data = tmp_path / "ex.jsonl"
+    data.write_text("\n".join(json.dumps(e) for e in EXAMPLES) + "\n")
+    cli = [sys.executable, "-m", "hotswap.client.cli", "--target", server.target]
+    r = subprocess.run([*cli, "train", "cli-ident", "--method", "prefix_tuning", "--examples", str(data),
+                        "--set", "epochs=2", "--set", "num_virtual_tokens=4", "--watch"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "succeeded: adapter cli-ident@1" in r.stdout and "step 4/4" in r.stderr  # 6 examples, batch 4: 2 steps a epoch
+    r = subprocess.run([*cli, "jobs", "list", "--state", "succeeded"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.split()[:4] == ["ID", "ADAPTER_NAME", "METHOD", "STATE"] and "cli-ident@1" in r.stdout
+    r = subprocess.run([*cli, "train", "bad", "--examples", str(data), "--set", "lora_r=999"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint(tiny_checkpoints, tmp_path):
+    """Server and workers as separate processes on the same stores; SIGKILL mid-job."""
+    data = tmp_path / "data"
+    common = ["--model", str(tiny_checkpoints["llama"]), "--data-dir", str(data), "--device", "cpu", "--dtype", "float32",
+              "--tuner-stale-seconds", "3"]
+
+    def worker() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "hotswap.tuner.worker", *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    hp = dict(epochs=30, batch_size=2, learning_rate=1e-2, lora_r=8, seed=7)
+    with ServerProcess(tiny_checkpoints["llama"], data, "--tuner-stale-seconds", "3") as srv, Client(srv.target) as c:
+        first = worker()
+        try:
+            job = c.train_adapter("resumed", "lora", examples=EXAMPLES, **hp)
+            for ev in c.watch_training_job(job.id, timeout=300):
+                if ev.kind == "checkpoint" and ev.job.step < ev.job.total_steps - 10:
+                    killed_after = ev.job.step
+                    first.send_signal(signal.SIGKILL)
+                    break
+            first.wait(30)
+            second = worker()
+            try:
+                events = finished(c, job.id)
+                done = events[-1].job
+                assert done.state == "succeeded" and done.adapter_id == "resumed@1", done.error_message
+                assert any(e.kind == "warning" and "resuming from checkpoint" in e.message for e in events)
+                assert [e.state for e in events if e.kind == "state"][-3:] == ["validating", "running", "succeeded"]
+                steps = [e.metrics["step"] for e in events if e.kind == "step"]
+                assert killed_after in steps and steps[-1] == done.total_steps
+                straight = finished(c, c.train_adapter("straight", "lora", examples=EXAMPLES, **hp).id)[-1].job
+                assert straight.state == "succeeded"
+            finally:
+                second.kill()
+        finally:
+            first.kill()
+    a = load_file(data / "adapters" / "resumed" / "1" / "adapter_model.safetensors")
+    b = load_file(data / "adapters" / "straight" / "1" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:  # same seed, same data order: the resumed run lands where the straight one does
+        assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
