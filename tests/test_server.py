@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from transformers import AutoModelForCausalLM
 
 from hotswap.client import (
-    AsyncClient, Client, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unimplemented,
+    AsyncClient, Client, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
 )
 from hotswap.v1 import inference_pb2, inference_pb2_grpc, tuner_pb2, tuner_pb2_grpc
 from peft_fixtures import save_adapter
@@ -197,9 +197,9 @@ def test_every_error_is_its_status_code_naming_the_field(server, registered, ada
         with pytest.raises(grpc.RpcError) as e:
             inference_pb2_grpc.InferenceServiceStub(ch).Generate(inference_pb2.GenerateRequest(), timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in e.value.details()
-        with pytest.raises(grpc.RpcError) as e:  # defined in the API, implemented by the tuner
+        with pytest.raises(grpc.RpcError) as e:
             tuner_pb2_grpc.TunerServiceStub(ch).GetTrainingJob(tuner_pb2.GetTrainingJobRequest(job_id="x"), timeout=30)
-        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "job_id" in e.value.details()
     text = scrape(server)
     assert metric(text, "hotswap_request_failures_total", '{code="INVALID_ARGUMENT"}') >= 7
     assert metric(text, "hotswap_request_failures_total", '{code="FAILED_PRECONDITION"}') >= 1

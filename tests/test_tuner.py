@@ -33,9 +33,14 @@ PREFIX = dict(epochs=40, batch_size=2, learning_rate=1e-1, num_virtual_tokens=8)
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory):
-    """The README's way: the server starts a tuner worker beside itself."""
-    with ServerProcess(tiny_checkpoints["llama"], tmp_path_factory.mktemp("tuner-data"), "--tuner-workers", "1") as srv:
+    """The README's way: the server starts a tuner worker beside itself (and it dies with the server)."""
+    data = tmp_path_factory.mktemp("tuner-data")
+    with ServerProcess(tiny_checkpoints["llama"], data, "--tuner-workers", "1") as srv:
         yield srv
+    deadline = time.monotonic() + 10  # the server was SIGKILLed: its worker must not outlive it
+    while subprocess.run(["pgrep", "-f", f"hotswap.tuner.worker.*{data}"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "a tuner worker outlived its server"
+        time.sleep(0.2)
 
 
 def finished(c: Client, job_id: str):
@@ -195,3 +200,29 @@ def test_a_killed_worker_resumes_from_its_checkpoint(tiny_checkpoints, tmp_path)
     assert a.keys() == b.keys()
     for k in a:  # same seed, same data order: the resumed run lands where the straight one does
         assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
+
+
+def test_every_method_trains_from_an_uploaded_file_and_serves(server, tmp_path):
+    import pandas as pd
+
+    rows = [{"prompt": f"question {q}\n", "completion": ANSWER} for q in QUESTIONS]
+    parquet = tmp_path / "rows.parquet"
+    pd.DataFrame(rows).to_parquet(parquet)
+    with Client(server.target) as c:
+        uri = c.upload_dataset(str(parquet), chunk_bytes=512)  # several chunks
+        assert uri.endswith("-rows.parquet")
+        jobs = {m: c.train_adapter(f"m-{m}", m, dataset_uri=uri, epochs=1, **extra) for m, extra in [
+            ("qlora", {"lora_r": 4}), ("p_tuning", {"num_virtual_tokens": 4}),
+            ("prompt_tuning", {"num_virtual_tokens": 4, "prompt_tuning_init_text": "the quick brown fox"})]}
+        for method, job in jobs.items():
+            done = finished(c, job.id)[-1].job
+            assert done.state == "succeeded", (method, done.error_message)
+            g = c.generate("question who\n", adapter=done.adapter_id, max_new_tokens=3, ignore_eos=True)
+            assert g.generated_tokens == 3 and g.adapter_id == f"m-{method}@1"
+        assert c.get_adapter("m-qlora").labels["quantization"] == "nf4"
+        assert c.get_adapter("m-p_tuning").peft_type == "P_TUNING" and c.get_adapter("m-prompt_tuning").num_virtual_tokens == 4
+        with grpc.insecure_channel(server.target) as ch:
+            stub = tuner_pb2_grpc.TunerServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.UploadDataset(iter([tuner_pb2.UploadDatasetRequest(filename="x.exe", chunk=b"MZ")]), timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "filename" in e.value.details()

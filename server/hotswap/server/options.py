@@ -53,6 +53,7 @@ class ServerOptions:
     # tuner
     jobs_db: str = _opt("", "SQLite file of training jobs (default: DATA_DIR/jobs.sqlite)")
     tuner_workers: int = _opt(1, "training workers the server starts beside itself (0: run hotswap-tuner separately)")
+    max_upload_mb: int = _opt(1024, "largest dataset accepted by UploadDataset, MiB")
     tuner_stale_seconds: float = _opt(60.0, "a running job whose worker has not reported for this long is requeued and resumes from its last checkpoint")
     # security
     tls_cert: str = _opt("", "PEM server certificate; enables TLS (with --tls-key)")
@@ -102,6 +103,11 @@ class ServerOptions:
     def jobs_dir(self) -> Path:
         """Checkpoints and outputs of training jobs."""
         return Path(self.data_dir) / "jobs"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Datasets streamed in with UploadDataset (workers on other machines need it on shared storage)."""
+        return Path(self.data_dir) / "uploads"
 
     @property
     def store_path(self) -> Path:

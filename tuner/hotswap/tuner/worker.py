@@ -40,7 +40,27 @@ def serve(opts: ServerOptions, stop: threading.Event, poll_seconds: float = 1.0)
         log.info("%s: %s", job.id, store.get(job.id).state)
 
 
+PARENT_ENV = "HOTSWAP_TUNER_PARENT_PID"
+
+
+def exit_with_parent() -> None:
+    """A worker the server started dies with it, however the server ended (even SIGKILL);
+    its job resumes from the last checkpoint when a worker next runs."""
+    parent = int(os.environ.get(PARENT_ENV, "0"))
+    if not parent:
+        return
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(0)
+            threading.Event().wait(1.0)
+
+    threading.Thread(target=watch, name="hotswap-parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
+    exit_with_parent()
     opts = parse_options(argv, prog="hotswap-tuner")
     logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()

@@ -1,6 +1,8 @@
 """asyncio client; the same calls as `Client`, awaited."""
 from __future__ import annotations
 
+import os
+
 from typing import AsyncIterator
 
 import grpc
@@ -128,6 +130,16 @@ class AsyncClient:
             raise from_rpc_error(e) from None
         finally:
             call.cancel()
+
+    async def upload_dataset(self, path: str, chunk_bytes: int = 1 << 20, timeout: float | None = None) -> str:
+        """Stream a local JSONL/CSV/Parquet file to the server; returns the uri to train on."""
+        def chunks():
+            with open(path, "rb") as f:
+                yield tuner_pb2.UploadDatasetRequest(filename=os.path.basename(path), chunk=f.read(chunk_bytes))
+                while block := f.read(chunk_bytes):
+                    yield tuner_pb2.UploadDatasetRequest(chunk=block)
+
+        return (await self._call(self._tuner.UploadDataset, chunks(), timeout)).uri
 
     async def cancel_training_job(self, job_id: str, timeout: float | None = None) -> TrainingJob:
         return _wire.training_job((await self._call(self._tuner.CancelTrainingJob, tuner_pb2.CancelTrainingJobRequest(job_id=job_id), timeout)).job)

@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = tr.add_mutually_exclusive_group(required=True)
     data.add_argument("--examples", help="local JSONL file, sent inline with the request")
     data.add_argument("--data", help="JSONL/CSV/Parquet path or URL the tuner worker reads")
+    data.add_argument("--upload", help="local JSONL/CSV/Parquet file, streamed to the server first")
     val = tr.add_mutually_exclusive_group()
     val.add_argument("--validation-examples", help="local JSONL validation file, sent inline")
     val.add_argument("--validation-data", help="validation path or URL the worker reads")
@@ -149,7 +150,8 @@ def _train(c: Client, args: argparse.Namespace):
         hyper[key] = HYPER_TYPES[key](value)
     job = c.train_adapter(
         args.name, args.method,
-        examples=_read_jsonl(args.examples) if args.examples else None, dataset_uri=args.data,
+        examples=_read_jsonl(args.examples) if args.examples else None,
+        dataset_uri=c.upload_dataset(args.upload) if args.upload else args.data,
         validation_examples=_read_jsonl(args.validation_examples) if args.validation_examples else None,
         validation_uri=args.validation_data, labels=dict(kv.split("=", 1) for kv in args.label if "=" in kv), **hyper,
     )

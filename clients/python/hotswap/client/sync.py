@@ -1,6 +1,8 @@
 """Blocking client."""
 from __future__ import annotations
 
+import os
+
 from typing import Iterator
 
 import grpc
@@ -139,6 +141,16 @@ class Client:
             raise from_rpc_error(e) from None
         finally:
             call.cancel()
+
+    def upload_dataset(self, path: str, chunk_bytes: int = 1 << 20, timeout: float | None = None) -> str:
+        """Stream a local JSONL/CSV/Parquet file to the server; returns the uri to train on."""
+        def chunks():
+            with open(path, "rb") as f:
+                yield tuner_pb2.UploadDatasetRequest(filename=os.path.basename(path), chunk=f.read(chunk_bytes))
+                while block := f.read(chunk_bytes):
+                    yield tuner_pb2.UploadDatasetRequest(chunk=block)
+
+        return (self._call(self._tuner.UploadDataset, chunks(), timeout)).uri
 
     def cancel_training_job(self, job_id: str, timeout: float | None = None) -> TrainingJob:
         return _wire.training_job((self._call(self._tuner.CancelTrainingJob, tuner_pb2.CancelTrainingJobRequest(job_id=job_id), timeout)).job)

@@ -259,3 +259,19 @@ class CancelTrainingJobResponse(_message.Message):
     JOB_FIELD_NUMBER: _ClassVar[int]
     job: TrainingJob
     def __init__(self, job: _Optional[_Union[TrainingJob, _Mapping]] = ...) -> None: ...
+
+class UploadDatasetRequest(_message.Message):
+    __slots__ = ("filename", "chunk")
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    filename: str
+    chunk: bytes
+    def __init__(self, filename: _Optional[str] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class UploadDatasetResponse(_message.Message):
+    __slots__ = ("uri", "size_bytes")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    size_bytes: int
+    def __init__(self, uri: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...

@@ -61,6 +61,11 @@ class TunerServiceStub:
                 request_serializer=hotswap_dot_v1_dot_tuner__pb2.CancelTrainingJobRequest.SerializeToString,
                 response_deserializer=hotswap_dot_v1_dot_tuner__pb2.CancelTrainingJobResponse.FromString,
                 _registered_method=True)
+        self.UploadDataset = channel.stream_unary(
+                '/hotswap.v1.TunerService/UploadDataset',
+                request_serializer=hotswap_dot_v1_dot_tuner__pb2.UploadDatasetRequest.SerializeToString,
+                response_deserializer=hotswap_dot_v1_dot_tuner__pb2.UploadDatasetResponse.FromString,
+                _registered_method=True)
 
 
 class TunerServiceServicer:
@@ -101,6 +106,14 @@ class TunerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadDataset(self, request_iterator, context):
+        """Streams a dataset file (JSONL, CSV or Parquet) to the server in chunks; the
+        returned uri can be used as Dataset.uri in TrainAdapter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TunerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_TunerServiceServicer_to_server(servicer, server):
                     servicer.CancelTrainingJob,
                     request_deserializer=hotswap_dot_v1_dot_tuner__pb2.CancelTrainingJobRequest.FromString,
                     response_serializer=hotswap_dot_v1_dot_tuner__pb2.CancelTrainingJobResponse.SerializeToString,
+            ),
+            'UploadDataset': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadDataset,
+                    request_deserializer=hotswap_dot_v1_dot_tuner__pb2.UploadDatasetRequest.FromString,
+                    response_serializer=hotswap_dot_v1_dot_tuner__pb2.UploadDatasetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +285,33 @@ class TunerService:
             '/hotswap.v1.TunerService/CancelTrainingJob',
             hotswap_dot_v1_dot_tuner__pb2.CancelTrainingJobRequest.SerializeToString,
             hotswap_dot_v1_dot_tuner__pb2.CancelTrainingJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadDataset(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/hotswap.v1.TunerService/UploadDataset',
+            hotswap_dot_v1_dot_tuner__pb2.UploadDatasetRequest.SerializeToString,
+            hotswap_dot_v1_dot_tuner__pb2.UploadDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -163,7 +164,8 @@ class Server:
             else:
                 argv += [flag, str(value)]
         for _ in range(self.opts.tuner_workers):
-            self.workers.append(subprocess.Popen([sys.executable, "-m", "hotswap.tuner.worker", *argv]))
+            env = {**os.environ, "HOTSWAP_TUNER_PARENT_PID": str(os.getpid())}
+            self.workers.append(subprocess.Popen([sys.executable, "-m", "hotswap.tuner.worker", *argv], env=env))
 
 
 async def serve(opts: ServerOptions) -> int:

@@ -25,7 +25,9 @@ def _wrap(handler: grpc.RpcMethodHandler, around) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(around(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer)
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(around(handler.unary_stream, True), handler.request_deserializer, handler.response_serializer)
-    return handler  # no client-streaming RPCs yet
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(around(handler.stream_unary, False), handler.request_deserializer, handler.response_serializer)
+    return handler  # no bidirectional RPCs
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

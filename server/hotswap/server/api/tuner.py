@@ -3,15 +3,18 @@ reports; tuner workers (hotswap-tuner) run the jobs from the shared job store.""
 from __future__ import annotations
 
 import asyncio
+import re
+import uuid
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from hotswap.tuner.data import detect_format
+from hotswap.tuner.data import READERS, detect_format
 from hotswap.tuner.jobs import Job, JobEvent, JobStore
 from hotswap.tuner.spec import TrainSpec, check_against_base, linear_names
 from hotswap.v1 import tuner_pb2, tuner_pb2_grpc
 
+from ..errors import InvalidArgument, ResourceExhausted
 from .convert import timestamp
 from .state import ServerState
 
@@ -130,3 +133,31 @@ class TunerService(tuner_pb2_grpc.TunerServiceServicer):
 
     async def CancelTrainingJob(self, request: tuner_pb2.CancelTrainingJobRequest, context: grpc.aio.ServicerContext) -> tuner_pb2.CancelTrainingJobResponse:
         return tuner_pb2.CancelTrainingJobResponse(job=job_proto(self.store.request_cancel(request.job_id)))
+
+    async def UploadDataset(self, request_iterator, context: grpc.aio.ServicerContext) -> tuner_pb2.UploadDatasetResponse:
+        opts = self.state.opts
+        limit = opts.max_upload_mb * 2**20
+        path, size, f = None, 0, None
+        try:
+            async for msg in request_iterator:
+                if path is None:
+                    name = re.sub(r"[^A-Za-z0-9._-]", "_", msg.filename.rsplit("/", 1)[-1])
+                    suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+                    if suffix not in READERS:
+                        raise InvalidArgument(f"file type {suffix or '(none)'!r} is not .jsonl, .json, .csv or .parquet", field="filename")
+                    opts.uploads_dir.mkdir(parents=True, exist_ok=True)
+                    path = opts.uploads_dir / f"{uuid.uuid4().hex[:12]}-{name}"
+                    f = path.open("wb")
+                size += len(msg.chunk)
+                if size > limit:
+                    raise ResourceExhausted(f"the upload is larger than {opts.max_upload_mb} MiB", field="max_upload_mb")
+                f.write(msg.chunk)
+        except BaseException:
+            if f is not None:
+                f.close()
+                path.unlink(missing_ok=True)
+            raise
+        if path is None:
+            raise InvalidArgument("the upload was empty: send the filename and the file's bytes", field="filename")
+        f.close()
+        return tuner_pb2.UploadDatasetResponse(uri=str(path.resolve()), size_bytes=size)
