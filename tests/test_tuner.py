@@ -226,3 +226,32 @@ def test_every_method_trains_from_an_uploaded_file_and_serves(server, tmp_path):
             with pytest.raises(grpc.RpcError) as e:
                 stub.UploadDataset(iter([tuner_pb2.UploadDatasetRequest(filename="x.exe", chunk=b"MZ")]), timeout=30)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "filename" in e.value.details()
+
+
+def test_early_stopping_registers_the_best_checkpoint_by_eval_loss(tiny_checkpoints, tmp_path):
+    """In process, on the worker's own code path: a learning rate far too high makes eval
+    loss rise after the first evaluation; patience 1 stops the job, and the adapter
+    registered is the checkpoint with the lowest eval loss, not the last one."""
+    from hotswap.server.adapters.registry import AdapterRegistry
+    from hotswap.server.config import ModelConfig
+    from hotswap.tuner.jobs import JobStore
+    from hotswap.tuner.spec import TrainSpec
+    from hotswap.tuner.train import run_job
+
+    store, reg = JobStore(tmp_path / "jobs.sqlite"), AdapterRegistry(tmp_path / "reg.sqlite", tmp_path / "store")
+    spec = TrainSpec.from_dict({"adapter_name": "early", "method": "lora", "train": {"inline": EXAMPLES}, "validation": {"inline": EXAMPLES[:2]},
+                                "hyperparameters": {"epochs": 50, "batch_size": 2, "learning_rate": 3.0, "lora_r": 8, "warmup_ratio": 0.0,
+                                                    "target_modules": ["all-linear"], "early_stopping_patience": 1}})
+    store.create("early", "lora", spec.to_dict())
+    job = store.claim("w")
+    run_job(job, store, "w", reg, ModelConfig(source=str(tiny_checkpoints["llama"]), dtype="float32", device="cpu"), 64, tmp_path / "jobs")
+    done = store.get(job.id)
+    assert done.state == "succeeded", done.error_message
+    evals = [(e.payload["step"], e.payload["eval_loss"]) for e in store.events(job.id) if e.kind == "eval"]
+    steps = [e.payload["step"] for e in store.events(job.id) if e.kind == "step"]
+    assert steps[-1] < done.total_steps  # stopped early
+    best_step = min(evals, key=lambda x: x[1])[0]
+    assert best_step != evals[-1][0]
+    best = load_file(tmp_path / "jobs" / job.id / "checkpoints" / f"checkpoint-{best_step}" / "adapter_model.safetensors")
+    registered = load_file(reg.path(done.adapter_id) / "adapter_model.safetensors")
+    assert best.keys() == registered.keys() and all(torch.equal(best[k], registered[k]) for k in best)
