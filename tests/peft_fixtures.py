@@ -55,6 +55,9 @@ def save_adapter(model, kind: str, out: Path, seed: int = 0, scale: float = 0.3,
     seeded noise (LoRA's B starts at zero, which would make it a no-op), save_pretrained to `out`."""
     if kind == "prompt_text" and "tokenizer" not in kw:
         kw["tokenizer"] = model.name_or_path
+    if kind.startswith("adalora"):
+        scale = max(scale, 1.0)  # three small factors (A, E, B): a bigger nudge for a clearly visible effect
+    torch.manual_seed(seed)  # PEFT's own initialisation draws from the global RNG: same seed, same adapter
     peft = get_peft_model(model, _config(kind, model, **kw))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
