@@ -1,0 +1,149 @@
+"""deploy/: Kubernetes manifests validated against the Kubernetes schemas, the dashboard
+and alert rules checked against what a live server exports, Prometheus' promtool on
+the rules and config, and the compose file and Dockerfiles checked for consistency."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hotswap.client import Client, NotFound
+from hotswap.server.options import parse_options
+from server_process import ServerProcess
+from tools import ROOT, promtool
+
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+
+
+def k8s_docs() -> list[dict]:
+    files = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    assert sorted(files) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    return [d for f in files for d in yaml.safe_load_all((K8S / f).read_text()) if d]
+
+
+def by_kind(kind: str) -> list[dict]:
+    return [d for d in k8s_docs() if d["kind"] == kind]
+
+
+def test_manifests_pass_the_kubernetes_schemas():
+    files = [str(p) for p in sorted(K8S.glob("*.yaml")) if p.name not in ("kustomization.yaml", "servicemonitor.yaml")]
+    r = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", "1.31.0", *files], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("passed for resource") == len([d for d in k8s_docs() if d["kind"] != "ServiceMonitor"])
+
+
+def test_the_server_deployment_is_what_ops_need(tmp_path):
+    (server,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "hotswap-server"]
+    pod = server["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"]["port"] == grpc_port  # native gRPC probes on grpc.health.v1
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 600  # model load
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    shm = next(m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
+    data = next(m for m in c["volumeMounts"] if m["mountPath"] == "/data")
+    assert volumes[data["name"]]["persistentVolumeClaim"]["claimName"] == by_kind("PersistentVolumeClaim")[0]["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"]
+
+    # the config file both Deployments read is valid for the real option parser
+    config = by_kind("ConfigMap")[0]["data"]["hotswap.toml"]
+    toml = tomllib.loads(config)
+    path = tmp_path / "hotswap.toml"
+    path.write_text(config)
+    opts = parse_options(["--config", str(path)], {})
+    assert opts.quantization == toml["quantization"] and opts.tuner_workers == 0
+    assert pod["terminationGracePeriodSeconds"] > opts.drain_seconds  # SIGTERM drains before the kill
+
+    (tuner,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "hotswap-tuner"]
+    tpod = tuner["spec"]["template"]["spec"]
+    assert tpod["containers"][0]["command"] == ["hotswap-tuner"]
+    assert {v["persistentVolumeClaim"]["claimName"] for v in tpod["volumes"] if "persistentVolumeClaim" in v} == {"hotswap-data"}
+
+    labels = server["spec"]["template"]["metadata"]["labels"]
+    (svc,) = by_kind("Service")
+    (pdb,) = by_kind("PodDisruptionBudget")
+    (sm,) = by_kind("ServiceMonitor")
+    for selector in (svc["spec"]["selector"], pdb["spec"]["selector"]["matchLabels"]):
+        assert selector.items() <= labels.items()
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert {e["port"] for e in sm["spec"]["endpoints"]} <= {p["name"] for p in svc["spec"]["ports"]}
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "hotswap.json").read_text())
+    return [t["expr"] for p in dash["panels"] for t in p["targets"]]
+
+
+def rule_exprs() -> list[str]:
+    groups = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())["groups"]
+    return [r["expr"] for g in groups for r in g["rules"]]
+
+
+@pytest.fixture(scope="module")
+def live_scrape(tiny_checkpoints, tmp_path_factory) -> str:
+    with ServerProcess(tiny_checkpoints["llama"], tmp_path_factory.mktemp("deploy-data")) as srv, Client(srv.target) as c:
+        c.generate("hello", max_new_tokens=3)
+        with pytest.raises(NotFound):
+            c.generate("hello", adapter="absent")
+        return urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+
+
+def test_dashboard_and_rules_use_only_metrics_the_server_exports(live_scrape):
+    exported = set(re.findall(r"^(hotswap_[a-z_]+)", live_scrape, re.M))
+    used = {m for e in dashboard_exprs() + rule_exprs() for m in re.findall(r"\b(hotswap_[a-z_]+)", e)}
+    assert used and used <= exported, sorted(used - exported)
+    panels = " ".join(dashboard_exprs())
+    for needed in ("hotswap_generation_tokens_total", "hotswap_time_to_first_token_seconds_bucket",
+                   "hotswap_time_per_output_token_seconds_bucket", "hotswap_requests_waiting", "hotswap_batch_size",
+                   "hotswap_adapters_resident", "hotswap_adapter_cache_hits_total", "hotswap_adapter_load_duration_seconds_bucket",
+                   "hotswap_training_jobs"):
+        assert needed in panels, needed
+
+
+def test_promtool_checks_the_rules_and_the_config(tmp_path):
+    tool = str(promtool())
+    r = subprocess.run([tool, "check", "rules", str(DEPLOY / "prometheus" / "rules.yml")], capture_output=True, text=True)
+    assert r.returncode == 0 and "SUCCESS: 7 rules found" in r.stdout, r.stdout + r.stderr
+    config = (DEPLOY / "prometheus" / "prometheus.yml").read_text().replace("/etc/prometheus/rules.yml", str(DEPLOY / "prometheus" / "rules.yml"))
+    (tmp_path / "prometheus.yml").write_text(config)
+    r = subprocess.run([tool, "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_compose_and_dockerfiles_are_consistent():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"server", "tuner", "prometheus", "grafana"}
+    build = services["server"]["build"]
+    assert (DEPLOY / build["context"] / build["dockerfile"]).is_file()
+    parse_options(services["server"]["command"], {})  # real flags
+    assert services["tuner"]["entrypoint"] == ["hotswap-tuner"]
+    for svc in ("prometheus", "grafana"):
+        for mount in services[svc]["volumes"]:
+            assert (DEPLOY / mount.split(":")[0]).exists(), mount
+    provisioning = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/hotswap.yaml").read_text())
+    assert provisioning["providers"][0]["options"]["path"] in " ".join(services["grafana"]["volumes"])
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = (DEPLOY / "docker" / name).read_text()
+        assert text.count("\nFROM ") + text.startswith("FROM ") >= 2  # multi-stage
+        for src in re.findall(r"^COPY (?!--from)(\S+) ", text, re.M):
+            assert (ROOT / src).exists(), (name, src)
+        final = text[text.rindex("\nFROM "):]
+        assert re.search(r"^USER hotswap$", final, re.M) and "useradd" in final  # non-root
+        entry = json.loads(re.search(r"^ENTRYPOINT (.+)$", final, re.M)[1])
+        assert entry[0] in scripts
+        assert 'VOLUME ["/data", "/cache"]' in final and "HOTSWAP_DATA_DIR=/data" in final
