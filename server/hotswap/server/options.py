@@ -45,13 +45,13 @@ class ServerOptions:
     max_seq_len: int = _opt(4096, "longest row (virtual tokens + prompt + generated); longer prompts get INVALID_ARGUMENT")
     # adapters
     data_dir: str = _opt(_data_dir(), "holds the registry database and the adapter store unless those are set")
-    registry_db: str = _opt("", "SQLite file of the adapter registry (default: DATA_DIR/registry.sqlite)")
+    registry_db: str = _opt("", "adapter registry: a SQLite file, or a postgresql:// URL when several nodes write (default: DATA_DIR/registry.sqlite)")
     adapter_store: str = _opt("", "folder of registered adapter files (default: DATA_DIR/adapters)")
     adapter_device_cache_mb: int = _opt(512, "byte budget of adapters on the device, MiB")
     adapter_host_cache_mb: int = _opt(2048, "byte budget of adapters in host RAM, MiB")
     max_lora_rank: int = _opt(64, "LoRA adapters of a higher rank are refused")
     # tuner
-    jobs_db: str = _opt("", "SQLite file of training jobs (default: DATA_DIR/jobs.sqlite)")
+    jobs_db: str = _opt("", "training job store: a SQLite file, or a postgresql:// URL (default: DATA_DIR/jobs.sqlite)")
     tuner_workers: int = _opt(1, "training workers the server starts beside itself (0: run hotswap-tuner separately)")
     max_upload_mb: int = _opt(1024, "largest dataset accepted by UploadDataset, MiB")
     tuner_stale_seconds: float = _opt(60.0, "a running job whose worker has not reported for this long is requeued and resumes from its last checkpoint")
@@ -92,12 +92,12 @@ class ServerOptions:
                                   host_bytes=self.adapter_host_cache_mb * 2**20, max_lora_rank=self.max_lora_rank)
 
     @property
-    def registry_path(self) -> Path:
-        return Path(self.registry_db or Path(self.data_dir) / "registry.sqlite")
+    def registry_path(self) -> str:
+        return self.registry_db or str(Path(self.data_dir) / "registry.sqlite")
 
     @property
-    def jobs_path(self) -> Path:
-        return Path(self.jobs_db or Path(self.data_dir) / "jobs.sqlite")
+    def jobs_path(self) -> str:
+        return self.jobs_db or str(Path(self.data_dir) / "jobs.sqlite")
 
     @property
     def jobs_dir(self) -> Path:

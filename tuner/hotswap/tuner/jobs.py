@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import base64
 import json
-import sqlite3
-import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from hotswap.server.errors import InvalidArgument, NotFound
+from hotswap.server.sqldb import SqlDb
 
 STATES = ("queued", "validating", "running", "succeeded", "failed", "cancelled")
 FINAL = ("succeeded", "failed", "cancelled")
@@ -31,18 +28,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     method TEXT NOT NULL,
     state TEXT NOT NULL,
     spec TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    estimated_finish_at REAL,
+    created_at DOUBLE PRECISION NOT NULL,
+    started_at DOUBLE PRECISION,
+    finished_at DOUBLE PRECISION,
+    estimated_finish_at DOUBLE PRECISION,
     error_code TEXT NOT NULL DEFAULT '',
     error_message TEXT NOT NULL DEFAULT '',
-    trained_tokens INTEGER NOT NULL DEFAULT 0,
+    trained_tokens BIGINT NOT NULL DEFAULT 0,
     adapter_id TEXT NOT NULL DEFAULT '',
     step INTEGER NOT NULL DEFAULT 0,
     total_steps INTEGER NOT NULL DEFAULT 0,
     worker TEXT NOT NULL DEFAULT '',
-    heartbeat_at REAL,
+    heartbeat_at DOUBLE PRECISION,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0
 );
@@ -50,7 +47,7 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
 CREATE TABLE IF NOT EXISTS job_events (
     job_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
-    time REAL NOT NULL,
+    time DOUBLE PRECISION NOT NULL,
     kind TEXT NOT NULL,
     payload TEXT NOT NULL,
     PRIMARY KEY (job_id, seq)
@@ -97,45 +94,24 @@ class JobEvent:
 
 
 class JobStore:
-    def __init__(self, db_path: str | Path) -> None:
-        self.db_path = Path(db_path)
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._db().executescript(_SCHEMA)
+    """Jobs in SQLite (a file path) or PostgreSQL (a postgresql:// URL, for several nodes)."""
 
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA busy_timeout=30000")
-            db.row_factory = sqlite3.Row
-            self._local.db = db
-        return db
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    def __init__(self, db: str | Path) -> None:
+        self.db = SqlDb(db)
+        self.db.script(_SCHEMA)
 
     # -- the server's side ------------------------------------------------------------
     def create(self, adapter_name: str, method: str, spec: dict) -> Job:
         job_id = "job-" + uuid.uuid4().hex[:12]
         now = time.time()
-        with self._tx() as db:
+        with self.db.tx() as db:
             db.execute("INSERT INTO jobs (id, adapter_name, method, state, spec, created_at) VALUES (?,?,?,?,?,?)",
                        (job_id, adapter_name, method, "queued", json.dumps(spec), now))
             self._event(db, job_id, "state", {"state": "queued"}, now)
         return self.get(job_id)
 
     def get(self, job_id: str) -> Job:
-        row = self._db().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self.db.one("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if row is None:
             raise NotFound(f"unknown training job {job_id!r}", field="job_id")
         return _job(row)
@@ -156,7 +132,7 @@ class JobStore:
                 raise InvalidArgument(f"unknown state {state!r}", field="state")
             sql += " AND state = ?"
             args.append(state)
-        rows = self._db().execute(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", (*args, page_size + 1)).fetchall()
+        rows = self.db.all(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", (*args, page_size + 1))
         jobs = [_job(r) for r in rows[:page_size]]
         token = ""
         if len(rows) > page_size:
@@ -165,8 +141,8 @@ class JobStore:
 
     def request_cancel(self, job_id: str) -> Job:
         """Queued jobs are cancelled at once; running ones by their worker within one optimizer step."""
-        with self._tx() as db:
-            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self.db.tx() as db:
+            row = db.one("SELECT state FROM jobs WHERE id = ?" + db.for_update, (job_id,))
             if row is None:
                 raise NotFound(f"unknown training job {job_id!r}", field="job_id")
             if row["state"] == "queued":
@@ -178,29 +154,30 @@ class JobStore:
         return self.get(job_id)
 
     def events(self, job_id: str, after_seq: int = -1) -> list[JobEvent]:
-        rows = self._db().execute("SELECT * FROM job_events WHERE job_id=? AND seq>? ORDER BY seq", (job_id, after_seq)).fetchall()
+        rows = self.db.all("SELECT * FROM job_events WHERE job_id=? AND seq>? ORDER BY seq", (job_id, after_seq))
         return [JobEvent(r["job_id"], r["seq"], r["time"], r["kind"], json.loads(r["payload"])) for r in rows]
 
     def counts_by_state(self) -> dict[str, int]:
-        rows = self._db().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        rows = self.db.all("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         counts = dict.fromkeys(STATES, 0)
-        counts.update({r[0]: r[1] for r in rows})
+        counts.update({r["state"]: r["n"] for r in rows})
         return counts
 
     # -- the worker's side ------------------------------------------------------------
     def claim(self, worker: str, stale_after: float = 60.0) -> Job | None:
         """Take the oldest queued job (first returning stale running jobs to the queue)."""
         now = time.time()
-        with self._tx() as db:
-            stale = db.execute(
-                "SELECT id FROM jobs WHERE state IN ('validating','running') AND (heartbeat_at IS NULL OR heartbeat_at < ?)",
+        with self.db.tx() as db:
+            stale = db.all(
+                "SELECT id FROM jobs WHERE state IN ('validating','running') AND (heartbeat_at IS NULL OR heartbeat_at < ?)" + db.skip_locked,
                 (now - stale_after,),
-            ).fetchall()
+            )
             for r in stale:
                 db.execute("UPDATE jobs SET state='queued', worker='' WHERE id=?", (r["id"],))
                 self._event(db, r["id"], "warning", {"message": "its worker stopped; resuming from the last checkpoint"}, now)
                 self._event(db, r["id"], "state", {"state": "queued"}, now)
-            row = db.execute("SELECT id FROM jobs WHERE state='queued' AND cancel_requested=0 ORDER BY created_at, id LIMIT 1").fetchone()
+            # PostgreSQL: workers skip a row another worker is claiming instead of queueing on it
+            row = db.one("SELECT id FROM jobs WHERE state='queued' AND cancel_requested=0 ORDER BY created_at, id LIMIT 1" + db.skip_locked)
             if row is None:
                 return None
             db.execute("UPDATE jobs SET state='validating', worker=?, heartbeat_at=?, attempts=attempts+1, "
@@ -213,9 +190,9 @@ class JobStore:
         job is no longer this worker's (requeued after a stall) or a cancel was requested."""
         fields["heartbeat_at"] = time.time()
         cols = ", ".join(f"{k}=?" for k in fields)
-        with self._tx() as db:
+        with self.db.tx() as db:
             cur = db.execute(f"UPDATE jobs SET {cols} WHERE id=? AND worker=?", (*fields.values(), job_id, worker))
-            row = db.execute("SELECT cancel_requested FROM jobs WHERE id=?", (job_id,)).fetchone()
+            row = db.one("SELECT cancel_requested FROM jobs WHERE id=?", (job_id,))
         return cur.rowcount == 1 and not row["cancel_requested"]
 
     def set_state(self, job_id: str, worker: str, state: str, **fields) -> None:
@@ -225,7 +202,7 @@ class JobStore:
             fields.setdefault("finished_at", now)
             fields["estimated_finish_at"] = None
         cols = ", ".join(f"{k}=?" for k in ("state", *fields))
-        with self._tx() as db:
+        with self.db.tx() as db:
             db.execute(f"UPDATE jobs SET {cols} WHERE id=? AND worker=?", (state, *fields.values(), job_id, worker))
             payload = {"state": state}
             if fields.get("error_message"):
@@ -233,16 +210,18 @@ class JobStore:
             self._event(db, job_id, "state", payload, now)
 
     def add_event(self, job_id: str, kind: str, payload: dict) -> None:
-        with self._tx() as db:
+        with self.db.tx() as db:
             self._event(db, job_id, kind, payload, time.time())
 
     @staticmethod
-    def _event(db: sqlite3.Connection, job_id: str, kind: str, payload: dict, now: float) -> None:
-        seq = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM job_events WHERE job_id=?", (job_id,)).fetchone()[0]
-        db.execute("INSERT INTO job_events VALUES (?,?,?,?,?)", (job_id, seq, now, kind, json.dumps(payload)))
+    def _event(db: SqlDb, job_id: str, kind: str, payload: dict, now: float) -> None:
+        if db.postgres:  # the job's row serialises its event numbering across connections
+            db.execute("SELECT id FROM jobs WHERE id=? FOR UPDATE", (job_id,))
+        seq = db.one("SELECT COALESCE(MAX(seq), -1) + 1 AS seq FROM job_events WHERE job_id=?", (job_id,))["seq"]
+        db.execute("INSERT INTO job_events (job_id, seq, time, kind, payload) VALUES (?,?,?,?,?)", (job_id, seq, now, kind, json.dumps(payload)))
 
 
-def _job(row: sqlite3.Row) -> Job:
+def _job(row: dict) -> Job:
     d = dict(row)
     d["spec"] = json.loads(d["spec"])
     d["cancel_requested"] = bool(d["cancel_requested"])

@@ -14,16 +14,14 @@ import base64
 import json
 import re
 import shutil
-import sqlite3
-import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from ..errors import HotswapError, InvalidArgument, NotFound
+from ..sqldb import SqlDb
 from .peft_files import CONFIG, PICKLES, WEIGHTS
 from .weights import Adapter, LoraWeights
 
@@ -38,9 +36,9 @@ CREATE TABLE IF NOT EXISTS adapters (
     rank INTEGER NOT NULL,
     target_modules TEXT NOT NULL,
     num_virtual_tokens INTEGER NOT NULL,
-    size_bytes INTEGER NOT NULL,
+    size_bytes BIGINT NOT NULL,
     base_fingerprint TEXT NOT NULL,
-    created_at REAL NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
     source_uri TEXT NOT NULL,
     labels TEXT NOT NULL,
     PRIMARY KEY (name, version)
@@ -110,40 +108,14 @@ def describe(adapter: Adapter) -> dict:
 
 
 class AdapterRegistry:
-    """SQLite metadata + a folder of adapter files. Safe from any thread and from
-    several processes sharing the same files."""
+    """Metadata in SQLite (a file path) or PostgreSQL (a postgresql:// URL) + a folder of
+    adapter files. Safe from any thread and from several processes sharing both."""
 
-    def __init__(self, db_path: str | Path, store_dir: str | Path) -> None:
-        self.db_path = Path(db_path)
+    def __init__(self, db: str | Path, store_dir: str | Path) -> None:
+        self.db = SqlDb(db)
         self.store = Path(store_dir).resolve()
         self.store.mkdir(parents=True, exist_ok=True)
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._db().executescript(_SCHEMA)  # IF NOT EXISTS: safe when several processes start together
-
-    # -- connections ---------------------------------------------------------------
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA busy_timeout=30000")
-            db.row_factory = sqlite3.Row
-            self._local.db = db
-        return db
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; IMMEDIATE takes the write lock up front so two
-        registrations of one name cannot both pick the same version."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        self.db.script(_SCHEMA)  # IF NOT EXISTS: safe when several processes start together
 
     # -- writes --------------------------------------------------------------------
     def register(
@@ -167,9 +139,10 @@ class AdapterRegistry:
                 if e.field == "path":
                     e.field = "source_uri"
                 raise
-            with self._tx() as db:
-                row = db.execute("SELECT next_version FROM adapter_names WHERE name = ?", (name,)).fetchone()
-                version = row[0] if row else 1
+            with self.db.tx() as db:
+                # The name's row is the lock two registrations of one name queue on.
+                db.execute("INSERT INTO adapter_names (name, next_version) VALUES (?, 1) ON CONFLICT (name) DO NOTHING", (name,))
+                version = db.one("SELECT next_version FROM adapter_names WHERE name = ?" + db.for_update, (name,))["next_version"]
                 final = self.store / name / str(version)
                 if final.exists():  # left by a crash between rename and commit
                     shutil.rmtree(final)
@@ -177,12 +150,13 @@ class AdapterRegistry:
                 staging.rename(final)
                 try:
                     db.execute(
-                        "INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        "INSERT INTO adapters (name, version, peft_type, rank, target_modules, num_virtual_tokens, size_bytes, "
+                        "base_fingerprint, created_at, source_uri, labels) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                         (name, version, info["peft_type"], info["rank"], json.dumps(info["target_modules"]),
                          info["num_virtual_tokens"], info["size_bytes"], base_fingerprint, time.time(),
                          source_uri, json.dumps(labels)),
                     )
-                    db.execute("INSERT OR REPLACE INTO adapter_names VALUES (?, ?)", (name, version + 1))
+                    db.execute("UPDATE adapter_names SET next_version = ? WHERE name = ?", (version + 1, name))
                 except BaseException:
                     shutil.rmtree(final, ignore_errors=True)
                     raise
@@ -193,12 +167,12 @@ class AdapterRegistry:
     def delete(self, adapter_id: str) -> list[AdapterRecord]:
         """"name@v" deletes that version, "name" every version. Returns what was deleted."""
         name, version = parse_adapter_id(adapter_id)
-        with self._tx() as db:
+        with self.db.tx() as db:
             if version is None:
-                rows = db.execute("SELECT * FROM adapters WHERE name = ?", (name,)).fetchall()
+                rows = db.all("SELECT * FROM adapters WHERE name = ?", (name,))
                 db.execute("DELETE FROM adapters WHERE name = ?", (name,))
             else:
-                rows = db.execute("SELECT * FROM adapters WHERE name = ? AND version = ?", (name, version)).fetchall()
+                rows = db.all("SELECT * FROM adapters WHERE name = ? AND version = ?", (name, version))
                 db.execute("DELETE FROM adapters WHERE name = ? AND version = ?", (name, version))
         if not rows:
             raise NotFound(f"unknown adapter {adapter_id!r}", field="adapter_id")
@@ -211,11 +185,10 @@ class AdapterRegistry:
     def get(self, adapter_id: str) -> AdapterRecord:
         """Resolve "name" (latest version) or "name@v"."""
         name, version = parse_adapter_id(adapter_id)
-        db = self._db()
         if version is None:
-            row = db.execute("SELECT * FROM adapters WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)).fetchone()
+            row = self.db.one("SELECT * FROM adapters WHERE name = ? ORDER BY version DESC LIMIT 1", (name,))
         else:
-            row = db.execute("SELECT * FROM adapters WHERE name = ? AND version = ?", (name, version)).fetchone()
+            row = self.db.one("SELECT * FROM adapters WHERE name = ? AND version = ?", (name, version))
         if row is None:
             raise NotFound(f"unknown adapter {adapter_id!r}", field="adapter_id")
         return self._record(row)
@@ -238,7 +211,7 @@ class AdapterRegistry:
             check_adapter_name(name)
             sql += " AND name = ?"
             args.append(name)
-        rows = self._db().execute(sql + " ORDER BY name, version LIMIT ?", (*args, page_size + 1)).fetchall()
+        rows = self.db.all(sql + " ORDER BY name, version LIMIT ?", (*args, page_size + 1))
         records = [self._record(r) for r in rows[:page_size]]
         token = ""
         if len(rows) > page_size:
@@ -247,10 +220,10 @@ class AdapterRegistry:
         return records, token
 
     def ids(self) -> list[str]:
-        rows = self._db().execute("SELECT name, version FROM adapters ORDER BY name, version").fetchall()
-        return [f"{n}@{v}" for n, v in rows]
+        rows = self.db.all("SELECT name, version FROM adapters ORDER BY name, version")
+        return [f"{r['name']}@{r['version']}" for r in rows]
 
-    def _record(self, row: sqlite3.Row) -> AdapterRecord:
+    def _record(self, row: dict) -> AdapterRecord:
         path = (self.store / row["name"] / str(row["version"])).resolve()
         if self.store not in path.parents:  # names are checked on the way in; this guards a hand-edited database
             raise InvalidArgument(f"adapter {row['name']!r} points outside the store", field="adapter_id")
