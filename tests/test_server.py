@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 import urllib.request
@@ -25,18 +24,12 @@ from hotswap.client import (
 )
 from hotswap.v1 import inference_pb2, inference_pb2_grpc, tuner_pb2, tuner_pb2_grpc
 from peft_fixtures import save_adapter
+from s3_server import MotoS3
 from server_process import ServerProcess
 from test_engine_fidelity import reference
 from tools import ROOT, node_modules, promtool
 
 NEW = 6
-S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,30 +45,20 @@ def adapters(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def s3(adapters):
     """A local S3 (moto's server) holding the LoRA adapter under s3://adapters/lora/."""
-    import boto3
-
-    port = free_port()
-    proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
+    moto = MotoS3().start()
     try:
-        s3c = boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in S3_ENV.items() if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1")
-        for _ in range(100):
-            try:
-                s3c.create_bucket(Bucket="adapters")
-                break
-            except Exception:  # noqa: BLE001 - still starting
-                time.sleep(0.1)
+        s3c = moto.client()
+        s3c.create_bucket(Bucket="adapters")
         for f in adapters["lora"].iterdir():
             s3c.upload_file(str(f), "adapters", f"lora/{f.name}")
-        yield endpoint
+        yield moto
     finally:
-        proc.kill()
-        proc.wait()
+        moto.stop()
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory, s3):
-    env = {**S3_ENV, "FSSPEC_S3_ENDPOINT_URL": s3}
+    env = s3.env
     with ServerProcess(tiny_checkpoints["llama"], tmp_path_factory.mktemp("server-data"), env=env) as srv:
         yield srv
 

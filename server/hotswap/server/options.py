@@ -46,7 +46,8 @@ class ServerOptions:
     # adapters
     data_dir: str = _opt(_data_dir(), "holds the registry database and the adapter store unless those are set")
     registry_db: str = _opt("", "adapter registry: a SQLite file, or a postgresql:// URL when several nodes write (default: DATA_DIR/registry.sqlite)")
-    adapter_store: str = _opt("", "folder of registered adapter files (default: DATA_DIR/adapters)")
+    adapter_store: str = _opt("", "registered adapter files: a folder, or an fsspec URL such as s3://bucket/adapters shared by several nodes (default: DATA_DIR/adapters)")
+    adapter_cache_dir: str = _opt("", "node-local copy of a remote adapter store (default: DATA_DIR/adapter-cache)")
     adapter_device_cache_mb: int = _opt(512, "byte budget of adapters on the device, MiB")
     adapter_host_cache_mb: int = _opt(2048, "byte budget of adapters in host RAM, MiB")
     max_lora_rank: int = _opt(64, "LoRA adapters of a higher rank are refused")
@@ -110,8 +111,12 @@ class ServerOptions:
         return Path(self.data_dir) / "uploads"
 
     @property
-    def store_path(self) -> Path:
-        return Path(self.adapter_store or Path(self.data_dir) / "adapters")
+    def store_path(self) -> str:
+        return self.adapter_store or str(Path(self.data_dir) / "adapters")
+
+    @property
+    def adapter_cache_path(self) -> str:
+        return self.adapter_cache_dir or str(Path(self.data_dir) / "adapter-cache")
 
 
 def _env_name(name: str) -> str:

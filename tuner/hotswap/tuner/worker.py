@@ -27,7 +27,7 @@ def worker_id() -> str:
 
 def serve(opts: ServerOptions, stop: threading.Event, poll_seconds: float = 1.0) -> None:
     store = JobStore(opts.jobs_path)
-    registry = AdapterRegistry(opts.registry_path, opts.store_path)
+    registry = AdapterRegistry(opts.registry_path, opts.store_path, opts.adapter_cache_path)
     me = worker_id()
     print(f"hotswap-tuner: worker {me} waiting for jobs", flush=True)
     while not stop.is_set():

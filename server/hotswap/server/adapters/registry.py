@@ -107,15 +107,30 @@ def describe(adapter: Adapter) -> dict:
                 num_virtual_tokens=adapter.num_virtual_tokens, size_bytes=adapter.nbytes)
 
 
-class AdapterRegistry:
-    """Metadata in SQLite (a file path) or PostgreSQL (a postgresql:// URL) + a folder of
-    adapter files. Safe from any thread and from several processes sharing both."""
+def is_remote(store: str | Path) -> bool:
+    return "://" in str(store) and not str(store).startswith("file://")
 
-    def __init__(self, db: str | Path, store_dir: str | Path) -> None:
+
+class AdapterRegistry:
+    """Metadata in SQLite (a file path) or PostgreSQL (a postgresql:// URL) + adapter files
+    in a local folder, or on object storage (any fsspec URL, e.g. s3://bucket/adapters)
+    with a node-local cache. Safe from any thread and from several processes or nodes."""
+
+    def __init__(self, db: str | Path, store_dir: str | Path, cache_dir: str | Path | None = None) -> None:
         self.db = SqlDb(db)
-        self.store = Path(store_dir).resolve()
+        self.remote = str(store_dir).rstrip("/") if is_remote(store_dir) else None
+        if self.remote and cache_dir is None:
+            raise InvalidArgument("an object-storage adapter store needs a local cache folder", field="adapter_cache_dir")
+        local = cache_dir if self.remote else str(store_dir).removeprefix("file://")
+        self.store = Path(local).resolve()
+        """Local files: the store itself, or the node-local cache of a remote store."""
         self.store.mkdir(parents=True, exist_ok=True)
         self.db.script(_SCHEMA)  # IF NOT EXISTS: safe when several processes start together
+
+    def _fs(self):
+        import fsspec
+
+        return fsspec.core.url_to_fs(self.remote)[0]
 
     # -- writes --------------------------------------------------------------------
     def register(
@@ -149,6 +164,10 @@ class AdapterRegistry:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 staging.rename(final)
                 try:
+                    if self.remote:  # published before the row that makes it visible
+                        fs = self._fs()
+                        for f in (CONFIG, WEIGHTS):
+                            fs.put_file(str(final / f), f"{self.remote}/{name}/{version}/{f}")
                     db.execute(
                         "INSERT INTO adapters (name, version, peft_type, rank, target_modules, num_virtual_tokens, size_bytes, "
                         "base_fingerprint, created_at, source_uri, labels) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -179,6 +198,8 @@ class AdapterRegistry:
         records = [self._record(r) for r in rows]
         for r in records:
             shutil.rmtree(r.path, ignore_errors=True)
+            if self.remote:
+                self._fs().rm(f"{self.remote}/{r.name}/{r.version}", recursive=True)
         return records
 
     # -- reads -----------------------------------------------------------------------
@@ -194,7 +215,20 @@ class AdapterRegistry:
         return self._record(row)
 
     def path(self, adapter_id: str) -> Path:
-        return self.get(adapter_id).path
+        """The adapter's local folder; from a remote store, fetched into the node cache once."""
+        record = self.get(adapter_id)
+        if self.remote and not (record.path / WEIGHTS).is_file():
+            tmp = self.store / ".staging" / uuid.uuid4().hex
+            try:
+                fetch_adapter_files(f"{self.remote}/{record.name}/{record.version}", tmp)
+                record.path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    tmp.rename(record.path)
+                except OSError:  # another thread or process of this node got there first
+                    pass
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return record.path
 
     def list(self, page_size: int = 100, page_token: str = "", name: str = "") -> tuple[list[AdapterRecord], str]:
         """A page ordered by (name, version) and the token of the next page ("" at the end)."""

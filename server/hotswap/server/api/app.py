@@ -96,7 +96,7 @@ class Server:
 
     def _load(self) -> ServingCore:
         opts = self.opts
-        registry = AdapterRegistry(opts.registry_path, opts.store_path)
+        registry = AdapterRegistry(opts.registry_path, opts.store_path, opts.adapter_cache_path)
         core = ServingCore.from_config(opts.model_config(), opts.engine_config(), opts.cache_config(), registry)
         # Warm-up: the first forward allocates and picks kernels; do it before SERVING.
         warm = core.generate(GenerateRequest(prompt="Hello", params=SamplingParams(max_new_tokens=2)), timeout=600)
