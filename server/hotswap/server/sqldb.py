@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,8 +38,17 @@ class SqlDb:
                 conn = psycopg.connect(self.target, autocommit=True, row_factory=dict_row)
             else:
                 conn = sqlite3.connect(self.target, timeout=30, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA busy_timeout=30000")
+                # Switching a new file to WAL needs an exclusive lock and SQLite reports
+                # "locked" at once (no busy wait) when another connection is doing the same.
+                for attempt in range(100):
+                    try:
+                        conn.execute("PRAGMA journal_mode=WAL")
+                        break
+                    except sqlite3.OperationalError:
+                        if attempt == 99:
+                            raise
+                        time.sleep(0.05)
                 conn.row_factory = sqlite3.Row
             self._local.conn = conn
         return conn
