@@ -147,3 +147,25 @@ def test_compose_and_dockerfiles_are_consistent():
         entry = json.loads(re.search(r"^ENTRYPOINT (.+)$", final, re.M)[1])
         assert entry[0] in scripts
         assert 'VOLUME ["/data", "/cache"]' in final and "HOTSWAP_DATA_DIR=/data" in final
+
+
+def test_the_rayservice_points_at_our_ray_app_with_real_options():
+    import importlib
+
+    from hotswap.server.options import options_from_dict
+
+    doc = yaml.safe_load((DEPLOY / "ray" / "rayservice.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
+    serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    for func in serve_config["grpc_options"]["grpc_servicer_functions"]:
+        module, attr = func.rsplit(".", 1)
+        assert callable(getattr(importlib.import_module(module), attr))
+    (app,) = serve_config["applications"]
+    module, attr = app["import_path"].split(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    args = dict(app["args"])
+    for k in ("num_replicas", "adapters_per_replica", "num_cpus", "num_gpus"):
+        args.pop(k, None)
+    options_from_dict(args)  # every other key is a real server option
+    workers = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert all(w["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1 for w in workers)

@@ -186,3 +186,20 @@ def parse_options(argv: list[str] | None = None, environ: dict[str, str] | None 
         return ServerOptions(**values)
     except InvalidArgument as e:
         ap.error(str(e))
+
+
+def options_from_dict(values: dict) -> ServerOptions:
+    """ServerOptions from a mapping whose values may be strings (e.g. `serve run ... key=value`)."""
+    fields = {f.name: f for f in dataclasses.fields(ServerOptions)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise InvalidArgument(f"unknown option(s) {', '.join(unknown)}", field=unknown[0])
+    typed = {}
+    for name, value in values.items():
+        f = fields[name]
+        if isinstance(value, str) and f.type in ("bool", bool):
+            value = _parse_bool(value)
+        elif isinstance(value, str):
+            value = _type_of(f)(value)
+        typed[name] = value
+    return ServerOptions(**typed)
