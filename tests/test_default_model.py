@@ -45,3 +45,14 @@ def test_default_model_mixed_batch_matches_peft(default_model_cache, tmp_path):
         if not a:
             base_texts.add(r.text)
     assert any("Paris" in t for t in base_texts)
+
+
+@pytest.mark.slow
+def test_the_demo_serves_a_mixed_batch(default_model_cache, capsys):
+    from hotswap.server.demo import main
+
+    main(["--cache-dir", str(default_model_cache[0]), "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    for name in ("pirate-prompt@1", "french-prefix@1", "noisy-lora@1"):
+        assert f"registered {name}" in out
+    assert "8 requests, 8 in one continuous batch" in out and out.count(" tokens, ") == 8

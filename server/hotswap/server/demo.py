@@ -79,18 +79,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quantization", default="none", choices=["none", "nf4", "int8"])
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--cache-dir", type=Path, default=None, help="where a GGUF model is converted once (default ~/.cache/hotswap)")
     args = ap.parse_args(argv)
 
     t0 = time.monotonic()
     core = ServingCore.from_config(
-        ModelConfig(source=args.model, quantization=args.quantization, dtype=args.dtype),
+        ModelConfig(source=args.model, quantization=args.quantization, dtype=args.dtype,
+                    **({"cache_dir": args.cache_dir} if args.cache_dir else {})),
         EngineConfig(max_batch_size=16, max_seq_len=1024),
     )
     print(f"loaded {core.loaded.checkpoint_dir} ({args.quantization}, {core.loaded.dtype}) in {time.monotonic() - t0:.1f}s")
     with core, tempfile.TemporaryDirectory() as tmp:
         for adapter_id, path in make_demo_adapters(core, Path(tmp)).items():
             a = core.register_adapter(adapter_id, path)
-            print(f"registered {adapter_id}: {a.peft_type}, {a.nbytes / 1e6:.2f} MB")
+            print(f"registered {a.id}: {a.peft_type}, {a.size_bytes / 1e6:.2f} MB")
         questions = ["What is the capital of France?", "How do I boil an egg?"]
         params = SamplingParams(max_new_tokens=args.max_new_tokens)
         jobs = [(a, q) for q in questions for a in ("", "pirate-prompt", "french-prefix", "noisy-lora")]
