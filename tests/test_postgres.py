@@ -96,7 +96,10 @@ def test_concurrent_worker_processes_never_run_a_job_twice(postgres):
 
 
 def test_server_and_tuner_on_postgres(postgres, lora, tiny_checkpoints, tmp_path):
-    stores = ["--registry-db", postgres.new_database(), "--jobs-db", postgres.new_database()]
+    import psycopg
+
+    registry_url, jobs_url = postgres.new_database(), postgres.new_database()
+    stores = ["--registry-db", registry_url, "--jobs-db", jobs_url]
     with ServerProcess(tiny_checkpoints["llama"], tmp_path / "data", *stores, "--tuner-workers", "1") as srv, Client(srv.target) as c:
         assert c.register_adapter("pg-lora", str(lora)).id == "pg-lora@1"
         assert c.generate("hello", adapter="pg-lora", max_new_tokens=3, ignore_eos=True).generated_tokens == 3
@@ -105,3 +108,9 @@ def test_server_and_tuner_on_postgres(postgres, lora, tiny_checkpoints, tmp_path
         assert done.state == "succeeded" and done.adapter_id == "pg-trained@1", done.error_message
         assert c.generate("hello", adapter="pg-trained", max_new_tokens=2, ignore_eos=True).adapter_id == "pg-trained@1"
         assert {a.id for a in c.list_adapters()} == {"pg-lora@1", "pg-trained@1"}
+    # the rows really live in PostgreSQL, and nothing fell back to a SQLite file
+    with psycopg.connect(registry_url) as db:
+        assert sorted(r[0] for r in db.execute("SELECT name FROM adapters")) == ["pg-lora", "pg-trained"]
+    with psycopg.connect(jobs_url) as db:
+        assert db.execute("SELECT state FROM jobs").fetchall() == [("succeeded",)]
+    assert not list((tmp_path / "data").glob("*.sqlite"))

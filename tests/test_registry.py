@@ -142,3 +142,10 @@ def test_a_hand_edited_row_cannot_point_outside_the_store(base, saved, tmp_path)
         db.execute("UPDATE adapters SET name = '../../etc' WHERE name = 'fine'")
     with pytest.raises(InvalidArgument, match="outside the store"):
         reg.list()
+
+
+def test_a_database_url_is_never_mistaken_for_a_file(tmp_path):
+    for bad in ("postgresql:/user@host/db", "mysql://user@host/db"):  # e.g. a URL squashed by Path()
+        with pytest.raises(InvalidArgument, match="postgresql://"):
+            AdapterRegistry(bad, tmp_path / "store")
+    assert not any(p.name.startswith(("postgresql", "mysql")) for p in tmp_path.rglob("*"))

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import InvalidArgument
+
 
 def is_postgres(target: str | Path) -> bool:
     return str(target).startswith(("postgresql://", "postgres://"))
@@ -20,6 +22,9 @@ class SqlDb:
     def __init__(self, target: str | Path) -> None:
         self.target = str(target)
         self.postgres = is_postgres(target)
+        if not self.postgres and ("://" in self.target or self.target.startswith(("postgresql:", "postgres:"))):
+            # e.g. a URL squashed by Path() ("postgresql:/…"): never silently make a SQLite file of it
+            raise InvalidArgument(f"{self.target!r}: give a SQLite file path or a postgresql:// URL", field="database")
         if not self.postgres:
             Path(self.target).parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
