@@ -255,3 +255,42 @@ def test_early_stopping_registers_the_best_checkpoint_by_eval_loss(tiny_checkpoi
     best = load_file(tmp_path / "jobs" / job.id / "checkpoints" / f"checkpoint-{best_step}" / "adapter_model.safetensors")
     registered = load_file(reg.path(done.adapter_id) / "adapter_model.safetensors")
     assert best.keys() == registered.keys() and all(torch.equal(best[k], registered[k]) for k in best)
+
+
+def test_a_stopping_worker_hands_its_job_back_at_a_fresh_checkpoint(tiny_checkpoints, tmp_path):
+    """SIGTERM (a rollout, a scale-down): the worker checkpoints at the end of its step,
+    requeues the job and exits 0; the next worker resumes from exactly that step."""
+    data = tmp_path / "data"
+    common = ["--model", str(tiny_checkpoints["llama"]), "--data-dir", str(data), "--device", "cpu", "--dtype", "float32"]
+
+    def worker() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "hotswap.tuner.worker", *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    with ServerProcess(tiny_checkpoints["llama"], data) as srv, Client(srv.target) as c:
+        first = worker()
+        try:
+            job = c.train_adapter("handed-back", "lora", examples=EXAMPLES, epochs=500, batch_size=2)
+            for ev in c.watch_training_job(job.id, timeout=300):
+                if ev.kind == "step" and ev.metrics["step"] >= 3:
+                    first.send_signal(signal.SIGTERM)
+                    break
+            assert first.wait(60) == 0
+        finally:
+            first.kill()
+        back = c.get_training_job(job.id)
+        assert back.state == "queued" and back.step >= 3
+        second = worker()
+        try:
+            for ev in c.watch_training_job(job.id, timeout=300):
+                if ev.kind == "warning" and ev.message.startswith("resuming from"):
+                    resumed = ev.message
+                if ev.kind == "step" and ev.metrics["step"] > back.step:
+                    break
+            c.cancel_training_job(job.id)
+            events = list(c.watch_training_job(job.id, timeout=120))
+        finally:
+            second.kill()
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert f"the worker stopped; resumes from checkpoint-{back.step}" in warnings
+    assert resumed == f"resuming from checkpoint-{back.step}"
+    assert events[-1].job.state == "cancelled"

@@ -209,6 +209,16 @@ class JobStore:
                 payload |= {"error_code": fields.get("error_code", ""), "error_message": fields["error_message"]}
             self._event(db, job_id, "state", payload, now)
 
+    def requeue(self, job_id: str, worker: str, reason: str) -> None:
+        """The worker hands its job back (shutting down): another worker resumes it now,
+        without waiting for the heartbeat to go stale."""
+        now = time.time()
+        with self.db.tx() as db:
+            cur = db.execute("UPDATE jobs SET state='queued', worker='', estimated_finish_at=NULL WHERE id=? AND worker=?", (job_id, worker))
+            if cur.rowcount == 1:
+                self._event(db, job_id, "warning", {"message": reason}, now)
+                self._event(db, job_id, "state", {"state": "queued"}, now)
+
     def add_event(self, job_id: str, kind: str, payload: dict) -> None:
         with self.db.tx() as db:
             self._event(db, job_id, kind, payload, time.time())

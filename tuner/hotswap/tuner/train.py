@@ -38,6 +38,10 @@ class Cancelled(Exception):
     pass
 
 
+class Interrupted(Exception):
+    """The worker is stopping (SIGTERM): the job goes back to the queue at a checkpoint."""
+
+
 def peft_config(spec: TrainSpec, loaded: LoadedModel):
     hp, task = spec.hyperparameters, "CAUSAL_LM"
     if spec.method in ("lora", "qlora"):
@@ -75,9 +79,10 @@ class Collator:
 class Progress(TrainerCallback):
     """Trainer events → job events and job fields; also where a cancel is noticed."""
 
-    def __init__(self, store: JobStore, job: Job, worker: str) -> None:
-        self.store, self.job, self.worker = store, job, worker
+    def __init__(self, store: JobStore, job: Job, worker: str, stop: threading.Event | None = None) -> None:
+        self.store, self.job, self.worker, self.stop = store, job, worker, stop
         self.cancelled = False
+        self.interrupted = False
         self._t = time.monotonic()
         self._tokens = 0
         self._step_times: list[float] = []
@@ -98,6 +103,10 @@ class Progress(TrainerCallback):
             self.cancelled = True
             control.should_training_stop = True
             control.should_save = False
+        elif self.stop is not None and self.stop.is_set():  # checkpoint here, then hand the job back
+            self.interrupted = True
+            control.should_training_stop = True
+            control.should_save = True
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = logs or {}
@@ -141,13 +150,16 @@ class Heartbeat:
 
 
 def run_job(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, model_cfg: ModelConfig,
-            max_lora_rank: int, work_dir: Path) -> None:
-    """Takes a claimed job (state validating) to succeeded, failed or cancelled."""
+            max_lora_rank: int, work_dir: Path, stop: threading.Event | None = None) -> None:
+    """Takes a claimed job (state validating) to succeeded, failed or cancelled — or, when
+    `stop` is set (the worker is shutting down), back to queued at a fresh checkpoint."""
     try:
         with Heartbeat(store, job.id, worker):
-            _run(job, store, worker, registry, model_cfg, max_lora_rank, work_dir / job.id)
+            _run(job, store, worker, registry, model_cfg, max_lora_rank, work_dir / job.id, stop)
     except Cancelled:
         store.set_state(job.id, worker, "cancelled")
+    except Interrupted as e:
+        store.requeue(job.id, worker, str(e))
     except HotswapError as e:
         store.set_state(job.id, worker, "failed", error_code=e.code, error_message=str(e))
     except Exception as e:  # noqa: BLE001 - a failed job must never take the worker down
@@ -156,7 +168,7 @@ def run_job(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, m
 
 
 def _run(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, model_cfg: ModelConfig,
-         max_lora_rank: int, job_dir: Path) -> None:
+         max_lora_rank: int, job_dir: Path, stop: threading.Event | None) -> None:
     spec = TrainSpec.from_dict(job.spec)
     hp = spec.hyperparameters
     quantization = "nf4" if spec.method == "qlora" else "none"
@@ -177,6 +189,8 @@ def _run(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, mode
     valid = prepare(spec.validation, "validation") if spec.validation else None
     if not store.update(job.id, worker):
         raise Cancelled()
+    if stop is not None and stop.is_set():
+        raise Interrupted("the worker stopped before training began")
 
     model = loaded.model
     if quantization != "none":
@@ -196,7 +210,7 @@ def _run(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, mode
         seed=hp.seed, data_seed=hp.seed, remove_unused_columns=False, report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, use_cpu=loaded.device.type == "cpu", include_num_input_tokens_seen="non_padding",
     )
-    progress = Progress(store, job, worker)
+    progress = Progress(store, job, worker, stop)
     callbacks = [progress]
     if valid and hp.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=hp.early_stopping_patience))
@@ -210,6 +224,8 @@ def _run(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, mode
     trainer.train(resume_from_checkpoint=resume)
     if progress.cancelled:
         raise Cancelled()
+    if progress.interrupted:
+        raise Interrupted(f"the worker stopped; resumes from checkpoint-{trainer.state.global_step}")
 
     final = job_dir / "adapter"
     model.save_pretrained(final)  # the best checkpoint when there is a validation set (load_best_model_at_end)

@@ -36,7 +36,7 @@ def serve(opts: ServerOptions, stop: threading.Event, poll_seconds: float = 1.0)
             stop.wait(poll_seconds)
             continue
         log.info("running %s (%s → %s)", job.id, job.method, job.adapter_name)
-        run_job(job, store, me, registry, opts.model_config(), opts.max_lora_rank, opts.jobs_dir)
+        run_job(job, store, me, registry, opts.model_config(), opts.max_lora_rank, opts.jobs_dir, stop)
         log.info("%s: %s", job.id, store.get(job.id).state)
 
 
@@ -64,11 +64,13 @@ def main(argv: list[str] | None = None) -> None:
     opts = parse_options(argv, prog="hotswap-tuner")
     logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
-    # Stopping is immediate: a job interrupted in any way (SIGTERM, SIGKILL, a crash)
-    # goes back to the queue once its heartbeat is stale and resumes from its last checkpoint.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+    # SIGTERM/SIGINT: the running job saves a checkpoint at the end of its current step
+    # and goes back to the queue for the next worker. (Killed outright, a job is requeued
+    # once its heartbeat is stale and resumes from its last periodic checkpoint.)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     serve(opts, stop)
+    sys.exit(0)
 
 
 if __name__ == "__main__":

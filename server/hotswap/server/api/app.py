@@ -146,8 +146,11 @@ class Server:
             await asyncio.wait([load])  # a model load cannot be interrupted; let it finish, then close
         if load.done() and not load.cancelled() and load.exception() is None:
             load.result().close()
-        for w in self.workers:
-            w.wait(30)
+        for w in self.workers:  # each saves a checkpoint at the end of its step and requeues its job
+            try:
+                w.wait(60)
+            except subprocess.TimeoutExpired:
+                w.kill()  # its job resumes from the last periodic checkpoint instead
         print("hotswap: stopped", flush=True)
         return 0
 
