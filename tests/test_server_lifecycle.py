@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -47,6 +48,10 @@ def test_starting_serving_draining_and_restart(tiny_checkpoints, lora, tmp_path)
             with pytest.raises(grpc.RpcError) as e:
                 inference_pb2_grpc.InferenceServiceStub(ch).Generate(inference_pb2.GenerateRequest(prompt="hi"), timeout=10)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "starting" in e.value.details()
+        with Client(srv.target, timeout=30) as c, pytest.raises(Unavailable, match="starting"):
+            c.generate("hi")  # the SDK retries UNAVAILABLE (grpc's retry policy: 5 attempts) before giving up
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+        assert 'hotswap_request_failures_total{code="UNAVAILABLE"} 6.0' in metrics  # 1 raw call + 5 SDK attempts
         lock.execute("ROLLBACK")
         lock.close()
         srv.wait_serving()
