@@ -4,18 +4,26 @@ the rules and config, and the compose file and Dockerfiles checked for consisten
 from __future__ import annotations
 
 import json
+import math
 import re
+import socket
 import subprocess
 import sys
+import time
 import tomllib
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
 from hotswap.client import Client, NotFound
 from hotswap.server.options import parse_options
+from peft_fixtures import save_adapter
 from server_process import ServerProcess
 from tools import ROOT, promtool
 
@@ -92,12 +100,30 @@ def rule_exprs() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def live_scrape(tiny_checkpoints, tmp_path_factory) -> str:
-    with ServerProcess(tiny_checkpoints["llama"], tmp_path_factory.mktemp("deploy-data")) as srv, Client(srv.target) as c:
-        c.generate("hello", max_new_tokens=3)
-        with pytest.raises(NotFound):
-            c.generate("hello", adapter="absent")
-        return urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+def live_server(tiny_checkpoints, tmp_path_factory):
+    """A real server that has seen traffic: the base, a LoRA adapter (a cold load, then hits)
+    and a request for an adapter that does not exist."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32)
+    lora = save_adapter(model, "lora", tmp_path_factory.mktemp("deploy-adapter") / "lora")
+    with ServerProcess(tiny_checkpoints["llama"], tmp_path_factory.mktemp("deploy-data")) as srv:
+        with Client(srv.target) as c:
+            c.register_adapter("lora", str(lora))
+            traffic(c)
+            with pytest.raises(NotFound):
+                c.generate("hello", adapter="absent")
+        yield srv
+
+
+def traffic(c: Client) -> None:
+    """Base rows, a cold adapter load (unloaded first) and a cache hit."""
+    c.unload_adapter("lora")
+    for adapter in ("", "lora", "lora"):
+        c.generate("hello", adapter=adapter, max_new_tokens=3)
+
+
+@pytest.fixture(scope="module")
+def live_scrape(live_server) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{live_server.metrics_port}/metrics", timeout=10).read().decode()
 
 
 def test_dashboard_and_rules_use_only_metrics_the_server_exports(live_scrape):
@@ -120,6 +146,77 @@ def test_promtool_checks_the_rules_and_the_config(tmp_path):
     (tmp_path / "prometheus.yml").write_text(config)
     r = subprocess.run([tool, "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_prometheus_scrapes_the_server_and_every_dashboard_query_evaluates(live_server, tmp_path):
+    """The real Prometheus (from the same Debian package as promtool) with compose's config
+    and rules, scraping a live server: the target is up, every rule evaluates, and every
+    dashboard query parses and returns a series once traffic has been scraped."""
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}  # seconds, not minutes, of test
+    config["rule_files"] = [str(DEPLOY / "prometheus" / "rules.yml")]
+    (job,) = config["scrape_configs"]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{live_server.metrics_port}"]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    exe = promtool().parent / "prometheus"
+    proc = subprocess.Popen([exe, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def api(path: str, **query) -> dict:
+        url = f"http://127.0.0.1:{port}/api/v1/{path}?{urllib.parse.urlencode(query)}"
+        try:
+            body = json.loads(urllib.request.urlopen(url, timeout=10).read())
+        except urllib.error.HTTPError as e:  # a query that does not parse: 400 with the reason
+            body = json.loads(e.read())
+        return body
+
+    def wait(what, ok, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                value = ok()
+                if value:
+                    return value
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, f"Prometheus: {what() if callable(what) else what}"
+            time.sleep(0.5)
+
+    try:
+        wait("target up", lambda: [t for t in api("targets")["data"]["activeTargets"] if t["health"] == "up"])
+        # rate() needs two samples of a counter that moved between them: traffic between scrapes.
+        with Client(live_server.target) as c:
+            for _ in range(3):
+                traffic(c)
+                time.sleep(1.5)
+        for expr in dashboard_exprs():
+            body = api("query", query=expr)
+            assert body["status"] == "success", (expr, body)
+
+        def blank() -> list[str]:  # no series, or NaN: a quantile over a window with no observations
+            return [e for e in dashboard_exprs()
+                    if not (r := api("query", query=e)["data"]["result"]) or any(math.isnan(float(s["value"][1])) for s in r)]
+        wait(lambda: f"dashboard queries with no value: {blank()}", lambda: not blank(), timeout=30)
+
+        def rules_evaluated():
+            rules = [r for g in api("rules")["data"]["groups"] for r in g["rules"]]
+            assert len(rules) == len(rule_exprs())
+            assert all(r["health"] != "err" for r in rules), [r for r in rules if r["health"] == "err"]
+            return all(r["health"] == "ok" for r in rules)
+        wait("every rule evaluated", rules_evaluated)
+        recorded = api("query", query="hotswap:generation_tokens:rate1m")["data"]["result"]
+        assert recorded and float(recorded[0]["value"][1]) > 0, recorded
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def test_compose_and_dockerfiles_are_consistent():
