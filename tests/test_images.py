@@ -101,8 +101,10 @@ def _build_base(c: Containers, work: Path) -> None:
     rootfs = work / "rootfs"
     _run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,python-is-python3,ca-certificates",
           "bookworm", rootfs, _debian_mirror()], timeout=900)
-    cafile = os.environ.get("PIP_CERT") or ssl.get_default_verify_paths().cafile
-    if cafile:
+    cafiles = [os.environ.get(v) for v in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")]
+    cafiles += [ssl.get_default_verify_paths().cafile, "/etc/ssl/certs/ca-certificates.crt"]
+    cafile = next((f for f in cafiles if f and Path(f).is_file()), None)
+    if cafile:  # the CAs this machine trusts (a TLS-inspecting proxy's among them) for pip in the build
         shutil.copy(cafile, rootfs / "etc/ssl/certs/ca-certificates.crt")
     ctr = c.buildah("from", "scratch")
     mnt = Path(c.buildah("mount", ctr))
