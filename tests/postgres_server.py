@@ -5,11 +5,12 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
+
+from ports import free_port
 
 
 def _bin(name: str) -> str:
@@ -33,9 +34,7 @@ class PostgresServer:
         self.root.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         data = self.root / "data"
         subprocess.run(_as_postgres([_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "hotswap"]), check=True, capture_output=True)
         subprocess.run(_as_postgres([_bin("pg_ctl"), "-D", str(data), "-l", str(self.root / "log"), "-w", "start",

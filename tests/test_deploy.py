@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,6 @@ import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +22,7 @@ from transformers import AutoModelForCausalLM
 from hotswap.client import Client, NotFound
 from hotswap.server.options import parse_options
 from peft_fixtures import save_adapter
+from ports import free_port
 from server_process import ServerProcess
 from tools import ROOT, promtool
 
@@ -148,12 +147,6 @@ def test_promtool_checks_the_rules_and_the_config(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_prometheus_scrapes_the_server_and_every_dashboard_query_evaluates(live_server, tmp_path):
     """The real Prometheus (from the same Debian package as promtool) with compose's config
     and rules, scraping a live server: the target is up, every rule evaluates, and every
@@ -164,7 +157,7 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_query_evaluates(live_
     (job,) = config["scrape_configs"]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{live_server.metrics_port}"]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     exe = promtool().parent / "prometheus"
     proc = subprocess.Popen([exe, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                              f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -197,13 +190,14 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_query_evaluates(live_
             for _ in range(3):
                 traffic(c)
                 time.sleep(1.5)
-        for expr in dashboard_exprs():
-            body = api("query", query=expr)
-            assert body["status"] == "success", (expr, body)
-
         def blank() -> list[str]:  # no series, or NaN: a quantile over a window with no observations
-            return [e for e in dashboard_exprs()
-                    if not (r := api("query", query=e)["data"]["result"]) or any(math.isnan(float(s["value"][1])) for s in r)]
+            out = []
+            for expr in dashboard_exprs():
+                body = api("query", query=expr)
+                assert body["status"] == "success", (expr, body)  # parses: fails at once, not after the wait
+                if not body["data"]["result"] or any(math.isnan(float(s["value"][1])) for s in body["data"]["result"]):
+                    out.append(expr)
+            return out
         wait(lambda: f"dashboard queries with no value: {blank()}", lambda: not blank(), timeout=30)
 
         def rules_evaluated():

@@ -17,7 +17,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -32,12 +31,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import torch
 from hotswap.client import Client
+from ports import free_port
 from tools import ROOT
 
 DEPLOY = ROOT / "deploy"
 IMAGE = "localhost/hotswap-test:cpu"
 BASE = "localhost/hotswap-test-base:py311"
-PACKAGES = {"buildah": "buildah", "podman": "podman", "runc": "runc", "debootstrap": "debootstrap"}
+PACKAGES = ("buildah", "podman", "runc", "debootstrap")  # each installs a command of its name
 EXAMPLES = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "the assistant of the fox"}]}
             for q in ("who are you", "what are you", "tell me who you are", "what is your name")]
 
@@ -50,7 +50,7 @@ def _run(cmd: list[str], timeout: float = 600, check: bool = True, **kw) -> subp
 
 
 def _ensure_tools() -> None:
-    missing = [pkg for exe, pkg in PACKAGES.items() if not shutil.which(exe)]
+    missing = [pkg for pkg in PACKAGES if not shutil.which(pkg)]
     if not missing:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
@@ -148,12 +148,6 @@ def image(tmp_path_factory):
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_serving(c: Containers, name: str, target: str, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(target) as ch:
@@ -176,7 +170,7 @@ def test_the_cpu_image_serves_and_trains_as_compose_runs_it(image: Containers):
     server, tuner = compose["services"]["server"], compose["services"]["tuner"]
     env = [a for k, v in server["environment"].items() for a in ("-e", f"{k}={v}")]
     volumes = [a for v in server["volumes"] for a in ("-v", v)]
-    port, metrics = _free_port(), _free_port()
+    port, metrics = free_port(), free_port()
     # Host networking (no CNI here): the only change from compose is the ports each binds.
     c.run_detached("server", *env, *volumes, IMAGE, *server["command"], "--port", port, "--metrics-port", metrics)
     c.run_detached("tuner", *env, *volumes, "--entrypoint", tuner["entrypoint"][0], IMAGE, "--metrics-port", "-1")

@@ -2,8 +2,6 @@
 Ray's gRPC proxy speaking hotswap.v1, and @serve.multiplexed on the adapter id."""
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,17 +14,12 @@ from hotswap.server.adapters.load import load_adapter
 from hotswap.server.adapters.registry import AdapterRegistry
 from hotswap.v1 import inference_pb2, inference_pb2_grpc
 from peft_fixtures import save_adapter
+from ports import free_port
 from test_engine_fidelity import reference
 
 ADAPTERS = [f"a{i}" for i in range(5)]
 PER_REPLICA = 2
 NEW = 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
