@@ -71,7 +71,8 @@ def test_exception_in_one_rows_adapter_fails_only_that_row(llama, adapter_paths)
         module.a = module.a[:, :-1]  # a shape the matmul rejects, as a corrupted device copy would
         jobs = [("lora-a", PROMPTS[0]), ("lora-c", PROMPTS[1]), ("prefix", PROMPTS[2]), ("", PROMPTS[3])]
         results = [s.result(60) for s in [core.submit(GenerateRequest(prompt_ids=p, adapter_id=a, params=GREEDY)) for a, p in jobs]]
-    assert results[1].finish_reason == FinishReason.ERROR and "forward" in str(results[1].error)
+    # Caught when its weights go into a LoRA slot, before any forward could mix it into other rows' tokens.
+    assert results[1].finish_reason == FinishReason.ERROR and "LoRA weights" in str(results[1].error)
     for (a, p), r in zip(jobs[::2] + jobs[3:], [results[0], results[2], results[3]]):
         assert r.error is None and r.token_ids == reference(llama, adapter_paths.get(a), p)[0], a
 
@@ -126,7 +127,7 @@ def test_cancel_mid_stream_frees_the_row_and_others_still_match(llama, adapter_p
         for event in victim:
             seen += len(event.token_ids)
             if seen == 3:
-                core.cancel(victim.request.request_id)
+                core.cancel(victim)
         res = victim.result()
         assert res.finish_reason == FinishReason.CANCELLED and 3 <= len(res.token_ids) < 100
         assert other.result(60).token_ids == reference(llama, adapter_paths["prefix"], PROMPTS[1])[0]

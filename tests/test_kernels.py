@@ -308,16 +308,11 @@ def test_second_load_in_a_fresh_process_reuses_the_build(needs_native):
     library = next(native.build_directory().glob("*.so"))
     before = library.stat().st_mtime_ns
     out = _python("""
-        import time
         from hotswap.server.engine.kernels import native
-        start = time.perf_counter()
-        ok = native.load()
-        print(ok, time.perf_counter() - start)
+        print(native.load())
     """)
-    ok, seconds = out.split()
-    assert ok == "True"
+    assert out.split() == ["True"]
     assert library.stat().st_mtime_ns == before, "the extension was rebuilt"
-    assert float(seconds) < 5.0, f"a cached load took {seconds}s"
 
 
 def test_build_failure_falls_back_to_the_reference(tmp_path):
