@@ -187,10 +187,10 @@ def lora_case(dtype, IN, OUT, slots, seed=0, R=32):
     ranks = torch.tensor([8, 16, 32, 5, 0, 20, 1, 32][: max(slots) + 1] or [8], dtype=torch.int32)
     S = ranks.numel()
     a = torch.randn(S, R, IN, generator=g) * IN**-0.5
-    b = torch.randn(S, OUT, R, generator=g) * R**-0.5
-    for s, r in enumerate(ranks.tolist()):  # a slot's unused rank rows/columns may hold anything
+    b = torch.randn(S, R, OUT, generator=g) * R**-0.5
+    for s, r in enumerate(ranks.tolist()):  # a slot's unused rank rows may hold anything
         a[s, r:] = float("nan")
-        b[s, :, r:] = float("nan")
+        b[s, r:] = float("nan")
     N = len(slots)
     x = torch.randn(N, IN, generator=g)
     # y is a slice of a wider fused output: rows are strided.
@@ -202,13 +202,13 @@ def lora_case(dtype, IN, OUT, slots, seed=0, R=32):
 def naive_lora(case):
     """Per token in float64: t = A[:rank] x, delta = B[:, :rank] t."""
     t = torch.zeros(len(case["slots"]), case["a"].shape[1], dtype=torch.float64)
-    delta = torch.zeros(len(case["slots"]), case["b"].shape[1], dtype=torch.float64)
+    delta = torch.zeros(len(case["slots"]), case["b"].shape[2], dtype=torch.float64)
     for i, s in enumerate(case["slots"].tolist()):
         if s < 0:
             continue
         r = int(case["ranks"][s])
         t[i, :r] = case["a"][s, :r].double() @ case["x"][i].double()
-        delta[i] = case["b"][s, :, :r].double() @ t[i, :r]
+        delta[i] = t[i, :r] @ case["b"][s, :r].double()
     return t, delta
 
 

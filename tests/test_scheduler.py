@@ -30,7 +30,8 @@ def prefix(adapter_id: str, nv: int) -> Adapter:
 
 
 def scheduler(blocks: int = 64, **cfg) -> Scheduler:
-    cfg = {"max_batch_size": 8, "max_tokens_per_step": 64, "block_size": BS, **cfg}
+    """Prompt chunks bounded by the token budget alone unless a test turns pacing on (see the pacing test)."""
+    cfg = {"max_batch_size": 8, "max_tokens_per_step": 64, "block_size": BS, "max_decode_slowdown": 0, **cfg}
     return Scheduler(EngineConfig(**cfg), KVBlockManager(blocks, BS), max_seq_len=256)
 
 
@@ -75,6 +76,45 @@ def test_long_prompt_is_chunked_and_decoding_rows_never_stall():
         assert out.num_tokens <= 16
     assert chunks == [14, 14, 12] and long.output_ids == [7]  # only the last chunk samples
     assert long.num_computed == 40 and len(long.block_ids) == 40 // BS
+
+
+def test_prompt_chunks_are_paced_by_measured_step_times():
+    """With rows decoding, a step carrying prompt tokens may take at most max_decode_slowdown × a
+    decode-only step: chunks shrink as the prompt's context (and so each token's cost) grows."""
+    s = scheduler(blocks=1024, max_batch_size=16, max_tokens_per_step=512, max_decode_slowdown=3.0)
+    decoding = [row(3, new=240, first=10 + i) for i in range(8)]
+    for r in decoding:
+        s.add(r)
+    step(s)
+    s.observe(step(s), 0.080)  # a decode-only step of 8 rows: 10 ms per row
+
+    def prefill(first: int) -> tuple[list[int], list[float]]:
+        long = row(250, new=1, first=first)
+        s.add(long)
+        chunks, seconds = [], []
+        while long.num_computed < 250:
+            start = long.num_computed
+            out = step(s)
+            chunk = next((x.num_tokens for x in out.scheduled if x.row is long), 0)
+            assert out.num_decoding == 8
+            # A "device" where a prompt token costs 1 ms plus 10 µs per position of context before it.
+            seconds.append(0.080 + chunk * (0.001 + 1e-5 * (start + chunk / 2)))
+            chunks.append(chunk)
+            s.observe(out, seconds[-1])
+        s.finish(long)
+        return chunks, seconds
+
+    chunks, _ = prefill(300)
+    # 2 × 80 ms of spare time per step: one block until a prompt token's cost is measured, then
+    # about 160 tokens, then fewer as the fit learns that context makes each token dearer.
+    assert chunks[0] == BS and 150 <= chunks[1] <= 160 and chunks[2] < chunks[1]
+    # The next prompt is paced by what the first taught: no step goes past 3 × the decode-only 80 ms.
+    chunks, seconds = prefill(600)
+    assert chunks[-1] < chunks[0] and max(seconds) <= 3.0 * 0.080 * 1.05, seconds
+    idle = scheduler(max_tokens_per_step=512, max_decode_slowdown=3.0)
+    lone = row(250, new=1)
+    idle.add(lone)
+    assert idle.schedule().scheduled[0].num_tokens == 250  # nobody decoding: the whole budget
 
 
 def test_rows_that_can_never_run_fail_instead_of_blocking():

@@ -67,6 +67,10 @@ class EngineConfig:
     """Rows in the running batch at once (decoding, or part-way through a chunked prefill)."""
     max_tokens_per_step: int = 2048
     """Token budget of one step: one per decoding row, the rest for prefill chunks; longer prompts are spread over steps."""
+    max_decode_slowdown: float = 2.5
+    """While rows are decoding, a step that also carries prompt chunks may take at most this many times a
+    decode-only step (chunks are sized from measured step times), so long prompts never stall decoding;
+    0 = only max_tokens_per_step bounds the chunks."""
     max_queue: int = 1024
     """Requests waiting for a row; more are refused with RESOURCE_EXHAUSTED."""
     max_seq_len: int = 0
@@ -87,6 +91,8 @@ class EngineConfig:
         for name in ("max_batch_size", "max_tokens_per_step", "max_queue", "block_size", "max_loras"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument("must be positive", field=name)
+        if not (self.max_decode_slowdown == 0 or self.max_decode_slowdown > 1):
+            raise InvalidArgument(f"must be 0 (off) or above 1, got {self.max_decode_slowdown}", field="max_decode_slowdown")
         for name in ("max_seq_len", "kv_cache_bytes"):
             if getattr(self, name) < 0:
                 raise InvalidArgument("must be >= 0 (0 = automatic)", field=name)

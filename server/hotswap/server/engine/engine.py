@@ -37,7 +37,9 @@ class Engine:
         self.runner = ModelRunner(loaded, self.cfg)
         self.max_seq_len = self.cfg.max_seq_len or self.runner.context_length or 4096
         per_row = -(-self.max_seq_len // self.cfg.block_size)
-        num_blocks = self.runner.allocate_cache(self.cfg.kv_cache_bytes, POOL_OVERCOMMIT * self.cfg.max_batch_size * per_row)
+        # The adapter cache's device tier and the LoRA slots copying from it come later: keep room for both.
+        reserved = 2 * adapters.cfg.device_bytes if adapters is not None else 0
+        num_blocks = self.runner.allocate_cache(self.cfg.kv_cache_bytes, POOL_OVERCOMMIT * self.cfg.max_batch_size * per_row, reserved)
         self.kv = KVBlockManager(num_blocks, self.cfg.block_size, self.cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.cfg, self.kv, self.max_seq_len, adapters)
         self.eos_ids = _eos_ids(loaded)
@@ -102,11 +104,14 @@ class Engine:
     def step(self) -> SchedulerOutput:
         for row in [r for r in self.scheduler.running if r.cancelled]:
             self._finish(row, FinishReason.CANCELLED, Cancelled("cancelled by the client"))
+        start = time.perf_counter()
         out = self.scheduler.schedule()
         for row, error in out.failed:
             self._finish(row, FinishReason.ERROR, error)
         logits = self._execute(out)
         self._update(out, logits)
+        if out.scheduled:
+            self.scheduler.observe(out, time.perf_counter() - start)
         return out
 
     def _execute(self, out: SchedulerOutput) -> torch.Tensor | None:

@@ -16,13 +16,16 @@ import torch
 CPU_RAM_FRACTION = 0.10
 """Default KV budget on CPU: this fraction of physical RAM."""
 CUDA_FREE_FRACTION = 0.85
-"""Default KV budget on CUDA: this fraction of the memory free after the weights are loaded."""
+"""Default KV budget on CUDA: this fraction of the memory free after the weights are loaded
+(less the adapters' reservation)."""
 
 
-def default_kv_cache_bytes(device: torch.device) -> int:
+def default_kv_cache_bytes(device: torch.device, reserved: int = 0) -> int:
+    """`reserved`: device bytes other users will take later (the adapter cache's device tier
+    and the LoRA slots that copy from it), kept out of the CUDA budget."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * CUDA_FREE_FRACTION)
+        return int(max(0, free - reserved) * CUDA_FREE_FRACTION)
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * CPU_RAM_FRACTION)
 
 

@@ -1,7 +1,7 @@
 """LoRA for every row of the packed batch at once, by per-token slot index.
 
 Each adapter in use sits once in a device slot (`LoraSlots`): for every linear
-some adapter targets, A [slots, rank_cap, in] and B [slots, out, rank_cap] with
+some adapter targets, A [slots, rank_cap, in] and B [slots, rank_cap, out] with
 the adapter's scale folded into B. A forward hook on each such linear
 adds B[s] (A[s] x) to every token whose row runs the adapter in slot s — shrink
 then expand, SGMV/BGMV semantics — in two kernel calls whatever the number of
@@ -36,7 +36,7 @@ class LoraSlots:
         """Called when a loaded adapter is the first to target a linear (the runner hooks it)."""
         self.rank_cap = 0
         self.a: dict[str, torch.Tensor] = {}  # name -> [max_loras, rank_cap, in]
-        self.b: dict[str, torch.Tensor] = {}  # name -> [max_loras, out, rank_cap]
+        self.b: dict[str, torch.Tensor] = {}  # name -> [max_loras, rank_cap, out]: rows of outputs, read only up to a slot's rank
         self.ranks: dict[str, torch.Tensor] = {}  # name -> [max_loras] int32, 0 = not targeted
 
     def _grow_rank(self, rank: int) -> None:
@@ -46,7 +46,7 @@ class LoraSlots:
         for name in self.a:
             a, b = self.a[name], self.b[name]
             self.a[name] = torch.cat([a, a.new_zeros(a.shape[0], pad, a.shape[2])], dim=1)
-            self.b[name] = torch.cat([b, b.new_zeros(b.shape[0], b.shape[1], pad)], dim=2)
+            self.b[name] = torch.cat([b, b.new_zeros(b.shape[0], pad, b.shape[2])], dim=1)
         self.rank_cap = rank
 
     def load(self, slot: int, weights: LoraWeights) -> None:
@@ -61,7 +61,7 @@ class LoraSlots:
             if name not in self.a:
                 linear = self.linears[name]
                 self.a[name] = torch.zeros(self.max_loras, self.rank_cap, linear.in_features, device=self.device, dtype=self.dtype)
-                self.b[name] = torch.zeros(self.max_loras, linear.out_features, self.rank_cap, device=self.device, dtype=self.dtype)
+                self.b[name] = torch.zeros(self.max_loras, self.rank_cap, linear.out_features, device=self.device, dtype=self.dtype)
                 self.ranks[name] = torch.zeros(self.max_loras, dtype=torch.int32, device=self.device)
                 if self.on_new_target is not None:
                     self.on_new_target(name)
@@ -72,7 +72,7 @@ class LoraSlots:
             self.ranks[name][slot] = 0 if m is None else m.rank
             if m is not None:
                 self.a[name][slot, : m.rank] = m.a
-                self.b[name][slot, :, : m.rank] = m.b * m.scale
+                self.b[name][slot, : m.rank] = (m.b * m.scale).T
 
     @property
     def nbytes(self) -> int:

@@ -52,11 +52,11 @@ class ModelRunner:
         self.head = self.model.get_output_embeddings()
         self.cache: PagedKVCache | None = None
 
-    def allocate_cache(self, budget_bytes: int, max_blocks: int) -> int:
-        """Allocate the paged cache within `budget_bytes` (0 = the device default), at most
-        `max_blocks` blocks; returns the number of blocks."""
+    def allocate_cache(self, budget_bytes: int, max_blocks: int, reserved: int = 0) -> int:
+        """Allocate the paged cache within `budget_bytes` (0 = the device default, leaving
+        `reserved` bytes for adapters), at most `max_blocks` blocks; returns the number of blocks."""
         per_block = PagedKVCache.bytes_per_block(self.num_layers, self.block_size, self.kv_heads, self.head_dim, self.dtype)
-        budget = budget_bytes or default_kv_cache_bytes(self.device)
+        budget = budget_bytes or default_kv_cache_bytes(self.device, reserved)
         num_blocks = min(budget // per_block, max_blocks)
         if num_blocks < 1:
             raise ModelLoadError(f"a KV budget of {budget} bytes holds no block of {per_block} bytes", field="kv_cache_mb")

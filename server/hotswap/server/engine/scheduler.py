@@ -19,6 +19,7 @@ from ..config import EngineConfig
 from ..errors import HotswapError, InvalidArgument, NotFound, ResourceExhausted
 from .kv_blocks import KVBlockManager
 from .lora_slots import LoraSlotTable
+from .pacing import PrefillPacer
 from .row import Row
 
 if TYPE_CHECKING:
@@ -37,9 +38,12 @@ class ScheduledRow:
     any compute (copy_from == start: nothing to copy)."""
     samples: bool = False
     """The chunk reaches the row's last known position, so its logits give the next token."""
+    decode: bool = False
+    """The row feeds back one token it generated (it is not part-way through a prompt)."""
 
     def __post_init__(self) -> None:
         self.samples = self.end == self.row.num_tokens
+        self.decode = self.num_tokens == 1 and self.start >= self.row.num_virtual + len(self.row.prompt_ids)
 
     @property
     def end(self) -> int:
@@ -64,8 +68,31 @@ class SchedulerOutput:
         return sum(s.num_tokens for s in self.scheduled)
 
     @property
+    def num_decoding(self) -> int:
+        """Rows feeding one generated token (the rest of the step's tokens are prompt chunks)."""
+        return sum(1 for s in self.scheduled if s.decode)
+
+    @property
     def empty(self) -> bool:
         return not (self.scheduled or self.failed or self.preempted)
+
+
+class PromptBudget:
+    """One step's allowance of prompt work (see pacing): the first chunk always moves."""
+
+    def __init__(self, pacer: PrefillPacer, spare: float | None) -> None:
+        self.pacer, self.spare, self.first = pacer, spare, True
+
+    def peek(self, context: int, cap: int) -> int:
+        return self.pacer.tokens(self.spare, context, cap, self.first)[0]
+
+    def take(self, context: int, cap: int) -> int:
+        n, seconds = self.pacer.tokens(self.spare, context, cap, self.first)
+        if n > 0:
+            self.first = False
+            if self.spare is not None:
+                self.spare = max(0.0, self.spare - seconds)
+        return n
 
 
 class Scheduler:
@@ -75,6 +102,7 @@ class Scheduler:
         self.max_seq_len = max_seq_len
         self.adapters = adapters
         self.lora_slots = LoraSlotTable(cfg.max_loras)
+        self.pacer = PrefillPacer(cfg.max_decode_slowdown, cfg.block_size)
         self.waiting: deque[Row] = deque()
         self.running: list[Row] = []
         """Admission order, newest last (the first to be preempted)."""
@@ -101,18 +129,29 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.cfg.max_tokens_per_step
+        decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed == 1)
+        prompts = PromptBudget(self.pacer, self.pacer.spare(decoding))  # paced so decoding rows are spared
         i = 0
         while i < len(self.running) and budget > 0:
             row = self.running[i]
-            n = min(row.num_tokens - row.num_computed, budget)
+            need = row.num_tokens - row.num_computed
+            n = 1 if need == 1 else prompts.take(row.num_computed, min(need, budget))
+            if n <= 0:  # a prompt chunk that has to wait for the next step
+                i += 1
+                continue
             if not self._grow_or_preempt(row, row.num_computed + n, out):
                 break  # the row preempted itself: nothing newer is left to run
             out.scheduled.append(ScheduledRow(row, row.num_computed, n, row.num_computed))
             budget -= n
             i += 1
         if not out.preempted:  # the pool is dry: admitting now would only preempt again
-            self._admit(out, budget)
+            self._admit(out, budget, prompts)
         return out
+
+    def observe(self, out: SchedulerOutput, seconds: float) -> None:
+        """The engine's wall time for the step `out` described (paces the next prompt chunks)."""
+        chunks = [(s.start, s.num_tokens) for s in out.scheduled if not s.decode]
+        self.pacer.observe(out.num_decoding, chunks, seconds)
 
     def _grow_or_preempt(self, row: Row, end: int, out: SchedulerOutput) -> bool:
         """Blocks for positions ..end-1, preempting the newest rows until they fit; False if `row` itself went."""
@@ -131,7 +170,7 @@ class Scheduler:
         self.waiting.appendleft(row)
         out.preempted.append(row)
 
-    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit(self, out: SchedulerOutput, budget: int, prompts: "PromptBudget") -> None:
         skipped: list[Row] = []  # waiting on their own resource (adapter load, LoRA slot); later rows may pass
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_batch_size:
             row = self.waiting.popleft()
@@ -145,13 +184,17 @@ class Scheduler:
             hits = self.kv.cached_prefix(row)
             copy_from = len(hits) * self.kv.block_size
             start = max(copy_from, row.num_virtual) if row.prefix is not None else copy_from
-            n = min(row.num_tokens - start, budget)
+            n = prompts.peek(start, min(row.num_tokens - start, budget))
+            if n <= 0:
+                self.waiting.appendleft(row)  # this step's prompt work is spent
+                break
             if not self.kv.can_admit(row, hits, start - copy_from + n):
                 self.waiting.appendleft(row)  # first come, first served: it goes first once blocks free up
                 break
             if not self._acquire_slot(row, out):
                 skipped.append(row)
                 continue
+            prompts.take(start, n)
             self.kv.admit(row, hits)
             self.kv.grow(row, start + n)
             row.mark_admitted()

@@ -94,11 +94,12 @@ def lora_shrink(
 def lora_expand(
     y: torch.Tensor, t: torch.Tensor, b_slots: torch.Tensor, token_slots: torch.Tensor, ranks: torch.Tensor, *, backend: str | None = None
 ) -> None:
-    """y[t] += b_slots[s, :, :ranks[s]] @ t[t, :ranks[s]] with s = token_slots[t]; rows with s == -1
+    """y[t] += t[t, :ranks[s]] @ b_slots[s, :ranks[s]] with s = token_slots[t]; rows with s == -1
     are left alone. Accumulates in fp32 and rounds y once.
 
     y [N, OUT] (rows may be strided, e.g. a slice of a fused output); t [N, R] float32;
-    b_slots [S, OUT, R] (y's dtype, scale folded in); token_slots [N], ranks [S] int32."""
+    b_slots [S, R, OUT] (y's dtype, scale folded in: each rank's row of outputs contiguous, so a
+    low-rank adapter in wide slots reads only its own rows); token_slots [N], ranks [S] int32."""
     if _use_native(y, backend):
         torch.ops.hotswap.lora_expand(y, t, b_slots, token_slots, ranks)
     else:

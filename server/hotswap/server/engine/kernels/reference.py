@@ -115,13 +115,13 @@ def lora_shrink(out: torch.Tensor, x: torch.Tensor, a_slots: torch.Tensor, token
 
 
 def lora_expand(y: torch.Tensor, t: torch.Tensor, b_slots: torch.Tensor, token_slots: torch.Tensor, ranks: torch.Tensor) -> None:
-    S, OUT, R = b_slots.shape
+    S, R, OUT = b_slots.shape
     for c in _lora_chunks(y.shape[0], OUT * R):
         slots = token_slots[c].long()
         rank = ranks[slots.clamp(min=0)]  # [n]
         in_rank = torch.arange(R, device=y.device) < rank[:, None]  # [n, R]
-        # Zero B's columns past the rank too: a slot's unused columns may hold anything.
-        b = torch.where(in_rank[:, None, :], b_slots[slots.clamp(min=0)].float(), 0.0)  # [n, OUT, R]
+        # Zero B's rows past the rank too: a slot's unused rows may hold anything.
+        b = torch.where(in_rank[:, :, None], b_slots[slots.clamp(min=0)].float(), 0.0)  # [n, R, OUT]
         tt = torch.where(in_rank, t[c], 0.0)
-        delta = torch.bmm(b, tt.unsqueeze(-1)).squeeze(-1)  # [n, OUT]
+        delta = torch.bmm(tt.unsqueeze(1), b).squeeze(1)  # [n, OUT]
         y[c] = torch.where((slots >= 0)[:, None], (y[c].float() + delta).to(y.dtype), y[c])

@@ -31,7 +31,7 @@ struct AttentionParams {
 struct LoraParams {
   void* out;          // shrink: out [N, R] float32; expand: y [N, OUT]
   const void* in;     // shrink: x [N, IN];         expand: t [N, R] float32
-  const void* w;      // shrink: a [S, R, IN];      expand: b [S, OUT, R]
+  const void* w;      // shrink: a [S, R, IN];      expand: b [S, R, OUT]
   const int32_t* token_slots;
   const int32_t* ranks;
   int64_t N, S, R, features;  // features: IN for shrink, OUT for expand

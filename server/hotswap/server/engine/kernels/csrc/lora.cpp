@@ -1,6 +1,6 @@
 // Batched per-token LoRA on CPU (each token its own adapter slot):
 //   shrink: out[t, :rank] = A[s] x[t]      (A: [S, R, IN])
-//   expand: y[t] += B[s, :, :rank] t[t]    (B: [S, OUT, R], scale folded in)
+//   expand: y[t] += t[t, :rank] B[s, :rank]  (B: [S, R, OUT], scale folded in)
 //
 // Consecutive tokens with the same slot form a run; a run is cut into tiles
 // whose tokens share every load of the adapter's weights. A decode batch
@@ -21,9 +21,8 @@ namespace hotswap {
 namespace {
 
 constexpr int TS = 4;        // tokens per shrink tile (x 4 ranks = 16 accumulators)
-constexpr int TE = 16;       // tokens per expand tile: amortises the transposition of B
+constexpr int TE = 16;       // tokens per expand tile
 constexpr int OB = 256;      // outputs per expand work item (a multiple of 16)
-constexpr int MAX_R = 256;   // rank capacity (B's last axis)
 
 struct Tile {
   int64_t first;
@@ -149,136 +148,109 @@ void shrink(const LoraParams& p, const std::vector<Tile>& tiles) {
 }
 
 // ---- expand ------------------------------------------------------------------
+//
+// B is stored [S, R, OUT]: an adapter's first `rank` rows are one contiguous
+// block, so a rank-r adapter reads exactly its r x OUT weights, front to back,
+// whatever the slots' rank capacity (a [S, OUT, R] layout pulls a whole cache
+// line per output even at rank 8). Accumulation in fp32 from y; y is rounded
+// once.
 
-// Outputs [o0, o1) of one token, for tiles too short to amortise a
-// transposition: 16 rows of B times t, then one tree of horizontal sums gives
-// the 16 outputs.
+// One token (decode), C full 16-output chunks from chunk c0: the accumulators
+// stay in registers while the token's `rank` rows stream past.
+template <typename T, int C>
+inline void expand_block(int c0, int rank, const T* b, int64_t b_s1, const float* tv, T* y) {
+  vf acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = load(y + (c0 + c) * W);
+  for (int r = 0; r < rank; ++r) {
+    const vf tr = splat(tv[r]);
+    const T* row = b + r * b_s1 + c0 * W;
+    // The rows are `rank` separate streams: fetch each one's next block while this one computes.
+    const char* ahead = reinterpret_cast<const char*>(row + C * W);
+    for (int k = 0; k < static_cast<int>(C * W * sizeof(T)); k += 64) __builtin_prefetch(ahead + k, 0, 0);
+    for (int c = 0; c < C; ++c) acc[c] += tr * load(row + c * W);
+  }
+  for (int c = 0; c < C; ++c) store(y + (c0 + c) * W, acc[c]);
+}
+
+// One token over all OUT outputs: 256 at a time, then the last partial chunks.
 template <typename T>
-void expand_dot(int64_t o0, int64_t o1, int OUT, int rank, int R, const T* b, int64_t b_s1, const float* tv, T* y) {
-  vf tvec[MAX_R / W];
-  const int rchunks = (rank + W - 1) / W;
-  for (int c = 0; c < rchunks; ++c) tvec[c] = load_at(tv, c, rank, R);
-  if (rchunks == 0) return;
-  for (int64_t o = o0; o < o1; o += W) {
-    const int rows = static_cast<int>(std::min<int64_t>(W, OUT - o));
-    vf prod[W];
-    for (int i = 0; i < rows; ++i) {
-      const T* row = b + (o + i) * b_s1;
-      vf acc = load_at(row, 0, rank, R) * tvec[0];
-      for (int c = 1; c < rchunks; ++c) acc += load_at(row, c, rank, R) * tvec[c];
-      prod[i] = acc;
-    }
-    for (int i = rows; i < W; ++i) prod[i] = vf{};
-    const int oc = static_cast<int>(o / W);
-    store_at(y, oc, OUT, load_at(y, oc, OUT) + reduce16(prod));
+void expand_one(int OUT, int rank, const T* b, int64_t b_s1, const float* tv, T* y) {
+  constexpr int C = OB / W;
+  const int full = OUT / W;
+  int c = 0;
+  for (; c + C <= full; c += C) expand_block<T, C>(c, rank, b, b_s1, tv, y);
+  for (; c + 4 <= full; c += 4) expand_block<T, 4>(c, rank, b, b_s1, tv, y);
+  for (; c < full; ++c) expand_block<T, 1>(c, rank, b, b_s1, tv, y);
+  if (OUT % W) {  // the tail: masked loads
+    vf acc = load_at(y, full, OUT);
+    for (int r = 0; r < rank; ++r) acc += splat(tv[r]) * load_at(b + r * b_s1, full, OUT);
+    store_at(y, full, OUT, acc);
   }
 }
 
-// Outputs [o0, o1) of a tile of several tokens. B's rows are [rank] vectors,
-// so each 16-output chunk of B is transposed in registers into
-// bt[r] = B[o .. o+15, r] once; every token then needs `rank` broadcast FMAs
-// per 16 outputs and no horizontal sums.
-template <typename T>
-void expand_tile(const Tile& t, int64_t o0, int64_t o1, int OUT, int rank, int R, const T* b, int64_t b_s1, const float* tp,
-                 int64_t t_s0, T* yp, int64_t y_s0) {
-  vf bt[MAX_R];
-  const int rchunks = (rank + W - 1) / W;
-  for (int64_t o = o0; o < o1; o += W) {
-    const int rows = static_cast<int>(std::min<int64_t>(W, OUT - o));
-    for (int cb = 0; cb < rchunks; ++cb) {
-      vf* blk = bt + cb * W;
-      for (int i = 0; i < rows; ++i) blk[i] = load_at(b + (o + i) * b_s1, cb, rank, R);
-      for (int i = rows; i < W; ++i) blk[i] = vf{};
-      transpose16(blk);
+// Up to 4 tokens of one slot, 4 output chunks at a time: each B load serves
+// every token of the group.
+template <typename T, int NT>
+void expand_group(int64_t o0, int64_t o1, int OUT, int rank, const T* b, int64_t b_s1, const float* tp, int64_t t_s0,
+                  T* y, int64_t y_s0) {
+  constexpr int C = 4;
+  for (int64_t o = o0; o < o1; o += C * W) {
+    const int c0 = static_cast<int>(o / W), chunks = static_cast<int>(std::min<int64_t>(C, (o1 - o + W - 1) / W));
+    vf acc[NT][C];
+    for (int u = 0; u < NT; ++u)
+      for (int c = 0; c < chunks; ++c) acc[u][c] = load_at(y + u * y_s0, c0 + c, OUT);
+    for (int r = 0; r < rank; ++r) {
+      const T* row = b + r * b_s1;
+      vf bv[C];
+      for (int c = 0; c < chunks; ++c) bv[c] = load_at(row, c0 + c, OUT);
+      for (int u = 0; u < NT; ++u) {
+        const vf tr = splat(tp[u * t_s0 + r]);
+        for (int c = 0; c < chunks; ++c) acc[u][c] += tr * bv[c];
+      }
     }
-    const int oc = static_cast<int>(o / W);
-    for (int tt = 0; tt < t.count; ++tt) {
-      const float* tv = tp + (t.first + tt) * t_s0;
-      T* y = yp + (t.first + tt) * y_s0;
-      // Four partial sums so consecutive FMAs do not wait on each other.
-      vf acc[4] = {load_at(y, oc, OUT), vf{}, vf{}, vf{}};
-      int r = 0;
-      for (; r + 4 <= rank; r += 4)
-        for (int u = 0; u < 4; ++u) acc[u] += tv[r + u] * bt[r + u];
-      for (; r < rank; ++r) acc[0] += tv[r] * bt[r];
-      store_at(y, oc, OUT, (acc[0] + acc[1]) + (acc[2] + acc[3]));
-    }
+    for (int u = 0; u < NT; ++u)
+      for (int c = 0; c < chunks; ++c) store_at(y + u * y_s0, c0 + c, OUT, acc[u][c]);
   }
 }
-
-#ifdef HOTSWAP_HAVE_BF16_DOT
-// expand_tile for bf16 with vdpbf16ps: B's rows are already (r, r+1) pairs
-// of bf16, so the transposition works on 32-bit pairs and each instruction
-// covers two ranks. t is rounded to bf16 here (as PEFT's bf16 forward does to
-// the A output), halving the instructions where prefill runs are FMA bound.
-// N consecutive tokens of a tile: independent accumulators sharing each bt load.
-template <int N>
-inline void expand_tokens_bf16(const uint32_t (*tpair)[MAX_R / 2], const vf* bt, int npairs, c10::BFloat16* y,
-                               int64_t y_s0, int oc, int OUT) {
-  __m512 acc[N];
-  for (int u = 0; u < N; ++u) acc[u] = (__m512)load_at(y + u * y_s0, oc, OUT);
-  for (int k = 0; k < npairs; ++k)
-    for (int u = 0; u < N; ++u)
-      acc[u] = dot_bf16(acc[u], _mm512_set1_epi32(static_cast<int>(tpair[u][k])), (__m512i)bt[k]);
-  for (int u = 0; u < N; ++u) store_at(y + u * y_s0, oc, OUT, (vf)acc[u]);
-}
-
-void expand_tile_bf16(const Tile& t, int64_t o0, int64_t o1, int OUT, int rank, int R, const c10::BFloat16* b, int64_t b_s1,
-                      const float* tp, int64_t t_s0, c10::BFloat16* yp, int64_t y_s0) {
-  const int npairs = (rank + 1) / 2, pchunks = (rank + 31) / 32;
-  uint32_t tpair[TE][MAX_R / 2];  // (t[2k], t[2k+1]) as a bf16 pair, zero past the rank
-  for (int tt = 0; tt < t.count; ++tt) {
-    const float* tv = tp + (t.first + tt) * t_s0;
-    for (int k = 0; k < npairs; ++k) {
-      const uint32_t lo = c10::BFloat16(tv[2 * k]).x;
-      const uint32_t hi = 2 * k + 1 < rank ? c10::BFloat16(tv[2 * k + 1]).x : 0u;
-      tpair[tt][k] = lo | (hi << 16);
-    }
-  }
-  vf bt[MAX_R / 2];  // bt[k] = the 16 outputs' (B[o, 2k], B[o, 2k+1])
-  for (int64_t o = o0; o < o1; o += W) {
-    const int rows = static_cast<int>(std::min<int64_t>(W, OUT - o));
-    for (int cb = 0; cb < pchunks; ++cb) {
-      vf* blk = bt + cb * W;
-      for (int i = 0; i < rows; ++i) blk[i] = (vf)load32(b + (o + i) * b_s1, cb, rank, R);
-      for (int i = rows; i < W; ++i) blk[i] = vf{};
-      transpose16(blk);
-    }
-    const int oc = static_cast<int>(o / W);
-    int t0 = 0;
-    for (; t0 + 4 <= t.count; t0 += 4) expand_tokens_bf16<4>(&tpair[t0], bt, npairs, yp + (t.first + t0) * y_s0, y_s0, oc, OUT);
-    for (; t0 < t.count; ++t0) expand_tokens_bf16<1>(&tpair[t0], bt, npairs, yp + (t.first + t0) * y_s0, y_s0, oc, OUT);
-  }
-}
-#endif
 
 template <typename T>
 void expand(const LoraParams& p, const std::vector<Tile>& tiles) {
-  const int OUT = static_cast<int>(p.features), R = static_cast<int>(p.R);
+  const int OUT = static_cast<int>(p.features);
   const int64_t parts = (OUT + OB - 1) / OB;
   const float* tp = static_cast<const float*>(p.in);
   const T* bp = static_cast<const T*>(p.w);
   T* yp = static_cast<T*>(p.out);
-  run_items(static_cast<int64_t>(tiles.size()) * parts, work(p, tiles), [&](auto take) {
+  // Work items: a one-token tile is one item over all outputs (one sequential
+  // read of its B block); longer tiles split their outputs into OB-wide parts.
+  struct Item {
+    int tile;
+    int64_t o0, o1;
+  };
+  std::vector<Item> items;
+  for (int i = 0; i < static_cast<int>(tiles.size()); ++i) {
+    if (tiles[i].count == 1) {
+      items.push_back({i, 0, OUT});
+      continue;
+    }
+    for (int64_t part = 0; part < parts; ++part) items.push_back({i, part * OB, std::min<int64_t>((part + 1) * OB, OUT)});
+  }
+  run_items(static_cast<int64_t>(items.size()), work(p, tiles), [&](auto take) {
     for (int64_t w = take(); w >= 0; w = take()) {
-      const Tile& tile = tiles[w / parts];
-      const int64_t o0 = (w % parts) * OB, o1 = std::min<int64_t>(o0 + OB, OUT);
+      const Tile& tile = tiles[items[w].tile];
+      const int64_t o0 = items[w].o0, o1 = items[w].o1;
       const T* b = bp + tile.slot * p.w_s0;
       const int rank = p.ranks[tile.slot];
-      if (tile.count >= 3) {
-#ifdef HOTSWAP_HAVE_BF16_DOT
-        if constexpr (std::is_same_v<T, c10::BFloat16>) {
-          expand_tile_bf16(tile, o0, o1, OUT, rank, R, b, p.w_s1, tp, p.in_s0, yp, p.out_s0);
-          continue;
-        }
-#endif
-        expand_tile<T>(tile, o0, o1, OUT, rank, R, b, p.w_s1, tp, p.in_s0, yp, p.out_s0);
-      } else {
-        for (int tt = 0; tt < tile.count; ++tt) {
-          const int64_t tok = tile.first + tt;
-          expand_dot<T>(o0, o1, OUT, rank, R, b, p.w_s1, tp + tok * p.in_s0, yp + tok * p.out_s0);
-        }
+      const float* t = tp + tile.first * p.in_s0;
+      T* y = yp + tile.first * p.out_s0;
+      if (tile.count == 1) {
+        expand_one<T>(OUT, rank, b, p.w_s1, t, y);
+        continue;
       }
+      int u = 0;
+      for (; u + 4 <= tile.count; u += 4)
+        expand_group<T, 4>(o0, o1, OUT, rank, b, p.w_s1, t + u * p.in_s0, p.in_s0, y + u * p.out_s0, p.out_s0);
+      for (; u < tile.count; ++u)
+        expand_group<T, 1>(o0, o1, OUT, rank, b, p.w_s1, t + u * p.in_s0, p.in_s0, y + u * p.out_s0, p.out_s0);
     }
   });
 }
@@ -299,7 +271,6 @@ void lora_shrink_kernel(const LoraParams& p, Dtype dtype) {
 }
 
 void lora_expand_kernel(const LoraParams& p, Dtype dtype) {
-  TORCH_CHECK(p.R <= MAX_R, "lora_expand: rank capacity ", p.R, " exceeds ", MAX_R);
   const auto tiles = plan(p, TE, "lora_expand");
   switch (dtype) {
     case Dtype::kFloat: return expand<float>(p, tiles);

@@ -93,9 +93,9 @@ void lora_expand_cpu(const at::Tensor& y, const at::Tensor& t, const at::Tensor&
                      const at::Tensor& token_slots, const at::Tensor& ranks) {
   const char* op = "lora_expand";
   TORCH_CHECK(y.dim() == 2 && t.dim() == 2 && b_slots.dim() == 3, op,
-              ": expects y [N, OUT], t [N, R], b_slots [S, OUT, R]");
-  const int64_t N = y.size(0), OUT = y.size(1), S = b_slots.size(0), R = b_slots.size(2);
-  TORCH_CHECK(b_slots.size(1) == OUT, op, ": b_slots has OUT = ", b_slots.size(1), ", y has ", OUT);
+              ": expects y [N, OUT], t [N, R], b_slots [S, R, OUT]");
+  const int64_t N = y.size(0), OUT = y.size(1), S = b_slots.size(0), R = b_slots.size(1);
+  TORCH_CHECK(b_slots.size(2) == OUT, op, ": b_slots has OUT = ", b_slots.size(2), ", y has ", OUT);
   TORCH_CHECK(t.size(0) == N && t.size(1) == R, op, ": t must be [", N, ", ", R, "], got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": t must be float32");
   TORCH_CHECK(b_slots.scalar_type() == y.scalar_type(), op, ": b_slots and y must share one dtype");
