@@ -13,7 +13,8 @@ from ..adapters.weights import LoraWeights
 from ..config import EngineConfig
 from ..errors import ModelLoadError
 from . import kernels
-from .attention import ATTENTION_NAME, BATCH_KWARG, DENSE_MIN_TOKENS, AttentionBatch, DenseChunk
+from .attention import ATTENTION_NAME, BATCH_KWARG, AttentionBatch
+from .inputs import build_inputs
 from .kv_cache import PagedKVCache, default_kv_cache_bytes
 from .lora import LoraStep, attach_lora
 from .scheduler import ScheduledRow
@@ -70,41 +71,21 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRow]) -> torch.Tensor:
         """Logits [rows that sample, vocab] (float32), in scheduled order."""
-        dev, bs = self.device, self.block_size
-        counts = [s.num_tokens for s in scheduled]
-        n_rows, n_tokens = len(scheduled), sum(counts)
-        # Per-token row index and position, built with a handful of ops rather than a loop over tokens.
-        counts_t = torch.tensor(counts)
-        row_of = torch.repeat_interleave(torch.arange(n_rows), counts_t)  # [num_tokens]
-        first = torch.cumsum(counts_t, 0) - counts_t  # [rows] packed index of each row's first token
-        positions = torch.tensor([s.start for s in scheduled])[row_of] + torch.arange(n_tokens) - first[row_of]
-        width = max(len(s.row.block_ids) for s in scheduled)
-        tables = torch.zeros(n_rows, width, dtype=torch.int32)  # [rows, max_blocks]
-        for i, s in enumerate(scheduled):
-            tables[i, : len(s.row.block_ids)] = torch.tensor(s.row.block_ids, dtype=torch.int32)
-        slots = tables[row_of, positions // bs].long() * bs + positions % bs  # [num_tokens]
-        ids = torch.tensor([t for s in scheduled for t in s.row.tokens(s.start, s.end)])  # virtual tokens < 0
-        dense = [DenseChunk(i, int(first[i]), s.num_tokens, s.start) for i, s in enumerate(scheduled)
-                 if self.backend == "torch" and s.num_tokens >= DENSE_MIN_TOKENS]
-        token_rows = row_of.to(torch.int32)
-        for d in dense:
-            token_rows[d.q_start: d.q_start + d.num_tokens] = -1
-        lora_slots = [s.row.lora_slot for s in scheduled]
-        sample_at = [int(first[i]) + s.num_tokens - 1 for i, s in enumerate(scheduled) if s.samples]
-
-        positions = positions.to(dev)
-        embeds = self._embeddings(scheduled, ids.to(dev), first.tolist())  # [num_tokens, hidden]
+        dev = self.device
+        step = build_inputs(scheduled, self.block_size, dense_chunks=self.backend == "torch")
+        positions = step.positions.to(dev)
+        embeds = self._embeddings(scheduled, step.ids.to(dev), step.first)  # [num_tokens, hidden]
         self._copy_prefixes(scheduled)
-        batch = AttentionBatch(self.cache, slots.to(dev), tables.to(dev), token_rows.to(dev), positions.to(torch.int32),
-                               dense, n_tokens - sum(d.num_tokens for d in dense), self.backend)
-        has_lora = any(s >= 0 for s in lora_slots)
-        self.lora.step = LoraStep(torch.tensor(lora_slots, dtype=torch.int32)[row_of].to(dev), self.backend) if has_lora else None
+        paged_tokens = len(step.ids) - sum(d.num_tokens for d in step.dense)
+        batch = AttentionBatch(self.cache, step.slots.to(dev), step.block_tables.to(dev), step.token_rows.to(dev),
+                               positions.to(torch.int32), step.dense, paged_tokens, self.backend)
+        self.lora.step = LoraStep(step.lora_slots.to(dev), self.backend) if step.lora_slots is not None else None
         try:
             hidden = self.decoder(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
                                   **{BATCH_KWARG: batch}).last_hidden_state[0]  # [num_tokens, hidden]
         finally:
             self.lora.step = None
-        return self.head(hidden[torch.tensor(sample_at, dtype=torch.long, device=dev)]).float()  # [sampling rows, vocab]
+        return self.head(hidden[step.sample_at.to(dev)]).float()  # [sampling rows, vocab]
 
     def _embeddings(self, scheduled: list[ScheduledRow], ids: torch.Tensor, first: list[int]) -> torch.Tensor:
         """Token embeddings; prompt-tuning positions take the adapter's virtual-token embeddings."""
