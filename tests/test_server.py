@@ -281,6 +281,22 @@ def test_a_cancelled_call_is_cancelled_and_frees_its_row(server, registered):
     assert metric(scrape(server), "hotswap_requests_running") == 0
 
 
+def test_cancelling_a_call_spares_another_with_the_same_request_id(server, registered):
+    """Client request ids are only echoed: the engine keys rows by its own id, so cancelling one
+    call never ends another call that happens to send the same request_id."""
+    with grpc.insecure_channel(server.target) as ch:
+        stub = inference_pb2_grpc.InferenceServiceStub(ch)
+        sampling = inference_pb2.SamplingParameters(max_new_tokens=200, ignore_eos=True)
+        keep = stub.GenerateStream(inference_pb2.GenerateStreamRequest(prompt="keep", request_id="same", sampling=sampling), timeout=120)
+        drop = stub.GenerateStream(inference_pb2.GenerateStreamRequest(prompt="drop", request_id="same", sampling=sampling), timeout=120)
+        first = next(keep)
+        next(drop)
+        drop.cancel()
+        chunks = [first, *keep]
+    assert sum(len(c.token_ids) for c in chunks) == 200 and chunks[-1].generated_tokens == 200
+    assert chunks[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH and {c.request_id for c in chunks} == {"same"}
+
+
 def hotswap_cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess:
     import sys
 
