@@ -7,14 +7,13 @@ import threading
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 from hotswap.server.config import AdapterCacheConfig, EngineConfig, ModelConfig
 from hotswap.server.engine.request import FinishReason, GenerateRequest, SamplingParams
 from hotswap.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from hotswap.server.model.loader import load_base_model
 from hotswap.server.serving import ServingCore
-from peft_fixtures import save_adapter
+from peft_fixtures import save_adapters
 from test_engine_fidelity import reference
 
 PROMPTS = [[5, 17, 33, 41], [7, 8, 9, 10, 11, 12, 13], [100, 200], [300, 301, 302, 303, 304, 305]]
@@ -28,10 +27,8 @@ def llama(tiny_checkpoints):
 
 @pytest.fixture(scope="module")
 def adapter_paths(llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("behaviour-adapters")
     kinds = {"lora-a": "lora", "lora-b": "rslora", "lora-c": "lora_mlp", "prefix": "prefix", "prompt": "prompt_random"}
-    return {name: save_adapter(AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32), kind, root / name, seed=i)
-            for i, (name, kind) in enumerate(kinds.items())}
+    return save_adapters(llama, kinds, tmp_path_factory.mktemp("behaviour-adapters"))
 
 
 def make_core(llama, adapter_paths=None, **engine_kw) -> ServingCore:

@@ -8,13 +8,12 @@ import threading
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from hotswap.server.config import EngineConfig, ModelConfig
 from hotswap.server.engine.request import FinishReason, GenerateRequest, SamplingParams
 from hotswap.server.model.loader import load_base_model
 from hotswap.server.serving import ServingCore
-from peft_fixtures import save_adapter
+from peft_fixtures import save_adapters
 from test_engine_fidelity import reference
 
 NEW = 8
@@ -29,10 +28,8 @@ def llama(tiny_checkpoints):
 
 @pytest.fixture(scope="module")
 def adapter_paths(llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("paged-adapters")
     kinds = {"lora": "lora", "lora-mlp": "lora_mlp", "prefix": "prefix", "prompt": "prompt_random"}
-    return {name: save_adapter(AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32), kind, root / name, seed=i)
-            for i, (name, kind) in enumerate(kinds.items())}
+    return save_adapters(llama, kinds, tmp_path_factory.mktemp("paged-adapters"))
 
 
 def make_core(llama, adapter_paths, **engine) -> ServingCore:
