@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """"auto": the native kernels on CPU when they build, else the torch reference ops."""
+    """"auto": the native kernels on CPU when they build (once per machine), else the torch reference ops."""
     if name == "auto":
         return "native" if device.type == "cpu" and kernels.native_available() else "torch"
     if name == "native" and not kernels.native_available():

@@ -107,8 +107,10 @@ def build_hash(cflags: tuple[str, ...] | None = None, sources: dict[str, bytes] 
 
 
 def build_directory(root: str | os.PathLike | None = None, cflags: tuple[str, ...] | None = None) -> Path:
-    """Where this machine's build lives: <root>/<hash>, root defaulting to ~/.cache/hotswap/kernels."""
-    base = Path(root) if root is not None else Path.home() / ".cache" / "hotswap" / "kernels"
+    """Where this machine's build lives: <root>/<hash>, root defaulting to $XDG_CACHE_HOME/hotswap/kernels
+    (~/.cache/hotswap/kernels)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = Path(root) if root is not None else Path(cache) / "hotswap" / "kernels"
     return base / build_hash(cflags)
 
 
