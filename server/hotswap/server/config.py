@@ -83,7 +83,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     """Reuse full KV blocks across requests with the same adapter and the same leading tokens."""
     max_loras: int = 64
-    """LoRA adapters usable in one batch (device slots); requests for more wait for a free slot."""
+    """LoRA adapters usable in one batch (device slots); requests for more wait for a free slot. Slot memory,
+    allocated as adapters arrive: max_loras × the highest rank loaded × (in + out) of each targeted linear."""
     attention_backend: str = "auto"
     """"auto" (native CPU kernels when they build, else torch), "native" or "torch" (the reference path)."""
 
