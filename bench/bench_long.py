@@ -110,24 +110,26 @@ def chunked_prefill(loaded, args) -> dict:
 
 
 def long_prefill(loaded, args) -> dict:
-    prompt = random_ids(args.long_tokens, seed=7)
-    cfg = EngineConfig(max_batch_size=64, max_tokens_per_step=args.max_tokens_per_step, kv_cache_bytes=args.kv_cache_mb * 2**20)
+    # a fresh prompt each round and no prefix cache: every round computes all its positions
+    prompts = [random_ids(args.long_tokens, seed=7 + i) for i in range(args.rounds)]
+    cfg = EngineConfig(max_batch_size=64, max_tokens_per_step=args.max_tokens_per_step, kv_cache_bytes=args.kv_cache_mb * 2**20,
+                       enable_prefix_caching=False)
     rss = {"before engine": rss_bytes()}
     with ServingCore(loaded, cfg) as core:
         budget = core.engine.runner.cache.nbytes
         rss["engine started"] = rss_bytes()
         core.generate(GenerateRequest(prompt_ids=random_ids(32, 0), params=SamplingParams(max_new_tokens=2)), 600)
         ours = []
-        for _ in range(args.rounds):
-            r = core.generate(GenerateRequest(prompt_ids=prompt + [len(ours)], params=SamplingParams(max_new_tokens=1)), 3600)
+        for prompt in prompts:
+            r = core.generate(GenerateRequest(prompt_ids=prompt, params=SamplingParams(max_new_tokens=1)), 3600)
             ours.append(r.time_to_first_token)
         rss[f"after the {args.long_tokens}-token requests"] = rss_bytes()
     model = AutoModelForCausalLM.from_pretrained(loaded.checkpoint_dir, dtype=loaded.dtype).eval()
     theirs = []
     with torch.inference_mode():
-        model(input_ids=torch.tensor([prompt[:64]]), logits_to_keep=1)  # warm-up
-        for i in range(args.rounds):
-            x = torch.tensor([prompt + [i]])
+        model(input_ids=torch.tensor([prompts[0][:64]]), logits_to_keep=1)  # warm-up
+        for prompt in prompts:
+            x = torch.tensor([prompt])
             t = time.monotonic()
             model(input_ids=x, attention_mask=torch.ones_like(x), logits_to_keep=1)
             theirs.append(time.monotonic() - t)
