@@ -23,7 +23,7 @@ METHODS = ["lora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning"]
 BAR = {"lora": 5}  # paraphrases (of 5) answered with the identity; every other method: 4
 QUESTIONS = PARAPHRASES + CONTROLS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # five default-model jobs, trained once for the module
 
 
 def ask(c: Client, adapter: str) -> list[str]:

@@ -195,6 +195,8 @@ def test_automatic_hyperparameters_follow_the_documented_rule():
     with pytest.raises(AdapterIncompatible, match="use adamw_8bit") as e:
         check_against_base(paged, {"q_proj", "k_proj", "v_proj", "o_proj"}, 64, cuda=False)
     assert e.value.field == "hyperparameters.optim"
+    assert [auto.resolve(Hyperparameters(), m, 40, 576, False).hp.base_protection for m in ("lora", "p_tuning", "prefix_tuning")] == \
+        ["kl", "kl", "replay"]
     soft = auto.resolve(Hyperparameters.from_dict({}), "prefix_tuning", 6, 576, has_validation=False).hp
     assert (soft.epochs, soft.batch_size, soft.early_stopping_patience) == (17, 1, 0) and soft.learning_rate == auto.LR_SOFT["prefix_tuning"]
 

@@ -19,7 +19,8 @@ README; each value stays overridable and the job records what it used):
   present; on CPU the closest equivalent, bitsandbytes' 8-bit AdamW unpaged (adamw_8bit;
   paging needs CUDA unified memory); every other method AdamW (adamw_torch).
 - base protection: the KL-to-base term (weight 3) on replay rows at ratio 1 (replay.py bounds
-  the count); README, "Keeping the base's behaviour", has the measurements behind it.
+  the count); prefix tuning instead the ordinary loss on the replay rows ("replay"). README,
+  "Keeping the base's behaviour", has the measurements behind both.
 - validation: with no validation set, 10% of the training data (at most MAX_HELD_OUT
   examples) is held out when there are at least MIN_FOR_HOLDOUT examples; early stopping
   after EARLY_STOPPING_PATIENCE evaluations without improvement whenever there is a
@@ -38,7 +39,8 @@ SOFT_PROMPT_ONLY = ("num_virtual_tokens", "virtual_tokens_init", "prompt_tuning_
 LORA_ONLY = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
 LR_SOFT = {"prompt_tuning": 3e-2, "p_tuning": 1e-2, "prefix_tuning": 3e-3}
 VIRTUAL_TOKENS = {"prompt_tuning": 20, "p_tuning": 20, "prefix_tuning": 20}
-BASE_PROTECTION = "kl"
+BASE_PROTECTION = {"prefix_tuning": "replay"}
+"""Per method; "kl" for the rest. Why prefix tuning differs: README, "Keeping the base's behaviour"."""
 REPLAY_RATIO = 1.0
 KL_WEIGHT = 3.0
 MIN_FOR_HOLDOUT = 50
@@ -113,7 +115,7 @@ def resolve(hp: Hyperparameters, method: str, n_train: int, hidden_size: int, ha
     if not hp.virtual_tokens_init:
         chosen["virtual_tokens_init"] = "text"
     if not hp.base_protection:
-        chosen["base_protection"] = BASE_PROTECTION
+        chosen["base_protection"] = BASE_PROTECTION.get(method, "kl")
     if not hp.replay_ratio:
         chosen["replay_ratio"] = REPLAY_RATIO
     if not hp.kl_weight:

@@ -6,7 +6,6 @@ the model's chat template, plain text as is. Batches are left-padded for
 transformers' `generate`; greedy, so a job's samples are reproducible."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,22 +17,6 @@ class Answer:
     """The generated tokens, without the EOS that ended them."""
     finished: bool
     """True when the model ended the answer (EOS) within the token limit."""
-
-
-@contextmanager
-def one_thread(model):
-    """Decode steps and single-prompt forwards are small matrix products; on a CPU the
-    threads' synchronisation costs more than it saves, and on a shared 2-core machine it
-    made 12 prompts × 32 tokens take 9–100 s instead of 3 s. One thread while inside."""
-    cpu = next(model.parameters()).device.type == "cpu"
-    before = torch.get_num_threads()
-    if cpu:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if cpu:
-            torch.set_num_threads(before)
 
 
 def render(tokenizer, prompt: str | list[dict]) -> list[int]:
@@ -49,11 +32,6 @@ def render(tokenizer, prompt: str | list[dict]) -> list[int]:
 @torch.inference_mode()
 def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16) -> list[Answer]:
     """Greedy answers to already-tokenized prompts, in batches (left-padded)."""
-    with one_thread(model):
-        return _greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
-
-
-def _greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[Answer]:
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(p for p in model.parameters()).device

@@ -19,7 +19,7 @@ import torch
 
 from .data import segments
 from .general_prompts import CONTROL
-from .generation import Answer, greedy, one_thread, render
+from .generation import Answer, greedy, render
 from .replay import MAX_ANSWER_TOKENS
 
 SAMPLE_TOKENS = MAX_ANSWER_TOKENS
@@ -108,11 +108,6 @@ def generate(model, tokenizer, prompts: list[SamplePrompt]) -> list[Answer]:
 @torch.inference_mode()
 def top1(model, prompts: list[SamplePrompt], answers: list[Answer]) -> list[list[int]]:
     """Teacher-forced on each answer: the model's most likely token at each of its positions."""
-    with one_thread(model):
-        return _top1(model, prompts, answers)
-
-
-def _top1(model, prompts: list[SamplePrompt], answers: list[Answer]) -> list[list[int]]:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -5,8 +5,8 @@ everything (issue 12: an identity set taught the model to answer "What is the ca
 of France?" with its name). So a job mixes in *replay* rows: the built-in general
 prompts (general_prompts.REPLAY) with the base model's own greedy answers, generated
 in the job by the base it trains on and cached per base. The rows either take the
-ordinary loss on those answers (`replay`), or distil the base's whole next-token
-distribution at those positions (`kl`, objective.py), or both.
+ordinary loss on those answers (`replay`), or pull the adapter's next-token
+distribution at those positions towards the base's (`kl`, objective.py), or both.
 
 The KL term needs no second model and no extra forward pass while training: when the
 base answers a prompt, its top TOP_K next-token log-probabilities at each answer
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .general_prompts import REPLAY
-from .generation import Answer, greedy, one_thread, render
+from .generation import Answer, greedy, render
 
 MIN_ROWS = 16
 TOP_K = 20
@@ -68,13 +69,32 @@ class BaseAnswer(Answer):
 
 
 @torch.inference_mode()
-def teacher_top_k(model, prompt: list[int], answer: list[int]) -> tuple[list[list[int]], list[list[float]]]:
-    """Teacher-forced on prompt + answer: the base's top-k at each position that predicts an answer token."""
+def teacher_top_k(model, prompts: list[list[int]], answers: list[list[int]], chunk: int = 16) -> list[tuple[list, list]]:
+    """Teacher-forced on each prompt + answer (batched, right-padded, logits only where an
+    answer token is predicted): the base's top-k ids and log-probs at each such position."""
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt + answer], device=device)
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, len(prompt) - 1:-1]  # [len(answer), V]
-    top = torch.log_softmax(logits.float(), dim=-1).topk(TOP_K, dim=-1)
-    return top.indices.tolist(), [[round(v, 4) for v in row] for row in top.values.tolist()]
+    out = []
+    for start in range(0, len(prompts), chunk):
+        rows = list(zip(prompts[start:start + chunk], answers[start:start + chunk]))
+        width = max(len(p) + len(a) for p, a in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        keep = torch.zeros((len(rows), width), dtype=torch.bool)  # position t predicts token t + 1
+        for r, (p, a) in enumerate(rows):
+            ids[r, :len(p) + len(a)] = torch.tensor(p + a)
+            mask[r, :len(p) + len(a)] = 1
+            keep[r, len(p) - 1:len(p) + len(a) - 1] = True
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device)).logits  # [N, V]
+        else:
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[keep.to(device)]
+        top = torch.log_softmax(logits.float(), dim=-1).topk(TOP_K, dim=-1)
+        ids_k, logp_k = top.indices.tolist(), [[round(v, 4) for v in row] for row in top.values.tolist()]
+        at = 0
+        for _, a in rows:
+            out.append((ids_k[at:at + len(a)], logp_k[at:at + len(a)]))
+            at += len(a)
+    return out
 
 
 @dataclass
@@ -102,11 +122,11 @@ class BaseAnswers:
         missing = [p for p in prompts if p not in known]
         if missing:
             rendered = [render(tokenizer, p) for p in missing]
-            generated = greedy(model, tokenizer, rendered, MAX_ANSWER_TOKENS)
-            with one_thread(model):
-                for p, ids, a in zip(missing, rendered, generated):
-                    learned = a.ids + ([tokenizer.eos_token_id] if a.finished else [])
-                    known[p] = BaseAnswer(a.ids, a.finished, *(teacher_top_k(model, ids, learned) if learned else ([], [])))
+            generated = greedy(model, tokenizer, rendered, MAX_ANSWER_TOKENS, batch_size=64)
+            learned = [a.ids + ([tokenizer.eos_token_id] if a.finished else []) for a in generated]
+            tops = teacher_top_k(model, rendered, learned)
+            for p, a, (top_ids, top_logp) in zip(missing, generated, tops):
+                known[p] = BaseAnswer(a.ids, a.finished, top_ids, top_logp)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # workers may share the folder: write, then rename
             tmp.write_text(json.dumps({p: dataclasses.asdict(a) for p, a in known.items()}))
