@@ -4,7 +4,6 @@ are then written as copies with fresh random tensors, which is what 1,000
 registered adapters need without 1,000 get_peft_model calls."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -51,6 +50,3 @@ def adapter_set(base_factory, root: Path, kind: str, count: int, sizes: list[int
     templates = {s: make_template(base_factory, kind, s, root / f"template-{kind}-{s}") for s in sizes}
     return [make_variant(templates[sizes[i % len(sizes)]], root / f"{kind}-{i:04d}", seed=i) for i in range(count)]
 
-
-def read_rank(path: Path) -> int:
-    return json.loads((path / "adapter_config.json").read_text()).get("r", 0)

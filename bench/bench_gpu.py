@@ -1,14 +1,14 @@
 """The server on a GPU at a real model shape: a Llama-3-8B-shaped model with random
 weights (nothing can be downloaded on the GPU machine; speed does not depend on the
-values) in bitsandbytes NF4, with 1, 64 and 512 distinct LoRA adapters, adapter
-cold-load time and memory, next to the physical bound of a decode step; then the
-same 64-adapter workload through a real `hotswap-server` process over gRPC.
+values) in bitsandbytes NF4 and in bf16, with 1, 64 and 512 distinct LoRA adapters,
+adapter cold-load time and memory, next to the physical bound of a decode step; then
+the same 64-adapter workload through a real `hotswap-server` process over gRPC.
 
     python bench/bench_gpu.py                        # on the GPU machine
-    python bench/bench_gpu.py --shape tiny --device cpu --requests 8 --new-tokens 8   # smoke run anywhere
+    python bench/bench_gpu.py --shape tiny --device cpu --requests 8 --new-tokens 8 --adapter-counts 1,4 --grpc-adapters 2 --out /tmp/x.md   # smoke run anywhere
 
 Bound: a decode step must read every weight byte once (NF4: ~0.5 byte per parameter
-plus the quantization constants; the output head stays bf16), the LoRA factors of the
+plus the quantization constants, bf16: 2 bytes; the output head stays bf16), the LoRA factors of the
 distinct adapters in the batch and each row's KV cache. Device bandwidth (measured
 here with a large device-to-device copy) / bytes per step is the ceiling on steps per
 second; times the batch, on tokens per second.
@@ -186,13 +186,15 @@ def run(core: ServingCore, adapters: list[str], n: int, new: int) -> dict:
     return summarize(wall, [(r.time_to_first_token, r.total_time, len(r.token_ids)) for r in results])
 
 
-def run_grpc(ckpt: Path, adapter_paths: list[Path], n: int, new: int, args: argparse.Namespace, work: Path) -> tuple[dict, float]:
+def run_grpc(ckpt: Path, adapter_paths: list[Path], n: int, new: int, args: argparse.Namespace, quantization: str,
+             work: Path) -> tuple[dict, float]:
     """The same workload through a real hotswap-server child process and the asyncio SDK."""
     from hotswap.client import AsyncClient
 
     cmd = [sys.executable, "-m", "hotswap.server.api.app", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
-           "--data-dir", str(work), "--model", str(ckpt), "--quantization", "nf4", "--device", args.device,
-           "--max-batch-size", str(args.max_batch_size), "--max-tokens-per-step", "16384", "--max-seq-len", "1024",
+           "--data-dir", str(work), "--model", str(ckpt), "--quantization", quantization, "--device", args.device,
+           "--max-batch-size", str(args.max_batch_size), "--max-loras", str(args.max_batch_size),
+           "--max-tokens-per-step", "16384", "--max-seq-len", "1024",
            "--max-queue", str(max(1024, n)), "--adapter-device-cache-mb", "16384", "--adapter-host-cache-mb", "32768",
            "--tuner-workers", "0"]
     t0 = time.monotonic()
@@ -240,6 +242,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--quantization", default="nf4,none", help="comma list: nf4 and/or none (bf16); one section each")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--max-batch-size", type=int, default=256)
@@ -251,25 +254,36 @@ def main() -> None:
     args = ap.parse_args()
     counts = [int(c) for c in args.adapter_counts.split(",")]
     cuda = torch.cuda.is_available() and args.device != "cpu"
-    say = lambda *a: print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)  # noqa: E731
-
     bw = measured_bandwidth() if cuda else None
     t0 = time.monotonic()
     ckpt = build_checkpoint(args.shape, args.workdir / args.shape)
     paths = build_adapters(ckpt, args.workdir / f"{args.shape}-lora-r{args.rank}", max(counts + [args.grpc_adapters]), args.rank)
     say(f"checkpoint and {len(paths)} adapters built in {time.monotonic() - t0:.0f}s")
+    for quantization in args.quantization.split(","):
+        text = measure(args, quantization, ckpt, paths, counts, cuda, bw)
+        print(text)
+        with args.out.open("a") as f:
+            f.write(text)
 
+
+def say(*a) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def measure(args: argparse.Namespace, quantization: str, ckpt: Path, paths: list[Path], counts: list[int], cuda: bool,
+            bw: float | None) -> str:
+    """One quantization: engine runs with 1 / 64 / 512 adapters, then the gRPC run; a RESULTS section."""
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.monotonic()
-    core = ServingCore.from_config(ModelConfig(source=str(ckpt), quantization="nf4", device=args.device),
+    core = ServingCore.from_config(ModelConfig(source=str(ckpt), quantization=quantization, device=args.device),
                                    EngineConfig(max_batch_size=args.max_batch_size, max_tokens_per_step=16384, max_seq_len=1024,
-                                                max_queue=max(1024, args.requests)),
+                                                max_queue=max(1024, args.requests), max_loras=args.max_batch_size),
                                    AdapterCacheConfig(device_bytes=16 * 2**30, host_bytes=32 * 2**30, max_lora_rank=64))
     load_s = time.monotonic() - t0
     model = core.loaded.model
     wbytes = weight_bytes(model)
-    mem = {"after model load (incl. KV cache at 256 positions)": torch.cuda.memory_allocated() if cuda else 0}
+    mem = {"after model load (incl. the paged KV pool)": torch.cuda.memory_allocated() if cuda else 0}
     say(f"model loaded in {load_s:.0f}s; {wbytes / 1e9:.2f} GB read per decode step")
     names = [core.register_adapter(f"lora{i}", p).id for i, p in enumerate(paths[: max(counts)])]
     cold = []
@@ -300,7 +314,7 @@ def main() -> None:
 
     grpc_row = None
     if args.grpc_adapters:
-        grpc, start_s = run_grpc(ckpt, paths[: args.grpc_adapters], args.requests, args.new_tokens, args,
+        grpc, start_s = run_grpc(ckpt, paths[: args.grpc_adapters], args.requests, args.new_tokens, args, quantization,
                                  Path(tempfile.mkdtemp(prefix="hotswap-bench-gpu-server-")))
         grpc_row = (f"{args.grpc_adapters} distinct LoRA, through hotswap-server over gRPC", args.grpc_adapters, grpc)
         say(grpc_row[0], grpc, f"server start {start_s:.0f}s")
@@ -314,8 +328,9 @@ def main() -> None:
     def bound(distinct: int) -> float | None:
         return bw / (wbytes + min(distinct, batch) * adapter_bytes + kv_bytes) * batch if bw else None
 
-    lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} — {args.shape}-shaped model (random weights), NF4, on {gpu}\n",
-             f"`python bench/bench_gpu.py --shape {args.shape} --requests {args.requests} --new-tokens {args.new_tokens} "
+    qlabel = {"nf4": "NF4", "none": "bf16"}.get(quantization, quantization)
+    lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} — {args.shape}-shaped model (random weights), {qlabel}, on {gpu}\n",
+             f"`python bench/bench_gpu.py --shape {args.shape} --quantization {quantization} --requests {args.requests} --new-tokens {args.new_tokens} "
              f"--max-batch-size {args.max_batch_size} --adapter-counts {args.adapter_counts} --grpc-adapters {args.grpc_adapters}`; "
              f"torch {torch.__version__}. {args.requests} requests at once, prompts 32–128 tokens, {args.new_tokens} new tokens each.\n",
              "| workload | tok/s | bound tok/s | of bound | TTFT p50 | TTFT p99 | per-token p50 | per-token p99 |",
@@ -330,12 +345,9 @@ def main() -> None:
                  + "; ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in mem.items()) + ".")
     if bw:
         lines.append(f"\nBound: {bw / 1e12:.2f} TB/s measured device-to-device copy ÷ bytes per decode step: {wbytes / 1e9:.2f} GB of "
-                     f"NF4 weights and bf16 head, {kv_bytes / 1e9:.2f} GB of KV cache at batch {batch}, plus {adapter_bytes / 1e6:.0f} MB "
+                     f"{qlabel} weights and bf16 head, {kv_bytes / 1e9:.2f} GB of KV cache at batch {batch}, plus {adapter_bytes / 1e6:.0f} MB "
                      f"per distinct adapter in the batch (at most {batch}) — {bw / (wbytes + kv_bytes):.0f} steps/s for the base.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with args.out.open("a") as f:
-        f.write(text)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

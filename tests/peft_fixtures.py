@@ -84,3 +84,11 @@ def _prune_adalora(peft, seed: int) -> None:
         peft.base_model.update_and_allocate(step)
         opt.zero_grad()
     assert peft.peft_config["default"].rank_pattern, "rank allocation did not prune"
+
+
+def save_adapters(checkpoint: Path, kinds: dict[str, str], root: Path) -> dict[str, Path]:
+    """One adapter per name -> kind, each on a fresh fp32 copy of `checkpoint`, seeded by its order."""
+    from transformers import AutoModelForCausalLM
+
+    return {name: save_adapter(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32), kind, root / name, seed=i)
+            for i, (name, kind) in enumerate(kinds.items())}

@@ -31,7 +31,9 @@ class ServerProcess:
     def start(self, wait_serving: bool = True, timeout: float = 180) -> "ServerProcess":
         cmd = [sys.executable, "-m", "hotswap.server.api.app", "--model", str(self.model), "--host", "127.0.0.1",
                "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--data-dir", str(self.data_dir),
-               "--device", "cpu", "--dtype", "float32", "--drain-seconds", "60", "--tuner-workers", "0", *self.extra]
+               "--device", "cpu", "--dtype", "float32", "--drain-seconds", "60", "--tuner-workers", "0",
+               # rows longer than the tiny test models' 512-position context, so tests can hold a request open
+               "--max-seq-len", "4096", *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
         threading.Thread(target=self._read, daemon=True).start()
         if not self._ports.wait(timeout):

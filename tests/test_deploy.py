@@ -140,7 +140,7 @@ def test_dashboard_and_rules_use_only_metrics_the_server_exports(live_scrape):
 def test_promtool_checks_the_rules_and_the_config(tmp_path):
     tool = str(promtool())
     r = subprocess.run([tool, "check", "rules", str(DEPLOY / "prometheus" / "rules.yml")], capture_output=True, text=True)
-    assert r.returncode == 0 and "SUCCESS: 7 rules found" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "SUCCESS: 8 rules found" in r.stdout, r.stdout + r.stderr
     config = (DEPLOY / "prometheus" / "prometheus.yml").read_text().replace("/etc/prometheus/rules.yml", str(DEPLOY / "prometheus" / "rules.yml"))
     (tmp_path / "prometheus.yml").write_text(config)
     r = subprocess.run([tool, "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True)

@@ -70,12 +70,12 @@ def adapters(request, tiny_checkpoints, tmp_path_factory):
     return ckpt, paths, jobs, refs
 
 
-@pytest.mark.parametrize("lora_mode", ["grouped", "slotted"])
-def test_mixed_batch_matches_peft_alone(adapters, lora_mode):
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_mixed_batch_matches_peft_alone(adapters, backend):
+    """Both kernel paths: the native CPU kernels and the device-agnostic torch ops."""
     ckpt, paths, jobs, refs = adapters
     loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
-    cfg = EngineConfig(max_batch_size=16, max_tokens_per_step=256, max_seq_len=128,
-                       lora_gather_threshold=64 if lora_mode == "grouped" else 0)
+    cfg = EngineConfig(max_batch_size=16, max_tokens_per_step=256, max_seq_len=128, attention_backend=backend)
     with ServingCore(loaded, cfg) as core:
         for kind, path in paths.items():
             core.register_adapter(kind, path)

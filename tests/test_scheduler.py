@@ -1,58 +1,230 @@
-"""Admission without a model: batch size, token budget, FIFO, too-long requests."""
+"""The scheduler and the KV block manager without a model: token budget, chunked
+prefill, preemption, prefix caching, LoRA slots, rows that can never run."""
+import torch
+
+from hotswap.server.adapters.weights import Adapter, LoraModuleWeights, LoraWeights, PrefixWeights
 from hotswap.server.config import EngineConfig
-from hotswap.server.engine.batch import Row
 from hotswap.server.engine.detokenize import IncrementalDetokenizer, StopMatcher
+from hotswap.server.engine.kv_blocks import BlockPool, KVBlockManager
 from hotswap.server.engine.request import GenerateRequest, SamplingParams
+from hotswap.server.engine.row import Row
 from hotswap.server.engine.scheduler import Scheduler
-from hotswap.server.errors import InvalidArgument, NotFound
+from hotswap.server.errors import InvalidArgument, NotFound, ResourceExhausted
+
+BS = 4  # block size
 
 
-def row(n_prompt: int, new: int = 8, adapter: str = "") -> Row:
-    ids = list(range(1, n_prompt + 1))
-    req = GenerateRequest(prompt_ids=ids, adapter_id=adapter, params=SamplingParams(max_new_tokens=new))
-    return Row(req, ids, lambda e: None, IncrementalDetokenizer(None, ids), StopMatcher([]))
+def row(n_prompt: int, new: int = 8, adapter: Adapter | None = None, first: int = 1) -> Row:
+    ids = list(range(first, first + n_prompt))
+    req = GenerateRequest(prompt_ids=ids, adapter_id=adapter.id if adapter else "", params=SamplingParams(max_new_tokens=new))
+    return Row(req, ids, lambda e: None, IncrementalDetokenizer(None, ids), StopMatcher([]), adapter=adapter)
+
+
+def lora(adapter_id: str) -> Adapter:
+    w = LoraModuleWeights(torch.zeros(2, 8), torch.zeros(8, 2), 1.0)
+    return Adapter(adapter_id, "LORA", LoraWeights({"layer.q_proj": w}))
+
+
+def prefix(adapter_id: str, nv: int) -> Adapter:
+    return Adapter(adapter_id, "PREFIX_TUNING", PrefixWeights(torch.zeros(1, 1, nv, 4), torch.zeros(1, 1, nv, 4)))
+
+
+def scheduler(blocks: int = 64, **cfg) -> Scheduler:
+    """Prompt chunks bounded by the token budget alone unless a test turns pacing on (see the pacing test)."""
+    cfg = {"max_batch_size": 8, "max_tokens_per_step": 64, "block_size": BS, "max_decode_slowdown": 0, **cfg}
+    return Scheduler(EngineConfig(**cfg), KVBlockManager(blocks, BS), max_seq_len=256)
+
+
+def step(s: Scheduler, next_token: int = 7):
+    """What the engine does with a step: positions computed, blocks offered to the cache,
+    one token sampled for each row whose chunk reached its end."""
+    out = s.schedule()
+    for sr in out.scheduled:
+        sr.row.num_computed = sr.end
+        s.kv.commit(sr.row)
+        if sr.samples:
+            sr.row.output_ids.append(next_token)
+    return out
 
 
 def test_admits_up_to_max_batch_size_in_arrival_order():
-    s = Scheduler(EngineConfig(max_batch_size=3, max_tokens_per_step=1000), None)
+    s = scheduler(max_batch_size=3)
     rows = [row(5) for _ in range(5)]
     for r in rows:
         s.add(r)
-    out = s.schedule()
-    assert out.prefill == rows[:3] and not out.decode
-    s.running.concatenate(out.prefill)
-    out = s.schedule()
-    assert out.prefill == [] and out.decode == rows[:3]
+    out = step(s)
+    assert [x.row for x in out.scheduled] == rows[:3]
+    out = step(s)
+    assert [x.row for x in out.scheduled] == rows[:3] and all(x.num_tokens == 1 for x in out.scheduled)
     assert list(s.waiting) == rows[3:]
 
 
-def test_token_budget_counts_running_rows_and_keeps_fifo():
-    s = Scheduler(EngineConfig(max_batch_size=8, max_tokens_per_step=20), None)
-    s.running.concatenate([row(3), row(3)])  # 2 decode tokens
-    big, small = row(15), row(2)
-    for r in (row(10), big, small):
+def test_long_prompt_is_chunked_and_decoding_rows_never_stall():
+    s = scheduler(max_tokens_per_step=16)
+    decoding = [row(3), row(3)]
+    for r in decoding:
         s.add(r)
-    out = s.schedule()
-    # 2 + 10 = 12 admitted; the 15-token prompt does not fit in 8 and the 2-token one waits behind it.
-    assert [len(r.prompt_ids) for r in out.prefill] == [10]
-    assert list(s.waiting) == [big, small]
+    step(s)
+    long = row(40)
+    s.add(long)
+    chunks = []
+    while long.num_computed < 40:
+        out = step(s)
+        by_row = {id(x.row): x for x in out.scheduled}
+        assert all(by_row[id(r)].num_tokens == 1 for r in decoding)  # a token for every decoding row, every step
+        chunks.append(by_row[id(long)].num_tokens)
+        assert out.num_tokens <= 16
+    assert chunks == [14, 14, 12] and long.output_ids == [7]  # only the last chunk samples
+    assert long.num_computed == 40 and len(long.block_ids) == 40 // BS
+
+
+def test_prompt_chunks_are_paced_by_measured_step_times():
+    """With rows decoding, a step carrying prompt tokens may take at most max_decode_slowdown × a
+    decode-only step: chunks shrink as the prompt's context (and so each token's cost) grows."""
+    s = scheduler(blocks=1024, max_batch_size=16, max_tokens_per_step=512, max_decode_slowdown=3.0)
+    decoding = [row(3, new=240, first=10 + i) for i in range(8)]
+    for r in decoding:
+        s.add(r)
+    step(s)
+    s.observe(step(s), 0.080)  # a decode-only step of 8 rows: 10 ms per row
+
+    def prefill(first: int) -> tuple[list[int], list[float]]:
+        long = row(250, new=1, first=first)
+        s.add(long)
+        chunks, seconds = [], []
+        while long.num_computed < 250:
+            start = long.num_computed
+            out = step(s)
+            chunk = next((x.num_tokens for x in out.scheduled if x.row is long), 0)
+            assert out.num_decoding == 8
+            # A "device" where a prompt token costs 1 ms plus 10 µs per position of context before it.
+            seconds.append(0.080 + chunk * (0.001 + 1e-5 * (start + chunk / 2)))
+            chunks.append(chunk)
+            s.observe(out, seconds[-1])
+        s.finish(long)
+        return chunks, seconds
+
+    chunks, _ = prefill(300)
+    # 2 × 80 ms of spare time per step: one block until a prompt token's cost is measured, then
+    # about 160 tokens, then fewer as the fit learns that context makes each token dearer.
+    assert chunks[0] == BS and 150 <= chunks[1] <= 160 and chunks[2] < chunks[1]
+    # The next prompt is paced by what the first taught: no step goes past 3 × the decode-only 80 ms.
+    chunks, seconds = prefill(600)
+    assert chunks[-1] < chunks[0] and max(seconds) <= 3.0 * 0.080 * 1.05, seconds
+    idle = scheduler(max_tokens_per_step=512, max_decode_slowdown=3.0)
+    lone = row(250, new=1)
+    idle.add(lone)
+    assert idle.schedule().scheduled[0].num_tokens == 250  # nobody decoding: the whole budget
 
 
 def test_rows_that_can_never_run_fail_instead_of_blocking():
-    s = Scheduler(EngineConfig(max_batch_size=4, max_tokens_per_step=16, max_seq_len=64), None)
-    too_wide, too_long, fine = row(17), row(10, new=60), row(4)
-    for r in (too_wide, too_long, fine):
+    s = scheduler(blocks=8)  # 32 positions in the whole pool
+    too_long, too_big, fine = row(10, new=250), row(20, new=20), row(4)
+    for r in (too_long, too_big, fine):
         s.add(r)
     out = s.schedule()
-    assert out.prefill == [fine]
+    assert [x.row for x in out.scheduled] == [fine]
     errors = {id(r): e for r, e in out.failed}
-    assert isinstance(errors[id(too_wide)], InvalidArgument) and "max_tokens_per_step" in str(errors[id(too_wide)])
     assert isinstance(errors[id(too_long)], InvalidArgument) and "max_seq_len" in str(errors[id(too_long)])
+    assert isinstance(errors[id(too_big)], ResourceExhausted) and "KV blocks" in str(errors[id(too_big)])
 
 
 def test_adapter_without_store_is_not_found():
-    s = Scheduler(EngineConfig(), None)
-    r = row(3, adapter="nope")
+    s = scheduler()
+    r = row(3)
+    r.request.adapter_id = "nope"
     s.add(r)
-    out = s.schedule()
-    assert isinstance(out.failed[0][1], NotFound)
+    assert isinstance(s.schedule().failed[0][1], NotFound)
+
+
+def test_dry_pool_preempts_the_newest_row_which_resumes_by_recompute():
+    s = scheduler(blocks=6, max_tokens_per_step=64)  # 24 positions
+    old, new = row(8, new=12), row(8, new=12, first=50)
+    s.add(old)
+    step(s)
+    s.add(new)
+    step(s)
+    assert s.kv.num_used == 5  # old: 9 positions in 3 blocks, new: 8 in 2
+    preempted_at = None
+    for i in range(40):
+        out = step(s)
+        if out.preempted:
+            preempted_at = i
+            assert out.preempted == [new] and new.block_ids == [] and new.num_computed == 0
+            assert s.waiting[0] is new and s.running == [old]
+        if not old.finish_reason and len(old.output_ids) >= 12:
+            old.finish_reason = "length"
+            s.finish(old)
+        if len(new.output_ids) >= 12:
+            break
+    assert preempted_at is not None and new.num_preemptions == 1
+    # Recomputed from its prompt and the tokens it had already generated.
+    assert len(new.output_ids) == 12 and new.num_computed == new.num_tokens - 1
+
+
+def test_prefix_cache_hits_per_adapter_and_always_leaves_a_token_to_compute():
+    s = scheduler()
+    first = row(13)
+    s.add(first)
+    step(s)
+    assert s.kv.stats.hits == 0
+    twin = row(13)  # same tokens, same (base) adapter
+    s.add(twin)
+    out = step(s)
+    sr = next(x for x in out.scheduled if x.row is twin)
+    assert sr.start == 12 and twin.block_ids[:3] == first.block_ids[:3]  # 3 full blocks shared
+    exact = row(12)  # all 12 tokens cached: the last block is recomputed so the step yields logits
+    s.add(exact)
+    out = step(s)
+    sr = next(x for x in out.scheduled if x.row is exact)
+    assert sr.start == 8 and sr.num_tokens == 4 and sr.samples
+    other = row(13, adapter=lora("a@1"))  # same tokens, another adapter: nothing shared
+    other.lora_slot = -1
+    s.add(other)
+    out = step(s)
+    sr = next(x for x in out.scheduled if x.row is other)
+    assert sr.start == 0 and not set(other.block_ids) & set(first.block_ids)
+
+
+def test_prefix_adapter_rows_copy_their_virtual_positions_and_key_them():
+    s = scheduler()
+    a = row(6, adapter=prefix("p@1", nv=5))
+    s.add(a)
+    sr = step(s).scheduled[0]
+    assert (sr.copy_from, sr.start, sr.num_tokens) == (0, 5, 6)  # positions 0..4 copied, 5..10 computed
+    b = row(6, adapter=prefix("p@1", nv=5))
+    s.add(b)
+    sr = step(s).scheduled[-1]
+    assert (sr.copy_from, sr.start) == (8, 8) and b.block_ids[:2] == a.block_ids[:2]
+
+
+def test_freed_blocks_stay_cached_until_reused_least_recently_used_first():
+    pool = BlockPool(4)
+    blocks = pool.allocate(2)
+    pool.register(blocks[0], b"k0")
+    pool.release(blocks)  # the unkeyed block goes to the front, the keyed one is kept longest
+    assert pool.lookup(b"k0") == blocks[0]
+    again = pool.allocate(3)
+    assert blocks[0] not in again and pool.lookup(b"k0") == blocks[0]
+    pool.allocate(1)  # only the cached block is left: reusing it drops its key
+    assert pool.lookup(b"k0") is None
+
+
+def test_more_lora_adapters_than_slots_wait_for_a_free_slot():
+    s = scheduler(max_loras=2)
+    rows = [row(3, new=2, adapter=lora(f"a{i}@1")) for i in range(3)] + [row(3, new=2)]
+    for r in rows:
+        s.add(r)
+    out = step(s)
+    assert {x.row for x in out.scheduled} == {rows[0], rows[1], rows[3]}  # the base row passes the waiting one
+    assert sorted(slot for slot, _ in out.lora_loads) == [0, 1]
+    for r in rows[:2] + rows[3:]:
+        step(s)
+        r.finish_reason = "length"
+    for r in rows[:2] + rows[3:]:
+        s.finish(r)
+    out = step(s)
+    assert [x.row for x in out.scheduled] == [rows[2]] and len(out.lora_loads) == 1
+    again = row(3, new=2, adapter=lora("a2@1"))
+    s.add(again)
+    assert step(s).lora_loads == []  # already in a slot: no copy

@@ -239,9 +239,13 @@ def test_metrics_pass_promtool_and_name_what_ops_need(server, registered, tmp_pa
                  "hotswap_requests_finished_total", "hotswap_request_failures_total", "hotswap_batch_size_bucket",
                  "hotswap_adapters_resident", "hotswap_adapter_loads_total", "hotswap_adapter_evictions_total",
                  "hotswap_adapter_cache_hits_total", "hotswap_adapter_cache_misses_total",
-                 "hotswap_adapter_load_duration_seconds_bucket", "hotswap_lora_requests_info"):
+                 "hotswap_adapter_load_duration_seconds_bucket", "hotswap_lora_requests_info",
+                 "hotswap_kv_cache_used_blocks", "hotswap_kv_cache_capacity_blocks", "hotswap_kv_cache_usage_ratio",
+                 "hotswap_preemptions_total", "hotswap_prefix_cache_queries_total", "hotswap_prefix_cache_hits_total",
+                 "hotswap_lora_slots_busy"):
         assert re.search(rf"^{name}[{{ ]", text, re.M), name
     assert metric(text, "hotswap_adapters_resident", '{tier="device"}') >= 1
+    assert metric(text, "hotswap_kv_cache_capacity_blocks") > 0 and metric(text, "hotswap_prefix_cache_queries_total") > 0
     assert not re.search(r'adapter_id="', text)  # no per-adapter label
     r = subprocess.run([str(promtool()), "check", "metrics"], input=text, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -275,6 +279,22 @@ def test_a_cancelled_call_is_cancelled_and_frees_its_row(server, registered):
         assert time.monotonic() < deadline, "the cancelled call's row was not freed"
         time.sleep(0.2)
     assert metric(scrape(server), "hotswap_requests_running") == 0
+
+
+def test_cancelling_a_call_spares_another_with_the_same_request_id(server, registered):
+    """Client request ids are only echoed: the engine keys rows by its own id, so cancelling one
+    call never ends another call that happens to send the same request_id."""
+    with grpc.insecure_channel(server.target) as ch:
+        stub = inference_pb2_grpc.InferenceServiceStub(ch)
+        sampling = inference_pb2.SamplingParameters(max_new_tokens=200, ignore_eos=True)
+        keep = stub.GenerateStream(inference_pb2.GenerateStreamRequest(prompt="keep", request_id="same", sampling=sampling), timeout=120)
+        drop = stub.GenerateStream(inference_pb2.GenerateStreamRequest(prompt="drop", request_id="same", sampling=sampling), timeout=120)
+        first = next(keep)
+        next(drop)
+        drop.cancel()
+        chunks = [first, *keep]
+    assert sum(len(c.token_ids) for c in chunks) == 200 and chunks[-1].generated_tokens == 200
+    assert chunks[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH and {c.request_id for c in chunks} == {"same"}
 
 
 def hotswap_cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess:

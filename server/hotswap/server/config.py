@@ -11,6 +11,7 @@ from .errors import InvalidArgument
 QUANTIZATIONS = ("none", "nf4", "int8")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEFAULT_MODEL = "default"
+BACKENDS = ("auto", "native", "torch")
 
 
 def _default_cache_dir() -> Path:
@@ -63,23 +64,44 @@ class AdapterCacheConfig:
 @dataclass
 class EngineConfig:
     max_batch_size: int = 64
-    """Rows decoded together in one step."""
-    max_tokens_per_step: int = 4096
-    """Token budget of one step: prompt tokens prefilled plus one per decoding row."""
+    """Rows in the running batch at once (decoding, or part-way through a chunked prefill)."""
+    max_tokens_per_step: int = 2048
+    """Token budget of one step: one per decoding row, the rest for prefill chunks; longer prompts are spread over steps."""
+    max_decode_slowdown: float = 2.5
+    """While rows are decoding, a step that also carries prompt chunks may take at most this many times a
+    decode-only step (chunks are sized from measured step times), so long prompts never stall decoding;
+    0 = only max_tokens_per_step bounds the chunks."""
     max_queue: int = 1024
     """Requests waiting for a row; more are refused with RESOURCE_EXHAUSTED."""
-    max_seq_len: int = 4096
-    """Longest row (virtual tokens + prompt + generated); longer prompts are refused."""
-    lora_gather_threshold: int = 4
-    """Above this many distinct LoRA adapters in a batch, LoRA uses one batched gather-matmul instead of a loop per adapter."""
+    max_seq_len: int = 0
+    """Longest row (virtual tokens + prompt + generated); 0 = the model's context length (max_position_embeddings)."""
+    kv_cache_bytes: int = 0
+    """Byte budget of the paged KV cache; 0 = automatic: on CUDA 90% of the memory free after loading the
+    weights, on CPU 10% of physical RAM (see `kv_cache.default_kv_cache_bytes`)."""
+    block_size: int = 16
+    """Tokens per KV block: the unit of allocation and of prefix caching."""
+    enable_prefix_caching: bool = True
+    """Reuse full KV blocks across requests with the same adapter and the same leading tokens."""
+    max_loras: int = 64
+    """LoRA adapters usable in one batch (device slots); requests for more wait for a free slot. Slot memory,
+    allocated as adapters arrive: max_loras × the highest rank loaded × (in + out) of each targeted linear."""
+    attention_backend: str = "auto"
+    """"auto" (native CPU kernels when they build, else torch), "native" or "torch" (the reference path)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_tokens_per_step", "max_queue", "max_seq_len"):
+        for name in ("max_batch_size", "max_tokens_per_step", "max_queue", "block_size", "max_loras"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument("must be positive", field=name)
+        if not (self.max_decode_slowdown == 0 or self.max_decode_slowdown > 1):
+            raise InvalidArgument(f"must be 0 (off) or above 1, got {self.max_decode_slowdown}", field="max_decode_slowdown")
+        for name in ("max_seq_len", "kv_cache_bytes"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument("must be >= 0 (0 = automatic)", field=name)
         if self.max_tokens_per_step < self.max_batch_size:
             raise InvalidArgument(
                 f"max_tokens_per_step ({self.max_tokens_per_step}) must be at least max_batch_size "
                 f"({self.max_batch_size}): every decoding row needs one token per step",
                 field="max_tokens_per_step",
             )
+        if self.attention_backend not in BACKENDS:
+            raise InvalidArgument(f"must be one of {BACKENDS}, got {self.attention_backend!r}", field="attention_backend")

@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .engine.engine import RequestStream
+    from .engine.loop import RequestStream
     from .engine.scheduler import SchedulerOutput
     from .serving import ServingCore
 
@@ -98,8 +98,16 @@ class EngineCollector(Collector):
             "Adapters of running and waiting requests (comma-separated label values); the value is the time of the reading.",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
-        info.add_metric([",".join(snap.running_adapters), ",".join(snap.waiting_adapters), str(self.core.engine.cfg.max_batch_size)], time.time())
+        info.add_metric([",".join(snap.running_adapters), ",".join(snap.waiting_adapters), str(self.core.engine.cfg.max_loras)], time.time())
         yield info
+        yield _gauge("hotswap_kv_cache_used_blocks", "Paged KV cache blocks held by running rows.", snap.kv_blocks_used)
+        yield _gauge("hotswap_kv_cache_capacity_blocks", "Paged KV cache blocks in the pool (--kv-cache-mb).", snap.kv_blocks_total)
+        yield _gauge("hotswap_kv_cache_usage_ratio", "Fraction of the KV cache's blocks held by running rows.",
+                     snap.kv_blocks_used / max(1, snap.kv_blocks_total))
+        yield _counter("hotswap_preemptions", "Rows preempted when the KV cache ran dry (their blocks freed, recomputed later).", snap.preemptions)
+        yield _counter("hotswap_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", snap.prefix_cache_queries)
+        yield _counter("hotswap_prefix_cache_hits", "Prompt tokens whose key/values were found in the prefix cache.", snap.prefix_cache_hits)
+        yield _gauge("hotswap_lora_slots_busy", "LoRA device slots serving running rows (of --max-loras).", snap.lora_slots_busy)
 
         stats = self.core.adapters.stats()
         resident = GaugeMetricFamily("hotswap_adapters_resident", "Adapters held in each cache tier.", labels=["tier"])

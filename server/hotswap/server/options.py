@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DTYPES, QUANTIZATIONS, AdapterCacheConfig, EngineConfig, ModelConfig
+from .config import BACKENDS, DTYPES, QUANTIZATIONS, AdapterCacheConfig, EngineConfig, ModelConfig
 from .errors import InvalidArgument
 
 
@@ -40,9 +40,14 @@ class ServerOptions:
     model_cache_dir: str = _opt(os.path.expanduser("~/.cache/hotswap"), "where GGUF models are converted once to safetensors")
     # engine
     max_batch_size: int = _opt(64, "rows decoded together in one step")
-    max_tokens_per_step: int = _opt(4096, "token budget of one step (prefill tokens + decoding rows)")
+    max_tokens_per_step: int = _opt(2048, "token budget of one step: one per decoding row, the rest for prompt chunks (long prompts are spread over steps)")
+    max_decode_slowdown: float = _opt(2.5, "while rows decode, a step carrying prompt chunks may take at most this many times a decode-only step (chunks sized from measured step times); 0 = off")
     max_queue: int = _opt(1024, "requests waiting for a row; more get RESOURCE_EXHAUSTED")
-    max_seq_len: int = _opt(4096, "longest row (virtual tokens + prompt + generated); longer prompts get INVALID_ARGUMENT")
+    max_seq_len: int = _opt(0, "longest row (virtual tokens + prompt + generated); 0 = the model's context length; longer requests get INVALID_ARGUMENT")
+    kv_cache_mb: int = _opt(0, "paged KV cache budget, MiB; 0 = automatic (CUDA: 0.85 × the memory free after loading the weights; CPU: 0.1 × physical RAM)")
+    enable_prefix_caching: bool = _opt(True, "reuse cached KV blocks of prompts that start the same way (per adapter version)")
+    max_loras: int = _opt(64, "LoRA adapters usable in one batch (device slots); requests for more wait for a slot")
+    attention_backend: str = _opt("auto", "auto (native CPU kernels when they build, else torch), native, or torch (the reference path)", choices=BACKENDS)
     # adapters
     data_dir: str = _opt(_data_dir(), "holds the registry database and the adapter store unless those are set")
     registry_db: str = _opt("", "adapter registry: a SQLite file, or a postgresql:// URL when several nodes write (default: DATA_DIR/registry.sqlite)")
@@ -86,7 +91,9 @@ class ServerOptions:
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(max_batch_size=self.max_batch_size, max_tokens_per_step=self.max_tokens_per_step,
-                            max_queue=self.max_queue, max_seq_len=self.max_seq_len)
+                            max_queue=self.max_queue, max_seq_len=self.max_seq_len, max_decode_slowdown=self.max_decode_slowdown, kv_cache_bytes=self.kv_cache_mb * 2**20,
+                            enable_prefix_caching=self.enable_prefix_caching, max_loras=self.max_loras,
+                            attention_backend=self.attention_backend)
 
     def cache_config(self) -> AdapterCacheConfig:
         return AdapterCacheConfig(device_bytes=self.adapter_device_cache_mb * 2**20,

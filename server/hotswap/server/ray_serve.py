@@ -109,7 +109,7 @@ class HotswapReplica:
                 yield chunk
         finally:
             if stream.finish_reason is None:  # the caller went away: free the row
-                self.core.cancel(req.request_id)
+                self.core.cancel(stream)
 
     async def replica(self, adapter_id: str = "") -> dict:
         """Which replica answered and what it holds (operations and tests)."""

@@ -12,7 +12,8 @@ from .adapters.load import load_adapter
 from .adapters.registry import AdapterRecord, AdapterRegistry
 from .adapters.weights import Adapter
 from .config import AdapterCacheConfig, EngineConfig, ModelConfig
-from .engine.engine import Engine, EngineLoop, RequestStream
+from .engine.engine import Engine
+from .engine.loop import EngineLoop, RequestStream
 from .engine.request import GenerateRequest, GenerateResult, StreamEvent
 from .model.loader import LoadedModel, load_base_model
 
@@ -78,8 +79,9 @@ class ServingCore:
     def generate(self, request: GenerateRequest, timeout: float | None = None) -> GenerateResult:
         return self.submit(request).result(timeout)
 
-    def cancel(self, request_id: str) -> None:
-        self.loop.cancel(request_id)
+    def cancel(self, stream: RequestStream) -> None:
+        """Cancel a submitted request; its row is freed at the engine's next step."""
+        self.loop.cancel(stream.key)
 
     def close(self) -> None:
         self.loop.shutdown()

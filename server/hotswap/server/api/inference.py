@@ -15,10 +15,11 @@ import grpc
 from hotswap.v1 import inference_pb2, inference_pb2_grpc
 
 from ..adapters.load import SUPPORTED
-from ..engine.engine import RequestStream
+from ..engine.loop import RequestStream
 from ..engine.request import GenerateRequest, SamplingParams, StreamEvent
 from ..errors import DeadlineExceeded, HotswapError, Unavailable
 from . import convert
+from .events import StepEventPump
 from .state import ServerState
 
 ADAPTER_METADATA_KEY = "hotswap-adapter-id"
@@ -34,20 +35,22 @@ def metadata_adapter_id(context: grpc.aio.ServicerContext) -> str:
 class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        self._pump: StepEventPump | None = None
+
+    def _event_pump(self, core) -> StepEventPump:
+        """One per serving core, created on the server's event loop at the first call."""
+        if self._pump is None or self._pump_core is not core:
+            self._pump, self._pump_core = StepEventPump(asyncio.get_running_loop()), core
+            core.loop.step_listeners.append(self._pump.flush)
+        return self._pump
 
     async def _run(self, msg, context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[RequestStream, StreamEvent]]:
         """Submit and yield (stream, event) until the last event; cancels the engine
         request if the caller stops listening (cancel, deadline, disconnect)."""
         core = self.state.ready()
         request = convert.generate_request(msg, metadata_adapter_id(context))
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[StreamEvent] = asyncio.Queue()
-
-        def notify(event: StreamEvent) -> None:  # engine thread
-            with contextlib.suppress(RuntimeError):  # the event loop already closed (server exiting)
-                loop.call_soon_threadsafe(events.put_nowait, event)
-
-        stream = core.submit(request, notify)
+        stream = core.submit(request, self._event_pump(core).notifier(events))
         self.state.inflight += 1
         finished = False
         try:
@@ -62,7 +65,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         finally:
             self.state.inflight -= 1
             if not finished:
-                core.cancel(stream.request.request_id)
+                core.cancel(stream)
 
     @staticmethod
     def _raise_if_failed(event: StreamEvent) -> None:
@@ -111,7 +114,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             source=opts.model, model_type=cfg.model_type, quantization=loaded.config.quantization,
             dtype=str(loaded.dtype).removeprefix("torch."), device=str(loaded.device), fingerprint=loaded.fingerprint,
             vocab_size=core.engine.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers,
-            has_chat_template=bool(loaded.tokenizer.chat_template), max_seq_len=core.engine.cfg.max_seq_len,
+            has_chat_template=bool(loaded.tokenizer.chat_template), max_seq_len=core.engine.max_seq_len,
             max_batch_size=core.engine.cfg.max_batch_size, max_lora_rank=core.cache_cfg.max_lora_rank,
             adapter_types=list(SUPPORTED),
         )

@@ -1,86 +1,62 @@
-"""A slot-per-row KV cache the model writes into through transformers' Cache protocol.
+"""The paged KV cache's tensors: one pool of fixed-size blocks per layer, sized by a
+byte budget. Which row owns which block is `kv_blocks`' business; this module only
+stores and copies.
 
-Row i of the running batch lives in slot i: keys/values [slot, kv_head, pos, dim]
-with the row's own positions starting at 0 (prefix-tuning key/values first,
-then virtual tokens, prompt and output). Keeping the running rows in slots
-0..B-1 lets every forward take plain views — no per-step gather of the cache.
-When a row leaves, the last row moves into its slot (one row copy)."""
+Layout per layer: [num_blocks, block_size, kv_heads, head_dim] (flash-attn's paged
+layout), so the token at slot s = block * block_size + offset is row s of a
+[num_blocks * block_size, kv_heads, head_dim] view. The pool is allocated empty:
+on CPU the pages become resident only as blocks are first written, so memory
+held tracks the tokens the cache has held, and never exceeds the budget."""
 from __future__ import annotations
+
+import os
 
 import torch
 
-
-class SlotKVCache:
-    def __init__(
-        self,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        max_slots: int,
-        max_len: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        initial_len: int = 256,
-    ) -> None:
-        self.num_layers, self.max_slots, self.max_len = num_layers, max_slots, max_len
-        self.capacity = min(initial_len, max_len)
-        shape = (max_slots, num_kv_heads, self.capacity, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-
-    def ensure_capacity(self, length: int) -> None:
-        """Grow the position axis (doubling) so `length` positions fit."""
-        if length <= self.capacity:
-            return
-        new = self.capacity
-        while new < length:
-            new *= 2
-        new = min(new, self.max_len)
-        for cache in (self.keys, self.values):
-            for i, old in enumerate(cache):
-                grown = old.new_zeros(old.shape[:2] + (new,) + old.shape[3:])
-                grown[:, :, : self.capacity] = old
-                cache[i] = grown
-        self.capacity = new
-
-    def write_prefix(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Prefix-tuning key/values, keys/values [layers, kv_heads, n, dim], at positions 0..n-1."""
-        n = keys.shape[2]
-        for layer in range(self.num_layers):
-            self.keys[layer][slot, :, :n] = keys[layer]
-            self.values[layer][slot, :, :n] = values[layer]
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        for cache in (self.keys, self.values):
-            for layer in cache:
-                layer[dst, :, :length] = layer[src, :, :length]
-
-    def view(self, first_slot: int, positions: torch.Tensor, kv_len: int) -> "SlotCacheView":
-        """The cache as one forward sees it: slots first_slot.. for positions.shape[0] rows,
-        new key/values written at `positions` [rows, q_len], attention over 0..kv_len-1."""
-        return SlotCacheView(self, first_slot, positions, kv_len)
+CPU_RAM_FRACTION = 0.10
+"""Default KV budget on CPU: this fraction of physical RAM."""
+CUDA_FREE_FRACTION = 0.85
+"""Default KV budget on CUDA: this fraction of the memory free after the weights are loaded
+(less the adapters' reservation)."""
 
 
-class SlotCacheView:
-    """Duck-types the part of transformers' Cache the attention layers call:
-    `update(key_states, value_states, layer_idx)` writes and returns the full key/values."""
+def default_kv_cache_bytes(device: torch.device, reserved: int = 0) -> int:
+    """`reserved`: device bytes other users will take later (the adapter cache's device tier
+    and the LoRA slots that copy from it), kept out of the CUDA budget."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(max(0, free - reserved) * CUDA_FREE_FRACTION)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * CPU_RAM_FRACTION)
 
-    is_compileable = False
 
-    def __init__(self, cache: SlotKVCache, first_slot: int, positions: torch.Tensor, kv_len: int) -> None:
-        self.cache = cache
-        self.rows = slice(first_slot, first_slot + positions.shape[0])
-        self.positions = positions  # [rows, q_len]
-        self.row_index = torch.arange(positions.shape[0], device=positions.device)[:, None]  # [rows, 1]
-        self.kv_len = kv_len
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        # key_states (rows, kv_heads, q_len, dim); advanced indices on dims 0 and 2 put them first.
-        k = self.cache.keys[layer_idx][self.rows]
-        v = self.cache.values[layer_idx][self.rows]
-        k[self.row_index, :, self.positions] = key_states.transpose(1, 2).to(k.dtype)
-        v[self.row_index, :, self.positions] = value_states.transpose(1, 2).to(v.dtype)
-        return k[:, :, : self.kv_len], v[:, :, : self.kv_len]
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * kv_heads * head_dim * dtype.itemsize
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.kv_len
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of one layer, each [num_blocks, block_size, kv_heads, head_dim]."""
+        return self.keys[layer], self.values[layer]
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+        """key/value [num_tokens, kv_heads, head_dim] into slots [num_tokens]."""
+        k, v = self.keys[layer], self.values[layer]
+        k.view(-1, *k.shape[2:]).index_copy_(0, slots, key.to(k.dtype))
+        v.view(-1, *v.shape[2:]).index_copy_(0, slots, value.to(v.dtype))
+
+    def write_all_layers(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
+        """Prefix tuning: keys/values [layers, kv_heads, n, head_dim] into slots [n] of every layer at once."""
+        flat = (self.keys.shape[0], -1, *self.keys.shape[3:])
+        self.keys.view(flat).index_copy_(1, slots, keys.transpose(1, 2).to(self.keys.dtype))
+        self.values.view(flat).index_copy_(1, slots, values.transpose(1, 2).to(self.values.dtype))

@@ -1,146 +1,137 @@
-"""Per-row LoRA inside every linear of the base model.
+"""LoRA for every row of the packed batch at once, by per-token slot index.
 
-Each linear of the decoder gets a forward hook once at start-up. The base matmul runs
-once for the whole batch; each row then adds scale * B(A x) for its own
-adapter. Two ways to apply it, chosen once per forward (`LoraBatch`):
+Each adapter in use sits once in a device slot (`LoraSlots`): for every linear
+some adapter targets, A [slots, rank_cap, in] and B [slots, rank_cap, out] with
+the adapter's scale folded into B. A forward hook on each such linear
+adds B[s] (A[s] x) to every token whose row runs the adapter in slot s — shrink
+then expand, SGMV/BGMV semantics — in two kernel calls whatever the number of
+distinct adapters in the batch; no weights are copied per row or per step. A
+linear gets its hook when the first adapter targeting it is loaded, so base-only
+models pay nothing.
 
-- grouped: one pair of small matmuls per distinct adapter on its rows — best
-  when a few adapters share the batch;
-- slotted: every row's weights sit in a per-row slot laid out like the KV
-  cache (row i in slot i, copied once when the row joins), so the whole batch
-  takes two batched matmuls per linear whatever the number of adapters
-  (BGMV-style, without a per-step gather).
-"""
+A hook rather than a wrapper module keeps the model's module tree exactly as
+transformers built it, so adapter validation and PEFT's module paths see the
+same names and types."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..adapters.weights import LoraWeights
+from . import kernels
 
 
-@dataclass
-class LoraBatch:
-    """How one forward applies LoRA; computed once per forward, read by every linear."""
+class LoraSlots:
+    """Stacked LoRA weights of up to `max_loras` adapters. Tensors exist only for linears
+    some loaded adapter targets; the rank axis grows to the highest rank loaded."""
 
-    groups: list[tuple[LoraWeights, torch.Tensor | None]] = field(default_factory=list)
-    """grouped mode: (adapter, row indices [n] into the batch); None means every row."""
-    slots: slice | None = None
-    """slotted mode: the batch's rows are these LoRA row slots."""
-    rank: int = 0
-    """slotted mode: the highest rank in the batch (slots are padded with zeros beyond a row's rank)."""
-
-    @classmethod
-    def plan(cls, row_adapters: list[LoraWeights | None], first_slot: int, max_groups: int, device: torch.device) -> "LoraBatch":
-        by_adapter: dict[int, tuple[LoraWeights, list[int]]] = {}
-        for i, w in enumerate(row_adapters):
-            if w is not None:
-                by_adapter.setdefault(id(w), (w, []))[1].append(i)
-        if len(by_adapter) > max_groups:
-            rank = max(m.rank for w, _ in by_adapter.values() for m in w.modules.values())
-            return cls(slots=slice(first_slot, first_slot + len(row_adapters)), rank=rank)
-        groups = []
-        for w, rows in by_adapter.values():
-            index = None if len(rows) == len(row_adapters) else torch.tensor(rows, device=device)
-            groups.append((w, index))
-        return cls(groups)
-
-
-class LoraRowSlots:
-    """Per-row copies of each running row's LoRA weights, one slot per KV slot.
-
-    Tensors exist only for linears some admitted adapter has targeted; the rank
-    axis grows to the highest rank seen. The scale is folded into B."""
-
-    def __init__(self, max_rows: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.max_rows, self.device, self.dtype = max_rows, device, dtype
+    def __init__(self, linears: dict[str, nn.Linear], max_loras: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.linears = linears
+        """Every linear an adapter may target, by module path (the output head excluded)."""
+        self.max_loras, self.device, self.dtype = max_loras, device, dtype
+        self.on_new_target: Callable[[str], None] | None = None
+        """Called when a loaded adapter is the first to target a linear (the runner hooks it)."""
         self.rank_cap = 0
-        self.a: dict[str, torch.Tensor] = {}  # name -> [max_rows, rank_cap, in]
-        self.b: dict[str, torch.Tensor] = {}  # name -> [max_rows, out, rank_cap]
+        self.a: dict[str, torch.Tensor] = {}  # name -> [max_loras, rank_cap, in]
+        self.b: dict[str, torch.Tensor] = {}  # name -> [max_loras, rank_cap, out]: rows of outputs, read only up to a slot's rank
+        self.ranks: dict[str, torch.Tensor] = {}  # name -> [max_loras] int32, 0 = not targeted
 
     def _grow_rank(self, rank: int) -> None:
         if rank <= self.rank_cap:
             return
+        pad = rank - self.rank_cap
         for name in self.a:
             a, b = self.a[name], self.b[name]
-            self.a[name] = torch.cat([a, a.new_zeros(a.shape[0], rank - self.rank_cap, a.shape[2])], dim=1)
-            self.b[name] = torch.cat([b, b.new_zeros(b.shape[0], b.shape[1], rank - self.rank_cap)], dim=2)
+            self.a[name] = torch.cat([a, a.new_zeros(a.shape[0], pad, a.shape[2])], dim=1)
+            self.b[name] = torch.cat([b, b.new_zeros(b.shape[0], pad, b.shape[2])], dim=1)
         self.rank_cap = rank
 
-    def assign(self, slot: int, weights: LoraWeights | None) -> None:
-        modules = weights.modules if weights is not None else {}
-        if modules:
-            self._grow_rank(max(m.rank for m in modules.values()))
-        for name, m in modules.items():
+    def load(self, slot: int, weights: LoraWeights) -> None:
+        """Put an adapter's weights into `slot` (whatever was there before is overwritten)."""
+        for name, m in weights.modules.items():
+            linear = self.linears.get(name)
+            if linear is None or m.a.shape[1] != linear.in_features or m.b.shape[0] != linear.out_features or m.b.shape[1] != m.rank:
+                raise ValueError(f"{name}: LoRA A {tuple(m.a.shape)} / B {tuple(m.b.shape)} do not fit "
+                                 + (f"the linear ({linear.in_features} in, {linear.out_features} out)" if linear else "any linear of the base model"))
+        self._grow_rank(max(m.rank for m in weights.modules.values()))
+        for name, m in weights.modules.items():
             if name not in self.a:
-                self.a[name] = torch.zeros(self.max_rows, self.rank_cap, m.a.shape[1], device=self.device, dtype=self.dtype)
-                self.b[name] = torch.zeros(self.max_rows, m.b.shape[0], self.rank_cap, device=self.device, dtype=self.dtype)
+                linear = self.linears[name]
+                self.a[name] = torch.zeros(self.max_loras, self.rank_cap, linear.in_features, device=self.device, dtype=self.dtype)
+                self.b[name] = torch.zeros(self.max_loras, self.rank_cap, linear.out_features, device=self.device, dtype=self.dtype)
+                self.ranks[name] = torch.zeros(self.max_loras, dtype=torch.int32, device=self.device)
+                if self.on_new_target is not None:
+                    self.on_new_target(name)
         for name in self.a:
-            m = modules.get(name)
+            m = weights.modules.get(name)
             self.a[name][slot].zero_()
             self.b[name][slot].zero_()
+            self.ranks[name][slot] = 0 if m is None else m.rank
             if m is not None:
                 self.a[name][slot, : m.rank] = m.a
-                self.b[name][slot, :, : m.rank] = m.b * m.scale
+                self.b[name][slot, : m.rank] = (m.b * m.scale).T
 
-    def move(self, src: int, dst: int) -> None:
-        for name in self.a:
-            self.a[name][dst] = self.a[name][src]
-            self.b[name][dst] = self.b[name][src]
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.a, self.b) for t in d.values())
+
+
+@dataclass
+class LoraStep:
+    """Set by the runner around one forward."""
+
+    token_slots: torch.Tensor
+    """[num_tokens] int32: the LoRA slot of each token's row, -1 for rows without LoRA."""
+    backend: str
 
 
 class LoraContext:
-    """Shared by every wrapped linear; the runner sets `batch` before each forward."""
+    """Shared by every hooked linear."""
 
-    def __init__(self, slots: LoraRowSlots) -> None:
-        self.batch = LoraBatch()
+    def __init__(self, slots: LoraSlots) -> None:
         self.slots = slots
+        self.step: LoraStep | None = None
+        """None while no row of the forward has a LoRA adapter."""
 
 
 class LoraDelta:
-    """Forward hook on one base linear: adds each row's LoRA delta to the shared base output.
-
-    A hook rather than a wrapper module keeps the model's module tree exactly as
-    transformers built it, so adapter validation and PEFT's module paths see the
-    same names and types."""
+    """Forward hook on one base linear: adds each token's LoRA delta to the shared base output."""
 
     def __init__(self, name: str, ctx: LoraContext) -> None:
         self.name = name
         self.ctx = ctx
 
     def __call__(self, module: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor:
-        # The base output is a fresh tensor, so the deltas accumulate into it in place
-        # (fused multiply-adds: on CPU the per-op dispatch, not the FLOPs, is the cost).
-        x = args[0]  # (B, T, in); y (B, T, out)
-        batch = self.ctx.batch
-        if batch.slots is not None:
-            a = self.ctx.slots.a.get(self.name)
-            if a is not None:
-                a = a[batch.slots, : batch.rank]  # (B, r, in)
-                b = self.ctx.slots.b[self.name][batch.slots, :, : batch.rank]  # (B, out, r), scale folded in
-                y.baddbmm_(torch.bmm(x.to(a.dtype), a.transpose(1, 2)).to(y.dtype), b.transpose(1, 2).to(y.dtype))
+        step = self.ctx.step
+        slots = self.ctx.slots
+        a = slots.a.get(self.name) if step is not None else None
+        if a is None:
             return y
-        for weights, rows in batch.groups:
-            m = weights.modules.get(self.name)
-            if m is None:
-                continue
-            if rows is None:
-                y2 = y.view(-1, y.shape[-1])  # (B*T, out)
-                y2.addmm_(x.reshape(-1, x.shape[-1]) @ m.a.T, m.b.T, alpha=m.scale)
-            else:
-                y.index_add_(0, rows, (x.index_select(0, rows) @ m.a.T) @ m.b.T, alpha=m.scale)
+        b, ranks = slots.b[self.name], slots.ranks[self.name]
+        x = args[0].reshape(-1, args[0].shape[-1])  # [num_tokens, in]
+        y2 = y.view(-1, y.shape[-1])  # [num_tokens, out]; the base output is fresh, so the delta goes in place
+        t = torch.empty(x.shape[0], a.shape[1], device=x.device, dtype=torch.float32)  # [num_tokens, rank_cap]
+        kernels.lora_shrink(t, x.to(a.dtype), a, step.token_slots, ranks, backend=step.backend)
+        if y2.dtype == b.dtype:
+            kernels.lora_expand(y2, t, b, step.token_slots, ranks, backend=step.backend)
+        else:  # e.g. an int8 base whose matmul returns another dtype than the compute dtype
+            delta = torch.zeros(y2.shape, device=y2.device, dtype=b.dtype)
+            kernels.lora_expand(delta, t, b, step.token_slots, ranks, backend=step.backend)
+            y2 += delta.to(y2.dtype)
         return y
 
 
-def attach_lora(model: nn.Module, ctx: LoraContext) -> list[str]:
-    """Hook every linear except the output head (bitsandbytes' Linear4bit and
-    Linear8bitLt subclass nn.Linear); returns the hooked module paths."""
+def lora_targets(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every linear except the output head (bitsandbytes' Linear4bit and Linear8bitLt subclass nn.Linear)."""
     head = model.get_output_embeddings()
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module is not head:
-            module.register_forward_hook(LoraDelta(name, ctx))
-            names.append(name)
-    return names
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+
+
+def attach_lora(model: nn.Module, max_loras: int, device: torch.device, dtype: torch.dtype) -> LoraContext:
+    """LoRA slots for `model`; each linear is hooked when an adapter first targets it."""
+    ctx = LoraContext(LoraSlots(lora_targets(model), max_loras, device, dtype))
+    ctx.slots.on_new_target = lambda name: ctx.slots.linears[name].register_forward_hook(LoraDelta(name, ctx))
+    return ctx

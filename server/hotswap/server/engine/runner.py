@@ -1,115 +1,108 @@
-"""One forward pass over a set of rows: builds embeddings, positions, the
-attention mask and the cache view, applies each row's adapter, returns the
-next-token logits. Owns the model and the KV cache; knows nothing of requests."""
+"""One packed forward: the new tokens of every scheduled row flattened into one
+sequence with per-token positions, no padding. Builds the inputs (embeddings,
+cache slots, block tables, per-token LoRA slots), runs the model once, and
+returns the next-token logits of the rows that sample. Owns the model, the
+paged KV cache tensors and the LoRA slots; knows nothing of requests."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..adapters.weights import LoraWeights
 from ..config import EngineConfig
-from .batch import Row
-from .kv_cache import SlotKVCache
-from .lora import LoraBatch, LoraContext, LoraRowSlots, attach_lora
+from ..errors import ModelLoadError
+from . import kernels
+from .attention import ATTENTION_NAME, BATCH_KWARG, AttentionBatch
+from .inputs import build_inputs
+from .kv_cache import PagedKVCache, default_kv_cache_bytes
+from .lora import LoraStep, attach_lora
+from .scheduler import ScheduledRow
 
 if TYPE_CHECKING:
     from ..model.loader import LoadedModel
 
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """"auto": the native kernels on CPU when they build (once per machine), else the torch reference ops."""
+    if name == "auto":
+        return "native" if device.type == "cpu" and kernels.native_available() else "torch"
+    if name == "native" and not kernels.native_available():
+        raise ModelLoadError(f"native kernels unavailable: {kernels.native_unavailable_reason()}", field="attention_backend")
+    return name
 
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, cfg: EngineConfig) -> None:
         self.model = loaded.model
         self.device, self.dtype = loaded.device, loaded.dtype
-        text_cfg = self.model.config.get_text_config()
-        self.num_layers = text_cfg.num_hidden_layers
-        self.num_kv_heads = getattr(text_cfg, "num_key_value_heads", None) or text_cfg.num_attention_heads
-        self.head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
-        self.layer_types = getattr(text_cfg, "layer_types", None)
-        self.sliding_window = getattr(text_cfg, "sliding_window", None)
-        self.lora_groups_max = cfg.lora_gather_threshold
-        self.lora_ctx = LoraContext(LoraRowSlots(cfg.max_batch_size, self.device, self.dtype))
-        self.lora_modules = attach_lora(self.model, self.lora_ctx)
+        text = self.model.config.get_text_config()
+        self.num_layers = text.num_hidden_layers
+        self.kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.context_length = int(getattr(text, "max_position_embeddings", 0) or 0)
+        self.backend = resolve_backend(cfg.attention_backend, self.device)
+        self.block_size = cfg.block_size
+        self.lora = attach_lora(self.model, cfg.max_loras, self.device, self.dtype)
+        self.model.set_attn_implementation(ATTENTION_NAME)
+        if self.model.config._attn_implementation != ATTENTION_NAME:
+            raise ModelLoadError(f"{type(self.model).__name__} does not route attention through transformers' "
+                                 "AttentionInterface, which the paged KV cache needs", field="source")
         self.decoder = self.model.base_model
         self.embed = self.model.get_input_embeddings()
         self.head = self.model.get_output_embeddings()
-        self.cache = SlotKVCache(
-            self.num_layers, self.num_kv_heads, self.head_dim, cfg.max_batch_size, cfg.max_seq_len, self.device, self.dtype
-        )
+        self.cache: PagedKVCache | None = None
 
-    # -- masks -----------------------------------------------------------------
-    def _mask(self, positions: torch.Tensor, kv_len: int):
-        """Causal in each row's own positions: query at p sees keys 0..p of its slot.
-        Additive float mask (rows, 1, q_len, kv_len) that both sdpa and eager accept."""
-        keys = torch.arange(kv_len, device=self.device)
-        allowed = keys[None, None, :] <= positions[:, :, None]  # (rows, q, kv)
-        masks = {"full_attention": allowed}
-        if self.layer_types and "sliding_attention" in self.layer_types and self.sliding_window:
-            masks["sliding_attention"] = allowed & (keys[None, None, :] > positions[:, :, None] - self.sliding_window)
-        neg = torch.finfo(self.dtype).min
-        out = {k: torch.zeros(m.shape, device=self.device, dtype=self.dtype).masked_fill_(~m, neg)[:, None] for k, m in masks.items()}
-        return out if len(out) > 1 else out["full_attention"]
+    def allocate_cache(self, budget_bytes: int, max_blocks: int, reserved: int = 0) -> int:
+        """Allocate the paged cache within `budget_bytes` (0 = the device default, leaving
+        `reserved` bytes for adapters), at most `max_blocks` blocks; returns the number of blocks."""
+        per_block = PagedKVCache.bytes_per_block(self.num_layers, self.block_size, self.kv_heads, self.head_dim, self.dtype)
+        budget = budget_bytes or default_kv_cache_bytes(self.device, reserved)
+        num_blocks = min(budget // per_block, max_blocks)
+        if num_blocks < 1:
+            raise ModelLoadError(f"a KV budget of {budget} bytes holds no block of {per_block} bytes", field="kv_cache_mb")
+        self.cache = PagedKVCache(self.num_layers, num_blocks, self.block_size, self.kv_heads, self.head_dim, self.device, self.dtype)
+        return num_blocks
 
-    def _forward(self, first_slot: int, rows: list[Row], embeds: torch.Tensor, positions: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        kv_len = int(positions.max()) + 1
-        self.cache.ensure_capacity(kv_len)
-        view = self.cache.view(first_slot, positions, kv_len)
-        self.lora_ctx.batch = LoraBatch.plan([r.lora for r in rows], first_slot, self.lora_groups_max, self.device)
+    def load_lora(self, slot: int, weights: LoraWeights) -> None:
+        self.lora.slots.load(slot, weights)
+
+    # -- the forward -------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledRow]) -> torch.Tensor:
+        """Logits [rows that sample, vocab] (float32), in scheduled order."""
+        dev = self.device
+        step = build_inputs(scheduled, self.block_size, dense_chunks=self.backend == "torch")
+        positions = step.positions.to(dev)
+        embeds = self._embeddings(scheduled, step.ids.to(dev), step.first)  # [num_tokens, hidden]
+        self._copy_prefixes(scheduled)
+        paged_tokens = len(step.ids) - sum(d.num_tokens for d in step.dense)
+        batch = AttentionBatch(self.cache, step.slots.to(dev), step.block_tables.to(dev), step.token_rows.to(dev),
+                               positions.to(torch.int32), step.dense, paged_tokens, self.backend)
+        self.lora.step = LoraStep(step.lora_slots.to(dev), self.backend) if step.lora_slots is not None else None
         try:
-            hidden = self.decoder(
-                inputs_embeds=embeds,
-                attention_mask=self._mask(positions, kv_len),
-                position_ids=positions,
-                past_key_values=view,
-                use_cache=True,
-            ).last_hidden_state  # (rows, q_len, hidden)
+            hidden = self.decoder(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
+                                  **{BATCH_KWARG: batch}).last_hidden_state[0]  # [num_tokens, hidden]
         finally:
-            self.lora_ctx.batch = LoraBatch()
-        picked = hidden[torch.arange(len(rows), device=self.device), last]  # (rows, hidden)
-        return self.head(picked).float()  # (rows, vocab)
+            self.lora.step = None
+        return self.head(hidden[step.sample_at.to(dev)]).float()  # [sampling rows, vocab]
 
-    # -- the two kinds of step -------------------------------------------------
-    @torch.inference_mode()
-    def prefill(self, first_slot: int, rows: list[Row]) -> torch.Tensor:
-        """Rows occupy slots first_slot.. in order. Writes prefix key/values, runs
-        virtual tokens + prompt (right-padded), returns logits of each row's last token."""
-        chunks, starts = [], []
-        for i, row in enumerate(rows):
-            ids = torch.tensor(row.prompt_ids, device=self.device)
-            emb = self.embed(ids)  # (len, hidden)
-            if row.prompt_embeddings is not None:
-                emb = torch.cat([row.prompt_embeddings.to(emb.dtype), emb])
-            start = 0
-            self.lora_ctx.slots.assign(first_slot + i, row.lora)
-            if row.prefix is not None:
-                self.cache.ensure_capacity(row.prefix.keys.shape[2] + emb.shape[0])
-                self.cache.write_prefix(first_slot + i, row.prefix.keys, row.prefix.values)
-                start = row.prefix.keys.shape[2]
-            chunks.append(emb)
-            starts.append(start)
-        width = max(c.shape[0] for c in chunks)
-        embeds = chunks[0].new_zeros(len(rows), width, chunks[0].shape[1])
-        for i, c in enumerate(chunks):
-            embeds[i, : c.shape[0]] = c
-        starts_t = torch.tensor(starts, device=self.device)
-        positions = starts_t[:, None] + torch.arange(width, device=self.device)[None, :]  # (rows, width)
-        last = torch.tensor([c.shape[0] - 1 for c in chunks], device=self.device)
-        logits = self._forward(first_slot, rows, embeds, positions, last)
-        for row, start, c in zip(rows, starts, chunks):
-            row.length = start + c.shape[0]
-        return logits
+    def _embeddings(self, scheduled: list[ScheduledRow], ids: torch.Tensor, first: list[int]) -> torch.Tensor:
+        """Token embeddings; prompt-tuning positions take the adapter's virtual-token embeddings."""
+        embeds = self.embed(ids.clamp(min=0))
+        for s, q in zip(scheduled, first):
+            table = s.row.prompt_embeddings  # [num_virtual, hidden]
+            if table is not None and s.start < len(table):
+                end = min(s.end, len(table))
+                embeds[q: q + end - s.start] = table[s.start: end].to(embeds.dtype)
+        return embeds
 
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        """A row changes slot (the batch was compacted): its key/values and LoRA slot follow."""
-        self.cache.move(src, dst, length)
-        self.lora_ctx.slots.move(src, dst)
-
-    @torch.inference_mode()
-    def decode(self, first_slot: int, rows: list[Row]) -> torch.Tensor:
-        """Rows in slots first_slot.. each feed their last sampled token."""
-        ids = torch.tensor([r.output_ids[-1] for r in rows], device=self.device)
-        positions = torch.tensor([r.length for r in rows], device=self.device)[:, None]  # (rows, 1)
-        logits = self._forward(first_slot, rows, self.embed(ids)[:, None], positions, torch.zeros(len(rows), dtype=torch.long, device=self.device))
-        for row in rows:
-            row.length += 1
-        return logits
+    def _copy_prefixes(self, scheduled: list[ScheduledRow]) -> None:
+        """Prefix tuning: the adapter's key/values go straight into the row's first positions."""
+        for s in scheduled:
+            if s.copy_from < s.start:
+                pos = torch.arange(s.copy_from, s.start)
+                blocks = torch.tensor(s.row.block_ids)[pos // self.block_size]
+                slots = (blocks * self.block_size + pos % self.block_size).to(self.device)
+                prefix = s.row.prefix
+                self.cache.write_all_layers(prefix.keys[:, :, s.copy_from: s.start], prefix.values[:, :, s.copy_from: s.start], slots)

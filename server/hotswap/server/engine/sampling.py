@@ -1,9 +1,15 @@
-"""Per-row sampling as small pure functions over a [B, V] logits tensor.
+"""Sampling for all rows in one pass over a [rows, vocab] logits tensor, as small
+pure functions with no host round-trip inside (gpt-fast style): the caller copies
+the step's results to the host once.
 
-Each row carries its own parameters and its own torch.Generator, so a seeded
-request draws the same tokens whatever its batch mates are (gpt-fast style:
-no host round-trips inside; the caller syncs once per step)."""
+A draw is the exponential race: argmax(p / E) with E ~ Exp(1) per token, which
+picks token i with probability p_i. Rows with a seed draw E from their own
+generator, so a seeded request gets the same tokens whatever its batch mates;
+the other rows share one engine-owned generator. The process-wide RNG is never
+touched."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -40,9 +46,20 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-def sample_rows(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One multinomial draw per row with that row's generator. probs [B, V] -> [B]."""
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | None], shared: torch.Generator | None) -> torch.Tensor:
+    """One draw per row: probs [B, V] -> [B]. Row i's noise comes from generators[i], or `shared` when None."""
+    noise = torch.empty_like(probs)
+    own = [i for i, g in enumerate(generators) if g is not None]
+    others = [i for i, g in enumerate(generators) if g is None]
+    for i in own:
+        noise[i].exponential_(generator=generators[i])
+    if others:
+        if len(others) == len(generators):
+            noise.exponential_(generator=shared)
+        else:
+            idx = torch.tensor(others, device=probs.device)
+            noise[idx] = torch.empty(len(others), probs.shape[1], device=probs.device, dtype=probs.dtype).exponential_(generator=shared)
+    return (probs / noise).argmax(dim=-1)
 
 
 def process_and_sample(
@@ -51,18 +68,75 @@ def process_and_sample(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     generators: list[torch.Generator | None],
+    stochastic: list[int] | None = None,
+    shared: torch.Generator | None = None,
 ) -> torch.Tensor:
     """logits [B, V] (penalties already applied) -> next token ids [B].
 
-    Rows with temperature 0 are greedy; the others are scaled, filtered and sampled.
-    """
+    Rows with temperature 0 are greedy; the others (`stochastic`, their indices, read from
+    `temperature` when not given) are scaled, filtered and drawn."""
     greedy = logits.argmax(dim=-1)
-    stochastic = temperature > 0
-    if not bool(stochastic.any()):
+    if stochastic is None:
+        stochastic = (temperature > 0).nonzero().squeeze(1).tolist()
+    if not stochastic:
         return greedy
-    idx = stochastic.nonzero().squeeze(1)
+    if shared is None and any(generators[i] is None for i in stochastic):
+        shared = torch.Generator(device=logits.device)
+        shared.seed()
+    idx = torch.tensor(stochastic, device=logits.device)
     sub = logits.index_select(0, idx).float() / temperature.index_select(0, idx)[:, None]
     sub = apply_top_k(sub, top_k.index_select(0, idx))
     sub = apply_top_p(sub, top_p.index_select(0, idx))
-    drawn = sample_rows(sub.softmax(dim=-1), [generators[i] for i in idx.tolist()])
+    drawn = exponential_race(sub.softmax(dim=-1), [generators[i] for i in stochastic], shared)
     return greedy.index_put((idx,), drawn)
+
+
+@dataclass
+class SampledStep:
+    """One step's results, copied to the host in a single transfer."""
+
+    tokens: list[int]
+    logprobs: list[float] | None
+    """Log-probability of each sampled token (under the raw logits), when any row asked."""
+    top: list[list[tuple[int, float]]] | None
+    """The k_max most likely (token, logprob) per row, best first, when any row asked for alternatives."""
+    finite: list[bool]
+    """False where the row's logits held NaN or inf (the row fails alone)."""
+
+
+def sample_step(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
+                generators: list[torch.Generator | None], shared: torch.Generator, want_logprobs: bool, k_max: int,
+                penalized: torch.Tensor | None = None) -> SampledStep:
+    """logits [B, V] raw; `penalized` the same after repetition penalties (or None).
+
+    Every full pass over [B, V] costs as much as a small layer on CPU, so greedy rows
+    take one: the row maximum gives both the token and the health check (a NaN or +inf
+    maximum means the row's forward broke). Only rows that sample or want log-probs
+    pay for more."""
+    dev = logits.device
+    scores = logits if penalized is None else penalized
+    best, tokens = scores.max(dim=-1)  # [B]
+    finite = torch.isfinite(best) & (torch.isfinite(logits.max(dim=-1).values) if penalized is not None else True)
+    stochastic = [i for i, t in enumerate(temperature) if t > 0]
+    if stochastic:
+        idx = torch.tensor(stochastic, device=dev)
+        sub = torch.nan_to_num(scores.index_select(0, idx))
+        drawn = process_and_sample(sub, torch.tensor([temperature[i] for i in stochastic], device=dev),
+                                   torch.tensor([top_k[i] for i in stochastic], device=dev),
+                                   torch.tensor([top_p[i] for i in stochastic], device=dev),
+                                   [generators[i] for i in stochastic], list(range(len(stochastic))), shared)
+        tokens = tokens.index_put((idx,), drawn)
+    cols = [tokens.double()[:, None], finite.double()[:, None]]
+    if want_logprobs:
+        logp = torch.log_softmax(torch.nan_to_num(logits), dim=-1)
+        cols.append(logp.gather(1, tokens[:, None]).double())
+        if k_max:
+            top = logp.topk(k_max, dim=-1)
+            cols += [top.indices.double(), top.values.double()]
+    host = torch.cat(cols, dim=1).tolist()  # the step's one device -> host copy
+    return SampledStep(
+        tokens=[int(r[0]) for r in host],
+        logprobs=[r[2] for r in host] if want_logprobs else None,
+        top=[list(zip(map(int, r[3: 3 + k_max]), r[3 + k_max:])) for r in host] if want_logprobs and k_max else None,
+        finite=[r[1] > 0 for r in host],
+    )

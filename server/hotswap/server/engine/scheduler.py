@@ -1,54 +1,209 @@
-"""Admission: which waiting rows join the batch this step. Never touches tensors,
-so it is tested without a model."""
-from __future__ import annotations
+"""Which rows compute which positions this step. Never touches tensors, so it is
+tested without a model.
 
-from typing import TYPE_CHECKING
+Every step spends a token budget: first one token for each decoding row, then
+chunks of prompts (a long prompt is spread over several steps, so decoding rows
+never stall behind it), then new rows in arrival order. A row needs KV blocks
+for what it computes; when the pool runs dry the newest running row is
+preempted — its blocks are freed and it is recomputed later — so the cache never
+runs out of memory. A new row starts from the longest prefix of its tokens
+already cached for its adapter."""
+from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from ..adapters.weights import LoraWeights
 from ..config import EngineConfig
-from ..errors import HotswapError, InvalidArgument, NotFound
-from .batch import Row, RunningBatch
+from ..errors import HotswapError, InvalidArgument, NotFound, ResourceExhausted
+from .kv_blocks import KVBlockManager
+from .lora_slots import LoraSlotTable
+from .pacing import PrefillPacer
+from .row import Row
 
 if TYPE_CHECKING:
     from ..adapters.cache import AdapterCache
 
 
+@dataclass
+class ScheduledRow:
+    row: Row
+    start: int
+    """First position fed through the forward this step."""
+    num_tokens: int
+    """Positions start..start+num_tokens-1 are computed this step (laid out contiguously in the packed batch)."""
+    copy_from: int
+    """Prefix-tuning rows: positions copy_from..start-1 take the adapter's key/values without
+    any compute (copy_from == start: nothing to copy)."""
+    samples: bool = False
+    """The chunk reaches the row's last known position, so its logits give the next token."""
+    decode: bool = False
+    """The row feeds back one token it generated (it is not part-way through a prompt)."""
+
+    def __post_init__(self) -> None:
+        self.samples = self.end == self.row.num_tokens
+        self.decode = self.num_tokens == 1 and self.start >= self.row.num_virtual + len(self.row.prompt_ids)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
 
 @dataclass
 class SchedulerOutput:
-    """What one engine step executes."""
+    """What one engine step executes (after vLLM v1's SchedulerOutput)."""
 
-    prefill: list[Row] = field(default_factory=list)
-    """Admitted this step; they take the slots after the running rows, in this order."""
-    decode: list[Row] = field(default_factory=list)
-    """Rows already running; each takes one decode step (slots 0..len-1)."""
+    scheduled: list[ScheduledRow] = field(default_factory=list)
+    """Rows that compute this step, in packed order: decoding rows, prompt chunks, then new rows."""
+    lora_loads: list[tuple[int, LoraWeights]] = field(default_factory=list)
+    """LoRA slots to fill before the forward: (slot, the adapter's weights)."""
+    preempted: list[Row] = field(default_factory=list)
+    """Rows that lost their KV blocks this step; they wait at the front of the queue and are recomputed."""
     failed: list[tuple[Row, HotswapError]] = field(default_factory=list)
-    """Waiting rows that can never run (their adapter failed to load, or is too long with it)."""
+    """Waiting rows that can never run (their adapter failed to load, or they cannot fit)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def num_decoding(self) -> int:
+        """Rows feeding one generated token (the rest of the step's tokens are prompt chunks)."""
+        return sum(1 for s in self.scheduled if s.decode)
 
     @property
     def empty(self) -> bool:
-        return not (self.prefill or self.decode or self.failed)
+        return not (self.scheduled or self.failed or self.preempted)
+
+
+class PromptBudget:
+    """One step's allowance of prompt work (see pacing): the first chunk always moves."""
+
+    def __init__(self, pacer: PrefillPacer, spare: float | None) -> None:
+        self.pacer, self.spare, self.first = pacer, spare, True
+
+    def peek(self, context: int, cap: int) -> int:
+        return self.pacer.tokens(self.spare, context, cap, self.first)[0]
+
+    def take(self, context: int, cap: int) -> int:
+        n, seconds = self.pacer.tokens(self.spare, context, cap, self.first)
+        if n > 0:
+            self.first = False
+            if self.spare is not None:
+                self.spare = max(0.0, self.spare - seconds)
+        return n
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, adapters: AdapterCache | None) -> None:
+    def __init__(self, cfg: EngineConfig, kv: KVBlockManager, max_seq_len: int, adapters: AdapterCache | None = None) -> None:
         self.cfg = cfg
+        self.kv = kv
+        self.max_seq_len = max_seq_len
         self.adapters = adapters
+        self.lora_slots = LoraSlotTable(cfg.max_loras)
+        self.pacer = PrefillPacer(cfg.max_decode_slowdown, cfg.block_size)
         self.waiting: deque[Row] = deque()
-        self.running = RunningBatch()
+        self.running: list[Row] = []
+        """Admission order, newest last (the first to be preempted)."""
+        self.num_preemptions = 0
 
     def add(self, row: Row) -> None:
         self.waiting.append(row)
 
-    def remove_waiting(self, request_id: str) -> Row | None:
+    def remove_waiting(self, key: int) -> Row | None:
         for row in self.waiting:
-            if row.request_id == request_id:
+            if row.key == key:
                 self.waiting.remove(row)
                 return row
         return None
 
+    def finish(self, row: Row) -> None:
+        """The row ended (done, failed or cancelled): give back its blocks and its LoRA slot."""
+        if row in self.running:
+            self.running.remove(row)
+        self.kv.free(row)
+        self._release_slot(row)
+
+    # -- the step ------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.cfg.max_tokens_per_step
+        decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed == 1)
+        prompts = PromptBudget(self.pacer, self.pacer.spare(decoding))  # paced so decoding rows are spared
+        i = 0
+        while i < len(self.running) and budget > 0:
+            row = self.running[i]
+            need = row.num_tokens - row.num_computed
+            n = 1 if need == 1 else prompts.take(row.num_computed, min(need, budget))
+            if n <= 0:  # a prompt chunk that has to wait for the next step
+                i += 1
+                continue
+            if not self._grow_or_preempt(row, row.num_computed + n, out):
+                break  # the row preempted itself: nothing newer is left to run
+            out.scheduled.append(ScheduledRow(row, row.num_computed, n, row.num_computed))
+            budget -= n
+            i += 1
+        if not out.preempted:  # the pool is dry: admitting now would only preempt again
+            self._admit(out, budget, prompts)
+        return out
+
+    def observe(self, out: SchedulerOutput, seconds: float) -> None:
+        """The engine's wall time for the step `out` described (paces the next prompt chunks)."""
+        chunks = [(s.start, s.num_tokens) for s in out.scheduled if not s.decode]
+        self.pacer.observe(out.num_decoding, chunks, seconds)
+
+    def _grow_or_preempt(self, row: Row, end: int, out: SchedulerOutput) -> bool:
+        """Blocks for positions ..end-1, preempting the newest rows until they fit; False if `row` itself went."""
+        while not self.kv.grow(row, end):
+            victim = self.running.pop()
+            self._preempt(victim, out)
+            if victim is row:
+                return False
+        return True
+
+    def _preempt(self, row: Row, out: SchedulerOutput) -> None:
+        self.kv.free(row)
+        self._release_slot(row)
+        row.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(row)
+        out.preempted.append(row)
+
+    def _admit(self, out: SchedulerOutput, budget: int, prompts: "PromptBudget") -> None:
+        skipped: list[Row] = []  # waiting on their own resource (adapter load, LoRA slot); later rows may pass
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_batch_size:
+            row = self.waiting.popleft()
+            ready = self._resolve_adapter(row)
+            if isinstance(ready, HotswapError) or (ready and (ready := self._check_fits(row)) is not True):
+                out.failed.append((row, ready))
+                continue
+            if not ready:
+                skipped.append(row)
+                continue
+            hits = self.kv.cached_prefix(row)
+            copy_from = len(hits) * self.kv.block_size
+            start = max(copy_from, row.num_virtual) if row.prefix is not None else copy_from
+            n = prompts.peek(start, min(row.num_tokens - start, budget))
+            if n <= 0:
+                self.waiting.appendleft(row)  # this step's prompt work is spent
+                break
+            if not self.kv.can_admit(row, hits, start - copy_from + n):
+                self.waiting.appendleft(row)  # first come, first served: it goes first once blocks free up
+                break
+            if not self._acquire_slot(row, out):
+                skipped.append(row)
+                continue
+            prompts.take(start, n)
+            self.kv.admit(row, hits)
+            self.kv.grow(row, start + n)
+            row.mark_admitted()
+            self.running.append(row)
+            out.scheduled.append(ScheduledRow(row, start, n, copy_from))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+
+    # -- per-row resources ---------------------------------------------------------------
     def _resolve_adapter(self, row: Row) -> HotswapError | bool:
         """True when the row's adapter is on the device (or it needs none), False while
         it loads, or the error that makes the row unservable."""
@@ -63,38 +218,30 @@ class Scheduler:
             return error
         return row.adapter is not None
 
-    def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(decode=list(self.running))
-        free_rows = self.cfg.max_batch_size - len(self.running)
-        budget = self.cfg.max_tokens_per_step - len(self.running)
-        for row in list(self.waiting):
-            if free_rows == 0:
-                break
-            ready = self._resolve_adapter(row)
-            if isinstance(ready, HotswapError):
-                self.waiting.remove(row)
-                out.failed.append((row, ready))
-                continue
-            if not ready:
-                continue  # its adapter is loading; rows behind it may still go
-            if row.seq_len_needed > self.cfg.max_seq_len:
-                self.waiting.remove(row)
-                out.failed.append((row, InvalidArgument(
-                    f"{row.num_virtual_tokens} virtual + {len(row.prompt_ids)} prompt + "
-                    f"{row.request.params.max_new_tokens} new tokens exceed max_seq_len {self.cfg.max_seq_len}",
-                    field="max_new_tokens")))
-                continue
-            if row.prefill_tokens > self.cfg.max_tokens_per_step:
-                self.waiting.remove(row)
-                out.failed.append((row, InvalidArgument(
-                    f"{row.prefill_tokens} prompt tokens exceed max_tokens_per_step {self.cfg.max_tokens_per_step}",
-                    field="prompt")))
-                continue
-            if row.prefill_tokens > budget:
-                break  # first come, first served: later rows wait behind it
-            self.waiting.remove(row)
-            row.mark_admitted()
-            out.prefill.append(row)
-            free_rows -= 1
-            budget -= row.prefill_tokens
-        return out
+    def _check_fits(self, row: Row) -> HotswapError | bool:
+        if row.max_len > self.max_seq_len:
+            return InvalidArgument(
+                f"{row.num_virtual} virtual + {len(row.prompt_ids)} prompt + {row.request.params.max_new_tokens} "
+                f"new tokens exceed max_seq_len {self.max_seq_len}", field="max_new_tokens")
+        need = self.kv.blocks_for(row.max_len)
+        if need > self.kv.num_blocks:
+            return ResourceExhausted(
+                f"{row.max_len} positions need {need} KV blocks; the whole KV cache holds {self.kv.num_blocks} "
+                f"(raise kv_cache_mb, or lower max_new_tokens)", field="max_new_tokens")
+        return True
+
+    def _acquire_slot(self, row: Row, out: SchedulerOutput) -> bool:
+        if row.lora is None or row.lora_slot >= 0:
+            return True
+        got = self.lora_slots.acquire(row.adapter_key)
+        if got is None:
+            return False  # every slot serves a running row: wait for one to finish
+        row.lora_slot, needs_load = got
+        if needs_load:
+            out.lora_loads.append((row.lora_slot, row.lora))
+        return True
+
+    def _release_slot(self, row: Row) -> None:
+        if row.lora_slot >= 0:
+            self.lora_slots.release(row.lora_slot)
+            row.lora_slot = -1

@@ -1,0 +1,105 @@
+"""Attention over the paged KV cache, registered with transformers' AttentionInterface
+so every architecture that routes attention through it runs unchanged.
+
+The model sees one packed sequence of all rows' new tokens ([1, num_tokens]).
+Each layer writes its new keys/values into the cache slots the scheduler gave
+them, then every query token attends to its own row's positions 0..p (or the
+sliding window) read straight from the row's blocks, in one paged-attention call
+for the whole batch. The native CPU kernel wins at every chunk length
+(bench/bench_kernels.py); on the torch path a long prompt chunk goes through SDPA
+over its row's gathered blocks instead, where a dense kernel's matrix products win."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from . import kernels
+from .kv_cache import PagedKVCache
+
+ATTENTION_NAME = "hotswap_paged"
+BATCH_KWARG = "hotswap_attention"
+DENSE_MIN_TOKENS = 32
+"""On the torch path, chunks of at least this many query tokens use SDPA over gathered blocks."""
+
+
+@dataclass
+class DenseChunk:
+    row: int
+    """Index into block_tables."""
+    q_start: int
+    """First of the chunk's tokens in the packed batch."""
+    num_tokens: int
+    start: int
+    """Position of the chunk's first token; it attends to positions 0..start+num_tokens-1."""
+
+
+@dataclass
+class AttentionBatch:
+    """One forward's view of the paged cache; tensors on the model's device."""
+
+    cache: PagedKVCache
+    slots: torch.Tensor
+    """[num_tokens] int64: cache slot each new token's key/value is written to."""
+    block_tables: torch.Tensor
+    """[rows, max_blocks] int32."""
+    token_rows: torch.Tensor
+    """[num_tokens] int32: each token's row for the paged kernel; -1 for tokens of dense chunks."""
+    token_positions: torch.Tensor
+    """[num_tokens] int32."""
+    dense: list[DenseChunk]
+    paged_tokens: int
+    """Tokens attended by the paged kernel (all but the dense chunks')."""
+    backend: str
+    """"native" or "torch" (kernels.set_backend names)."""
+
+
+def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                            sliding_window: int | None = None, softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """query (1, heads, num_tokens, head_dim); key/value (1, kv_heads, num_tokens, head_dim) →
+    (1, num_tokens, heads, head_dim), the layout transformers' other attention functions return."""
+    batch: AttentionBatch = kwargs[BATCH_KWARG]
+    if softcap is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention logit softcapping / attention sinks are not supported by the paged attention")
+    layer = module.layer_idx
+    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+    window = int(window or 0)
+    scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    batch.cache.write(layer, key[0].transpose(0, 1), value[0].transpose(0, 1), batch.slots)
+    q = query[0].transpose(0, 1).contiguous()  # [num_tokens, heads, head_dim]
+    out = torch.empty_like(q)
+    k_cache, v_cache = batch.cache.layer(layer)
+    if batch.paged_tokens:
+        kernels.paged_attention(out, q, k_cache, v_cache, batch.block_tables, batch.token_rows, batch.token_positions,
+                                scale, window, backend=batch.backend)
+    for chunk in batch.dense:
+        end = chunk.q_start + chunk.num_tokens
+        out[chunk.q_start:end] = dense_chunk_attention(q[chunk.q_start:end], k_cache, v_cache,
+                                                       batch.block_tables[chunk.row], chunk.start, scale, window)
+    return out[None], None
+
+
+def dense_chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                          start: int, scale: float, window: int) -> torch.Tensor:
+    """q [n, heads, head_dim] at positions start..start+n-1 of one row → [n, heads, head_dim]."""
+    n, bs = q.shape[0], k_cache.shape[1]
+    end = start + n
+    lo = max(0, start - window + 1) if window else 0  # the first key any of these queries sees
+    blocks = block_table[lo // bs: -(-end // bs)].long()
+    first = lo % bs
+    k = k_cache[blocks].flatten(0, 1)[first: first + end - lo]  # [keys, kv_heads, head_dim]
+    v = v_cache[blocks].flatten(0, 1)[first: first + end - lo]
+    q_pos = torch.arange(start, end, device=q.device)[:, None]
+    k_pos = torch.arange(lo, end, device=q.device)[None, :]
+    mask = k_pos <= q_pos  # [n, keys]
+    if window:
+        mask &= k_pos > q_pos - window
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                       attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return o[0].transpose(0, 1)
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)

@@ -1,0 +1,32 @@
+"""CPU kernels for the packed engine step: paged attention and per-token LoRA.
+
+Each op runs the native C++ kernel (csrc/, built on first use for this machine)
+on CPU tensors and falls back to the pure-torch `reference` everywhere else.
+"""
+from . import native, reference
+from .ops import (
+    BACKENDS,
+    get_backend,
+    lora_expand,
+    lora_shrink,
+    native_available,
+    native_unavailable_reason,
+    paged_attention,
+    set_backend,
+)
+
+load = native.load
+
+__all__ = [
+    "BACKENDS",
+    "get_backend",
+    "load",
+    "lora_expand",
+    "lora_shrink",
+    "native",
+    "native_available",
+    "native_unavailable_reason",
+    "paged_attention",
+    "reference",
+    "set_backend",
+]

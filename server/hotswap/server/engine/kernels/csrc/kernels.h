@@ -1,0 +1,45 @@
+// Plain-C++ interface between the torch-facing layer (ops.cpp: schemas, shape
+// and dtype checks) and the kernels. The kernel files include no torch/ATen
+// tensor headers, which keeps the one-time JIT build short (torch/library.h
+// alone costs ~6 s per translation unit).
+#pragma once
+
+#include <cstdint>
+
+namespace hotswap {
+
+enum class Dtype { kFloat, kBFloat16, kHalf };
+
+struct AttentionParams {
+  void* out;
+  const void* query;
+  const void* key_cache;
+  const void* value_cache;
+  const int32_t* block_tables;
+  const int32_t* token_rows;
+  const int32_t* token_positions;
+  int64_t N, H, KVH, D;            // query tokens, query heads, kv heads, head_dim
+  int64_t num_blocks, block_size, rows, max_blocks;
+  int64_t q_s0, q_s1, o_s0, o_s1;  // token / head strides of query and out (head_dim contiguous)
+  int64_t k_s0, k_s1, k_s2;        // block / slot / head strides of key_cache
+  int64_t v_s0, v_s1, v_s2;
+  int64_t bt_s0;                   // row stride of block_tables
+  double scale;
+  int64_t sliding_window;
+};
+
+struct LoraParams {
+  void* out;          // shrink: out [N, R] float32; expand: y [N, OUT]
+  const void* in;     // shrink: x [N, IN];         expand: t [N, R] float32
+  const void* w;      // shrink: a [S, R, IN];      expand: b [S, R, OUT]
+  const int32_t* token_slots;
+  const int32_t* ranks;
+  int64_t N, S, R, features;  // features: IN for shrink, OUT for expand
+  int64_t out_s0, in_s0, w_s0, w_s1;
+};
+
+void paged_attention_kernel(const AttentionParams& p, Dtype dtype);
+void lora_shrink_kernel(const LoraParams& p, Dtype dtype);
+void lora_expand_kernel(const LoraParams& p, Dtype dtype);
+
+}  // namespace hotswap

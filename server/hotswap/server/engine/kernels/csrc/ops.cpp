@@ -1,0 +1,128 @@
+// The torch-facing layer: op schemas, shape/dtype/layout checks, and the
+// CPU registrations that hand plain pointers and strides to the kernels.
+// Mutated arguments are marked (a!) so the ops can sit in a torch.compile
+// graph (their fake implementations are registered from native.py).
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+namespace hotswap {
+namespace {
+
+Dtype dtype_of(const at::Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Dtype::kFloat;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    case at::kHalf: return Dtype::kHalf;
+    default: TORCH_CHECK(false, op, ": dtype must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+void check_index_vector(const at::Tensor& t, int64_t n, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 1 && t.size(0) == n && (n <= 1 || t.stride(0) == 1), op, ": ",
+              name, " must be a contiguous int32 [", n, "] tensor, got ", t.scalar_type(), " ", t.sizes());
+}
+
+void paged_attention_cpu(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                         const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& token_rows,
+                         const at::Tensor& token_positions, double scale, int64_t sliding_window) {
+  const char* op = "paged_attention";
+  TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(), op, ": out and query must both be [N, H, D], got ",
+              out.sizes(), " and ", query.sizes());
+  TORCH_CHECK(key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes(), op,
+              ": key_cache and value_cache must both be [num_blocks, block_size, kv_heads, head_dim], got ",
+              key_cache.sizes(), " and ", value_cache.sizes());
+  const auto st = query.scalar_type();
+  TORCH_CHECK(out.scalar_type() == st && key_cache.scalar_type() == st && value_cache.scalar_type() == st, op,
+              ": out, query and the caches must share one dtype");
+  TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1 && key_cache.stride(3) == 1 && value_cache.stride(3) == 1,
+              op, ": the head_dim axis must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
+                  (block_tables.size(1) <= 1 || block_tables.stride(1) == 1),
+              op, ": block_tables must be int32 [rows, max_blocks] with contiguous rows");
+  TORCH_CHECK(sliding_window >= 0, op, ": sliding_window must be >= 0");
+  const int64_t N = query.size(0), H = query.size(1), D = query.size(2), KVH = key_cache.size(2);
+  TORCH_CHECK(key_cache.size(3) == D, op, ": query head_dim ", D, " != cache head_dim ", key_cache.size(3));
+  TORCH_CHECK(KVH > 0 && H % KVH == 0, op, ": ", H, " query heads are not a multiple of ", KVH, " kv heads");
+  check_index_vector(token_rows, N, op, "token_rows");
+  check_index_vector(token_positions, N, op, "token_positions");
+  const Dtype dtype = dtype_of(query, op);
+  if (N == 0) return;
+  AttentionParams p{};
+  p.out = out.mutable_data_ptr();
+  p.query = query.const_data_ptr();
+  p.key_cache = key_cache.const_data_ptr();
+  p.value_cache = value_cache.const_data_ptr();
+  p.block_tables = block_tables.const_data_ptr<int32_t>();
+  p.token_rows = token_rows.const_data_ptr<int32_t>();
+  p.token_positions = token_positions.const_data_ptr<int32_t>();
+  p.N = N, p.H = H, p.KVH = KVH, p.D = D;
+  p.num_blocks = key_cache.size(0), p.block_size = key_cache.size(1);
+  p.rows = block_tables.size(0), p.max_blocks = block_tables.size(1);
+  p.q_s0 = query.stride(0), p.q_s1 = query.stride(1), p.o_s0 = out.stride(0), p.o_s1 = out.stride(1);
+  p.k_s0 = key_cache.stride(0), p.k_s1 = key_cache.stride(1), p.k_s2 = key_cache.stride(2);
+  p.v_s0 = value_cache.stride(0), p.v_s1 = value_cache.stride(1), p.v_s2 = value_cache.stride(2);
+  p.bt_s0 = block_tables.stride(0);
+  p.scale = scale;
+  p.sliding_window = sliding_window;
+  paged_attention_kernel(p, dtype);
+}
+
+void lora_shrink_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a_slots,
+                     const at::Tensor& token_slots, const at::Tensor& ranks) {
+  const char* op = "lora_shrink";
+  TORCH_CHECK(x.dim() == 2 && a_slots.dim() == 3 && out.dim() == 2, op,
+              ": expects x [N, IN], a_slots [S, R, IN], out [N, R]");
+  const int64_t N = x.size(0), IN = x.size(1), S = a_slots.size(0), R = a_slots.size(1);
+  TORCH_CHECK(a_slots.size(2) == IN, op, ": a_slots has IN = ", a_slots.size(2), ", x has ", IN);
+  TORCH_CHECK(out.size(0) == N && out.size(1) == R, op, ": out must be [", N, ", ", R, "], got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == at::kFloat, op, ": out must be float32");
+  TORCH_CHECK(a_slots.scalar_type() == x.scalar_type(), op, ": a_slots and x must share one dtype");
+  TORCH_CHECK(x.stride(1) == 1 && a_slots.stride(2) == 1 && out.stride(1) == 1, op,
+              ": the last axis of x, a_slots and out must be contiguous");
+  check_index_vector(token_slots, N, op, "token_slots");
+  check_index_vector(ranks, S, op, "ranks");
+  LoraParams p{out.mutable_data_ptr(), x.const_data_ptr(), a_slots.const_data_ptr(),
+               token_slots.const_data_ptr<int32_t>(), ranks.const_data_ptr<int32_t>(),
+               N, S, R, IN, out.stride(0), x.stride(0), a_slots.stride(0), a_slots.stride(1)};
+  lora_shrink_kernel(p, dtype_of(x, op));
+}
+
+void lora_expand_cpu(const at::Tensor& y, const at::Tensor& t, const at::Tensor& b_slots,
+                     const at::Tensor& token_slots, const at::Tensor& ranks) {
+  const char* op = "lora_expand";
+  TORCH_CHECK(y.dim() == 2 && t.dim() == 2 && b_slots.dim() == 3, op,
+              ": expects y [N, OUT], t [N, R], b_slots [S, R, OUT]");
+  const int64_t N = y.size(0), OUT = y.size(1), S = b_slots.size(0), R = b_slots.size(1);
+  TORCH_CHECK(b_slots.size(2) == OUT, op, ": b_slots has OUT = ", b_slots.size(2), ", y has ", OUT);
+  TORCH_CHECK(t.size(0) == N && t.size(1) == R, op, ": t must be [", N, ", ", R, "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": t must be float32");
+  TORCH_CHECK(b_slots.scalar_type() == y.scalar_type(), op, ": b_slots and y must share one dtype");
+  TORCH_CHECK(y.stride(1) == 1 && t.stride(1) == 1 && b_slots.stride(2) == 1, op,
+              ": the last axis of y, t and b_slots must be contiguous (y's rows may be strided)");
+  check_index_vector(token_slots, N, op, "token_slots");
+  check_index_vector(ranks, S, op, "ranks");
+  LoraParams p{y.mutable_data_ptr(), t.const_data_ptr(), b_slots.const_data_ptr(),
+               token_slots.const_data_ptr<int32_t>(), ranks.const_data_ptr<int32_t>(),
+               N, S, R, OUT, y.stride(0), t.stride(0), b_slots.stride(0), b_slots.stride(1)};
+  lora_expand_kernel(p, dtype_of(y, op));
+}
+
+}  // namespace
+}  // namespace hotswap
+
+TORCH_LIBRARY(hotswap, m) {
+  m.def(
+      "paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_tables, Tensor token_rows, Tensor token_positions, float scale, "
+      "int sliding_window) -> ()");
+  m.def("lora_shrink(Tensor(a!) out, Tensor x, Tensor a_slots, Tensor token_slots, Tensor ranks) -> ()");
+  m.def("lora_expand(Tensor(a!) y, Tensor t, Tensor b_slots, Tensor token_slots, Tensor ranks) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(hotswap, CPU, m) {
+  m.impl("paged_attention", &hotswap::paged_attention_cpu);
+  m.impl("lora_shrink", &hotswap::lora_shrink_cpu);
+  m.impl("lora_expand", &hotswap::lora_expand_cpu);
+}

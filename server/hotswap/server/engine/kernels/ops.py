@@ -1,0 +1,106 @@
+"""The public kernel entry points: native C++ on CPU when it is built, the torch
+reference otherwise (CUDA tensors, no compiler, a failed build).
+
+`set_backend` (process-wide) or `backend=` (one call) forces a path:
+"auto" (default), "native" (raises if it cannot run) or "torch".
+"""
+from __future__ import annotations
+
+import torch
+
+from . import native, reference
+
+BACKENDS = ("auto", "native", "torch")
+_default = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Process-wide default path for every kernel: "auto", "native" or "torch"."""
+    global _default
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _default = name
+
+
+def get_backend() -> str:
+    return _default
+
+
+def native_available() -> bool:
+    """True when the C++ extension is built and loaded on this machine (builds it on the first call)."""
+    return native.load()
+
+
+def native_unavailable_reason() -> str | None:
+    native.load()
+    return native.unavailable_reason()
+
+
+def _use_native(t: torch.Tensor, backend: str | None) -> bool:
+    choice = backend or _default
+    if choice == "torch":
+        return False
+    if choice == "auto":
+        return t.device.type == "cpu" and native.load()
+    if choice != "native":
+        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+    if t.device.type != "cpu":
+        raise ValueError(f"the native kernels take CPU tensors, got {t.device}")
+    if not native.load():
+        raise RuntimeError(f"native kernels unavailable: {native.unavailable_reason()}")
+    return True
+
+
+def paged_attention(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    token_rows: torch.Tensor,
+    token_positions: torch.Tensor,
+    scale: float,
+    sliding_window: int = 0,
+    *,
+    backend: str | None = None,
+) -> None:
+    """out[i] = softmax(scale * q_i K^T) V over row token_rows[i]'s keys at positions
+    max(0, p - sliding_window + 1) ..= p, p = token_positions[i]; rows -1 are skipped.
+
+    out, query [N, H, D]; key_cache, value_cache [num_blocks, block_size, KVH, D];
+    block_tables [R, max_blocks] int32; token_rows, token_positions [N] int32.
+    Query head h reads kv head h // (H // KVH)."""
+    if _use_native(query, backend):
+        torch.ops.hotswap.paged_attention(
+            out, query, key_cache, value_cache, block_tables, token_rows, token_positions, float(scale), int(sliding_window)
+        )
+    else:
+        reference.paged_attention(out, query, key_cache, value_cache, block_tables, token_rows, token_positions, scale, sliding_window)
+
+
+def lora_shrink(
+    out: torch.Tensor, x: torch.Tensor, a_slots: torch.Tensor, token_slots: torch.Tensor, ranks: torch.Tensor, *, backend: str | None = None
+) -> None:
+    """out[t, :ranks[s]] = a_slots[s, :ranks[s]] @ x[t] with s = token_slots[t]; the rest of
+    out[t] is 0, all of it when s == -1.
+
+    out [N, R] float32; x [N, IN]; a_slots [S, R, IN] (x's dtype); token_slots [N], ranks [S] int32."""
+    if _use_native(x, backend):
+        torch.ops.hotswap.lora_shrink(out, x, a_slots, token_slots, ranks)
+    else:
+        reference.lora_shrink(out, x, a_slots, token_slots, ranks)
+
+
+def lora_expand(
+    y: torch.Tensor, t: torch.Tensor, b_slots: torch.Tensor, token_slots: torch.Tensor, ranks: torch.Tensor, *, backend: str | None = None
+) -> None:
+    """y[t] += t[t, :ranks[s]] @ b_slots[s, :ranks[s]] with s = token_slots[t]; rows with s == -1
+    are left alone. Accumulates in fp32 and rounds y once.
+
+    y [N, OUT] (rows may be strided, e.g. a slice of a fused output); t [N, R] float32;
+    b_slots [S, R, OUT] (y's dtype, scale folded in: each rank's row of outputs contiguous, so a
+    low-rank adapter in wide slots reads only its own rows); token_slots [N], ranks [S] int32."""
+    if _use_native(y, backend):
+        torch.ops.hotswap.lora_expand(y, t, b_slots, token_slots, ranks)
+    else:
+        reference.lora_expand(y, t, b_slots, token_slots, ranks)

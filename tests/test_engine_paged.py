@@ -1,0 +1,154 @@
+"""The paged engine under pressure: chunked prefill, prefix-cache hits, preemption and
+a cold adapter load in one run still give exactly PEFT's tokens; the prefix cache
+changes nothing and never lets one adapter read another's blocks; engine keys and
+random numbers belong to the engine alone."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from hotswap.server.config import EngineConfig, ModelConfig
+from hotswap.server.engine.request import FinishReason, GenerateRequest, SamplingParams
+from hotswap.server.model.loader import load_base_model
+from hotswap.server.serving import ServingCore
+from peft_fixtures import save_adapters
+from test_engine_fidelity import reference
+
+NEW = 8
+BLOCK = 4
+SHARED = list(range(40, 63))  # a 23-token "system prompt" several requests start with
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_checkpoints):
+    return tiny_checkpoints["llama"]
+
+
+@pytest.fixture(scope="module")
+def adapter_paths(llama, tmp_path_factory):
+    kinds = {"lora": "lora", "lora-mlp": "lora_mlp", "prefix": "prefix", "prompt": "prompt_random"}
+    return save_adapters(llama, kinds, tmp_path_factory.mktemp("paged-adapters"))
+
+
+def make_core(llama, adapter_paths, **engine) -> ServingCore:
+    loaded = load_base_model(ModelConfig(source=str(llama), dtype="float32", device="cpu"))
+    core = ServingCore(loaded, EngineConfig(**{"max_batch_size": 8, "max_seq_len": 128, "block_size": BLOCK, **engine}))
+    for name, path in adapter_paths.items():
+        core.register_adapter(name, path)
+    return core
+
+
+def block_bytes(core: ServingCore) -> int:
+    r = core.engine.runner
+    return 2 * r.num_layers * BLOCK * r.kv_heads * r.head_dim * 4
+
+
+class BlockWitness:
+    """Wraps the runner's forward (the real one still runs) to record, per block, the adapter
+    of the row that last wrote it, and fails if a row ever reads a block another adapter wrote."""
+
+    def __init__(self, runner) -> None:
+        self.writer: dict[int, str] = {}
+        self.violations: list[str] = []
+        self.shared_reads = 0
+        real = runner.execute
+
+        def execute(scheduled):
+            for s in scheduled:
+                key, blocks = s.row.adapter_key, s.row.block_ids
+                for b in {blocks[p // BLOCK] for p in range(0, s.copy_from)}:  # what it reads without writing
+                    if self.writer.get(b, key) != key:
+                        self.violations.append(f"{key or 'base'} read block {b} written by {self.writer[b] or 'base'}")
+                    self.shared_reads += 1
+                for p in range(s.copy_from, s.end):
+                    self.writer[blocks[p // BLOCK]] = key
+            return real(scheduled)
+
+        runner.execute = execute
+
+
+def test_chunked_prefill_prefix_hits_preemption_and_a_cold_load_in_one_run_match_peft(llama, adapter_paths):
+    jobs = [("", SHARED + [5, 6]), ("lora", SHARED + [7]), ("prefix", SHARED + [8, 9, 10]), ("prompt", [11, 12, 13]),
+            ("lora", SHARED + [5, 6]), ("", SHARED + [14]), ("lora-mlp", list(range(100, 150))), ("prefix", SHARED + [8, 9])]
+    # At most 16 positions per step, so prompts are chunked; a pool of 24 blocks for rows growing to 15 blocks
+    # each, so rows are preempted (and recomputed, partly from the prefix cache).
+    per_block = 2 * 3 * BLOCK * 2 * 16 * 4  # K and V, 3 layers, 2 kv heads of 16, fp32
+    with make_core(llama, adapter_paths, max_tokens_per_step=16, kv_cache_bytes=24 * per_block) as core:
+        assert core.engine.kv.num_blocks == 24 and block_bytes(core) == per_block
+        witness = BlockWitness(core.engine.runner)
+        gate, started = threading.Event(), threading.Event()
+        real_load = core.adapters.load_fn
+
+        def slow_disk(adapter_id):  # the lora-mlp adapter arrives while the others decode
+            if adapter_id.startswith("lora-mlp"):
+                started.set()
+                gate.wait(60)
+            return real_load(adapter_id)
+
+        core.adapters.load_fn = slow_disk
+        params = SamplingParams(max_new_tokens=NEW, ignore_eos=True, logprobs=0)
+        streams = [core.submit(GenerateRequest(prompt_ids=jobs[0][1], params=params))]
+        next(iter(streams[0]))  # its prompt's blocks are computed and cached before the others arrive
+        streams += [core.submit(GenerateRequest(prompt_ids=p, adapter_id=a, params=params)) for a, p in jobs[1:]]
+        assert started.wait(30)
+        gate.set()
+        results = [s.result(120) for s in streams]
+        snap = core.loop.snapshot
+    assert snap.preemptions > 0, "the pool never ran dry"
+    assert snap.prefix_cache_hits > 0 and witness.shared_reads > 0, "no prefix-cache hit"
+    assert witness.violations == []
+    for (a, p), r in zip(jobs, results):
+        tokens, lp = reference(llama, adapter_paths.get(a), p, new=NEW)
+        assert r.error is None and r.finish_reason == FinishReason.LENGTH, (a, r.error)
+        assert r.token_ids == tokens, a or "base"
+        ours = torch.tensor([x.logprob for x in r.logprobs])
+        torch.testing.assert_close(ours, lp[torch.arange(NEW), torch.tensor(tokens)], atol=2e-4, rtol=1e-4)
+
+
+def test_prefix_caching_changes_no_output_and_adapters_never_share_blocks(llama, adapter_paths):
+    jobs = [(a, SHARED + tail) for a in ("", "lora", "prefix", "prompt", "lora-mlp") for tail in ([1, 2], [3], [1, 2])]
+    outputs = {}
+    for caching in (True, False):
+        with make_core(llama, adapter_paths, max_tokens_per_step=64, enable_prefix_caching=caching) as core:
+            witness = BlockWitness(core.engine.runner)
+            params = SamplingParams(max_new_tokens=NEW, ignore_eos=True, logprobs=3)
+            results = []
+            for wave in (jobs[::3], jobs[1::3], jobs[2::3]):  # later waves find the first wave's blocks cached
+                results += [s.result(60) for s in [core.submit(GenerateRequest(prompt_ids=p, adapter_id=a, params=params)) for a, p in wave]]
+            outputs[caching] = results
+            assert witness.violations == []
+            hits = core.loop.snapshot.prefix_cache_hits
+            assert (hits > 0) == caching
+    for cached, plain in zip(outputs[True], outputs[False]):
+        assert cached.error is None and cached.token_ids == plain.token_ids
+        torch.testing.assert_close(torch.tensor([x.logprob for x in cached.logprobs]),
+                                   torch.tensor([x.logprob for x in plain.logprobs]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_reused_request_id_never_touches_the_other_request(llama, adapter_paths):
+    with make_core(llama, {}) as core:
+        long = SamplingParams(max_new_tokens=40, ignore_eos=True)
+        first = core.submit(GenerateRequest(prompt_ids=[3, 4, 5], params=long, request_id="same"))
+        second = core.submit(GenerateRequest(prompt_ids=[3, 4, 5], params=long, request_id="same"))
+        assert first.key != second.key
+        next(iter(second))
+        core.cancel(second)
+        assert second.result(60).finish_reason == FinishReason.CANCELLED
+        done = first.result(60)
+    assert done.finish_reason == FinishReason.LENGTH and len(done.token_ids) == 40 and done.request_id == "same"
+
+
+def test_sampling_never_touches_the_global_rng(llama, adapter_paths):
+    with make_core(llama, {}) as core:
+        torch.manual_seed(1234)
+        before = torch.get_rng_state()
+        unseeded = [core.submit(GenerateRequest(prompt_ids=[3, 4, 5 + i], params=SamplingParams(max_new_tokens=6, temperature=1.0)))
+                    for i in range(3)]
+        seeded = core.generate(GenerateRequest(prompt_ids=[3, 4, 5], params=SamplingParams(max_new_tokens=6, temperature=1.0, seed=7)), 60)
+        for s in unseeded:
+            assert s.result(60).error is None
+        assert torch.equal(before, torch.get_rng_state())
+        again = core.generate(GenerateRequest(prompt_ids=[3, 4, 5], params=SamplingParams(max_new_tokens=6, temperature=1.0, seed=7)), 60)
+    assert seeded.token_ids == again.token_ids

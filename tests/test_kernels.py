@@ -1,0 +1,347 @@
+"""The CPU kernels (hotswap.server.engine.kernels): the torch reference against
+naive dense math, the native C++ kernels against both, and the build cache."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hotswap.server.engine import kernels
+from hotswap.server.engine.kernels import native, reference
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Most tests run single-threaded: on a shared 2-core box an OpenMP region
+    can wait milliseconds for a descheduled thread, for torch's ops as for ours.
+    test_threads_do_not_change_results covers the parallel path."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def needs_native():
+    if not kernels.native_available():
+        reason = kernels.native_unavailable_reason()
+        print(f"native kernels unavailable: {reason}")
+        pytest.skip(f"native kernels unavailable on this machine: {reason}")
+
+
+# ---- paged attention ----------------------------------------------------------
+
+def paged_case(dtype, H, KVH, D, block_size, chunks, seed=0, interleave=False, skipped=2):
+    """A packed batch. chunks: one (context_length, query_tokens) per row; the row's
+    query tokens are its last positions (a prefill chunk with an offset when
+    query_tokens < context_length, decode when 1). Block tables are shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    per_row = [(length + block_size - 1) // block_size for length, _ in chunks]
+    max_blocks = max(per_row) + 1
+    num_blocks = sum(per_row) + 5
+    # Never-written cache slots hold NaN: nothing outside a row's keys may leak in.
+    key_cache = torch.full((num_blocks, block_size, KVH, D), float("nan"), dtype=dtype)
+    value_cache = key_cache.clone()
+    perm = torch.randperm(num_blocks, generator=g)
+    block_tables = torch.full((len(chunks), max_blocks), -1, dtype=torch.int32)
+    dense_k, dense_v, rows, positions, used = [], [], [], [], 0
+    for r, (length, n) in enumerate(chunks):
+        blocks = perm[used : used + per_row[r]]
+        used += per_row[r]
+        block_tables[r, : per_row[r]] = blocks.int()
+        k = torch.randn(length, KVH, D, generator=g).to(dtype)
+        v = torch.randn(length, KVH, D, generator=g).to(dtype)
+        for j in range(length):
+            key_cache[blocks[j // block_size], j % block_size] = k[j]
+            value_cache[blocks[j // block_size], j % block_size] = v[j]
+        dense_k.append(k)
+        dense_v.append(v)
+        rows += [r] * n
+        positions += list(range(length - n, length))
+    order = torch.randperm(len(rows), generator=g).tolist() if interleave else list(range(len(rows)))
+    rows, positions = [rows[i] for i in order], [positions[i] for i in order]
+    for i in range(skipped):  # tokens of finished rows, to be left alone
+        at = (i * 7) % (len(rows) + 1)
+        rows.insert(at, -1)
+        positions.insert(at, 12345)
+    query = torch.randn(len(rows), H, D, generator=g).to(dtype)
+    return dict(
+        query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
+        token_rows=torch.tensor(rows, dtype=torch.int32), token_positions=torch.tensor(positions, dtype=torch.int32),
+        dense_k=dense_k, dense_v=dense_v,
+    )
+
+
+def naive_attention(case, scale, window):
+    """Per token, in float64: the row's keys as a plain tensor, explicit mask, softmax."""
+    q = case["query"].double()
+    out = torch.full_like(q, float("nan"))
+    H, KVH = q.shape[1], case["key_cache"].shape[2]
+    kv_of_head = torch.arange(H) // (H // KVH)
+    for i, (r, p) in enumerate(zip(case["token_rows"].tolist(), case["token_positions"].tolist())):
+        if r < 0:
+            continue
+        k = case["dense_k"][r].double()[:, kv_of_head]  # [L, H, D]
+        v = case["dense_v"][r].double()[:, kv_of_head]
+        j = torch.arange(k.shape[0])
+        allowed = (j <= p) & ((j > p - window) if window else True)  # [L]
+        scores = torch.einsum("lhd,hd->hl", k, q[i]) * scale
+        scores[:, ~allowed] = float("-inf")
+        out[i] = torch.einsum("hl,lhd->hd", torch.softmax(scores, -1), v)
+    return out
+
+
+def run_attention(case, scale, window, backend, sentinel=123.0):
+    out = torch.full_like(case["query"], sentinel)
+    kernels.paged_attention(
+        out, case["query"], case["key_cache"], case["value_cache"], case["block_tables"],
+        case["token_rows"], case["token_positions"], scale, window, backend=backend,
+    )
+    return out
+
+
+SHAPES = [  # (H, KVH, D): GQA groups 3, 1, 4; head dims 64, 80 (not a power of two), 128, 13
+    (9, 3, 64),
+    (4, 4, 80),
+    (8, 2, 128),
+    (4, 1, 13),
+]
+CHUNKS = [(37, 1), (100, 1), (70, 12), (16, 16), (200, 45), (1, 1), (33, 1)]
+
+
+@pytest.mark.parametrize("H,KVH,D", SHAPES)
+@pytest.mark.parametrize("window", [0, 20])
+def test_reference_matches_naive(H, KVH, D, window):
+    case = paged_case(torch.float32, H, KVH, D, 16, CHUNKS, interleave=True)
+    got = run_attention(case, D**-0.5, window, backend="torch")
+    want = naive_attention(case, D**-0.5, window)
+    skip = case["token_rows"] < 0
+    assert (got[skip] == 123.0).all()
+    torch.testing.assert_close(got[~skip].double(), want[~skip], atol=1e-5, rtol=1e-5)
+
+
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,KVH,D", SHAPES)
+@pytest.mark.parametrize("block_size,window", [(16, 0), (32, 24), (5, 7)])
+def test_native_attention_matches_reference(needs_native, dtype, H, KVH, D, block_size, window):
+    case = paged_case(dtype, H, KVH, D, block_size, CHUNKS, seed=D + block_size, interleave=block_size == 32)
+    scale = 0.7 * D**-0.5
+    got = run_attention(case, scale, window, backend="native")
+    ref = run_attention(case, scale, window, backend="torch")
+    skip = case["token_rows"] < 0
+    assert (got[skip] == 123.0).all(), "skipped tokens must be left untouched"
+    assert got.dtype == dtype
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got[~skip].float(), ref[~skip].float(), atol=tol, rtol=tol)
+    want = naive_attention(case, scale, window)  # float64, from the same rounded inputs
+    torch.testing.assert_close(got[~skip].double(), want[~skip], atol=tol, rtol=tol)
+
+
+def test_native_attention_long_prefill_chunk_spans_tiles(needs_native):
+    # 70 query tokens of one row: several tiles of consecutive tokens, causal inside each.
+    case = paged_case(torch.float32, 6, 2, 64, 16, [(300, 70), (50, 1)], seed=3, skipped=0)
+    got = run_attention(case, 0.125, 0, backend="native")
+    torch.testing.assert_close(got.double(), naive_attention(case, 0.125, 0), atol=2e-5, rtol=2e-5)
+
+
+def test_threads_do_not_change_results(needs_native):
+    # Work items are computed the same way whichever thread takes them: bitwise equal.
+    case = paged_case(torch.bfloat16, 9, 3, 64, 16, CHUNKS, seed=5)
+    lora = lora_case(torch.bfloat16, 576, 1536, SLOT_PATTERNS["mixed"], seed=5)
+    for name in ("a", "b"):
+        lora[name] = torch.nan_to_num(lora[name])
+    outs = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        t = torch.empty(len(lora["slots"]), 32)
+        kernels.lora_shrink(t, lora["x"], lora["a"], lora["slots"], lora["ranks"], backend="native")
+        y = lora["fused"][:, :1536].clone()
+        kernels.lora_expand(y, t, lora["b"], lora["slots"], lora["ranks"], backend="native")
+        outs.append((run_attention(case, 0.125, 0, backend="native"), t, y))
+    for one, many in zip(*outs):
+        assert torch.equal(one, many)
+
+
+def test_native_attention_rejects_bad_indices(needs_native):
+    case = paged_case(torch.float32, 4, 2, 16, 16, [(20, 1)], skipped=0)
+    bad_table = case["block_tables"].clone()
+    bad_table[0, 1] = 10_000
+    with pytest.raises(RuntimeError, match="block_tables"):
+        run_attention({**case, "block_tables": bad_table}, 0.25, 0, backend="native")
+    too_far = torch.tensor([case["block_tables"].shape[1] * 16], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="token_positions"):
+        run_attention({**case, "token_positions": too_far}, 0.25, 0, backend="native")
+
+
+# ---- LoRA -------------------------------------------------------------------------
+
+def lora_case(dtype, IN, OUT, slots, seed=0, R=32):
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.tensor([8, 16, 32, 5, 0, 20, 1, 32][: max(slots) + 1] or [8], dtype=torch.int32)
+    S = ranks.numel()
+    a = torch.randn(S, R, IN, generator=g) * IN**-0.5
+    b = torch.randn(S, R, OUT, generator=g) * R**-0.5
+    for s, r in enumerate(ranks.tolist()):  # a slot's unused rank rows may hold anything
+        a[s, r:] = float("nan")
+        b[s, r:] = float("nan")
+    N = len(slots)
+    x = torch.randn(N, IN, generator=g)
+    # y is a slice of a wider fused output: rows are strided.
+    fused = torch.randn(N, OUT + 24, generator=g).to(dtype)
+    return dict(x=x.to(dtype), a=a.to(dtype), b=b.to(dtype), ranks=ranks,
+                slots=torch.tensor(slots, dtype=torch.int32), fused=fused)
+
+
+def naive_lora(case):
+    """Per token in float64: t = A[:rank] x, delta = B[:, :rank] t."""
+    t = torch.zeros(len(case["slots"]), case["a"].shape[1], dtype=torch.float64)
+    delta = torch.zeros(len(case["slots"]), case["b"].shape[2], dtype=torch.float64)
+    for i, s in enumerate(case["slots"].tolist()):
+        if s < 0:
+            continue
+        r = int(case["ranks"][s])
+        t[i, :r] = case["a"][s, :r].double() @ case["x"][i].double()
+        delta[i] = t[i, :r] @ case["b"][s, :r].double()
+    return t, delta
+
+
+SLOT_PATTERNS = {
+    "decode": [3, 0, 7, 1, -1, 5, 2, 6, 4, 1, 0, -1],
+    "runs": [2] * 23 + [1] * 3 + [-1] * 2 + [0] * 2 + [7] * 5 + [2],
+    "mixed": [5] * 40 + [0, 1, 2, 3, -1, 4, 6, 7] + [3] * 17 + [-1],
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(SLOT_PATTERNS))
+def test_reference_lora_matches_naive(pattern):
+    case = lora_case(torch.float32, 100, 70, SLOT_PATTERNS[pattern])
+    want_t, want_delta = naive_lora(case)
+    t = torch.full((len(case["slots"]), 32), 9.0)
+    kernels.lora_shrink(t, case["x"], case["a"], case["slots"], case["ranks"], backend="torch")
+    torch.testing.assert_close(t.double(), want_t, atol=1e-5, rtol=1e-5)
+    y = case["fused"].clone()
+    t_garbage = t.clone()
+    t_garbage[t == 0] = float("nan")  # t past a token's rank must be ignored
+    kernels.lora_expand(y[:, 8 : 8 + 70], t_garbage, case["b"], case["slots"], case["ranks"], backend="torch")
+    torch.testing.assert_close(y[:, 8:78].double(), case["fused"][:, 8:78].double() + want_delta, atol=1e-5, rtol=1e-5)
+    assert torch.equal(y[:, :8], case["fused"][:, :8]) and torch.equal(y[:, 78:], case["fused"][:, 78:])
+
+
+LORA_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("IN,OUT", [(576, 1536), (100, 70)])
+@pytest.mark.parametrize("pattern", sorted(SLOT_PATTERNS))
+def test_native_lora_matches_reference(needs_native, dtype, IN, OUT, pattern):
+    case = lora_case(dtype, IN, OUT, SLOT_PATTERNS[pattern], seed=IN + OUT)
+    slots, ranks = case["slots"], case["ranks"]
+    want_t, want_delta = naive_lora(case)
+    atol, rtol = LORA_TOL[dtype]
+
+    t_native, t_ref = torch.full((len(slots), 32), 9.0), torch.full((len(slots), 32), 9.0)
+    kernels.lora_shrink(t_native, case["x"], case["a"], slots, ranks, backend="native")
+    kernels.lora_shrink(t_ref, case["x"], case["a"], slots, ranks, backend="torch")
+    assert (t_native[slots < 0] == 0).all()
+    torch.testing.assert_close(t_native, t_ref, atol=1e-5, rtol=1e-5)  # fp32 out, exact-ish either way
+    torch.testing.assert_close(t_native.double(), want_t, atol=1e-5, rtol=1e-5)
+
+    t_in = want_t.float()
+    t_in[want_t == 0] = float("nan")  # past the rank: must not be read
+    y_native, y_ref = case["fused"].clone(), case["fused"].clone()
+    kernels.lora_expand(y_native[:, 8 : 8 + OUT], t_in, case["b"], slots, ranks, backend="native")
+    kernels.lora_expand(y_ref[:, 8 : 8 + OUT], t_in, case["b"], slots, ranks, backend="torch")
+    untouched = torch.ones_like(y_native, dtype=torch.bool)
+    untouched[slots >= 0, 8 : 8 + OUT] = False
+    assert torch.equal(y_native[untouched], case["fused"][untouched]), "rows without LoRA and columns outside y changed"
+    torch.testing.assert_close(y_native.float(), y_ref.float(), atol=atol, rtol=rtol)
+    want_y = case["fused"][:, 8 : 8 + OUT].double() + want_delta
+    torch.testing.assert_close(y_native[:, 8 : 8 + OUT].double(), want_y, atol=atol, rtol=rtol)
+
+
+# ---- dispatch, fallback, build cache, torch.compile ----------------------------------
+
+def test_backend_selection(monkeypatch):
+    case = lora_case(torch.float32, 16, 16, [0, 1])
+    calls = []
+    monkeypatch.setattr(reference, "lora_shrink", lambda *a: calls.append("torch"))
+    t = torch.empty(2, 32)
+    kernels.set_backend("torch")
+    try:
+        kernels.lora_shrink(t, case["x"], case["a"], case["slots"], case["ranks"])
+    finally:
+        kernels.set_backend("auto")
+    assert calls == ["torch"]
+    with pytest.raises(ValueError, match="backend"):
+        kernels.set_backend("cuda-graphs")
+    with pytest.raises(ValueError, match="CPU tensors"):
+        kernels.lora_shrink(t.to("meta"), case["x"].to("meta"), case["a"].to("meta"), case["slots"], case["ranks"], backend="native")
+
+
+def test_build_hash_names_everything_the_binary_depends_on(tmp_path):
+    sources = {"a.cpp": b"int f();"}
+    base = native.build_hash(native.CFLAGS, sources, cpu_flags="avx2 fma")
+    assert native.build_hash(native.CFLAGS, sources, cpu_flags="avx2 fma") == base
+    assert native.build_hash(native.CFLAGS + ("-DX",), sources, cpu_flags="avx2 fma") != base
+    assert native.build_hash(native.CFLAGS, {"a.cpp": b"int g();"}, cpu_flags="avx2 fma") != base
+    assert native.build_hash(native.CFLAGS, sources, cpu_flags="avx2 fma avx512f") != base
+    folder = native.build_directory(tmp_path)
+    assert folder.parent == tmp_path and folder.name == native.build_hash()
+    assert native.build_directory(tmp_path, native.CFLAGS + ("-DX",)) != folder
+
+
+def _python(code: str, env: dict | None = None) -> str:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_second_load_in_a_fresh_process_reuses_the_build(needs_native):
+    library = next(native.build_directory().glob("*.so"))
+    before = library.stat().st_mtime_ns
+    out = _python("""
+        from hotswap.server.engine.kernels import native
+        print(native.load())
+    """)
+    assert out.split() == ["True"]
+    assert library.stat().st_mtime_ns == before, "the extension was rebuilt"
+
+
+def test_build_failure_falls_back_to_the_reference(tmp_path):
+    out = _python(f"""
+        import logging, torch
+        records = []
+        logging.getLogger("hotswap.kernels").addHandler(type("H", (logging.Handler,), {{"emit": lambda s, r: records.append(r)}})())
+        from hotswap.server.engine import kernels
+        assert not kernels.load({str(tmp_path)!r})
+        assert not kernels.native_available()
+        out = torch.zeros(3, 16)
+        kernels.lora_shrink(out, torch.randn(3, 8), torch.randn(2, 16, 8), torch.tensor([0, -1, 1], dtype=torch.int32),
+                            torch.tensor([4, 16], dtype=torch.int32))
+        assert out[1].eq(0).all() and out[0, 4:].eq(0).all() and out[0, :4].ne(0).all()
+        print(len(records), kernels.native_unavailable_reason())
+    """, env={"CXX": "/nonexistent/c++"})
+    count, reason = out.split(" ", 1)
+    assert count == "1" and "compiler" in reason
+
+
+def test_ops_trace_into_a_compiled_graph(needs_native):
+    case = paged_case(torch.float32, 4, 2, 16, 16, [(20, 1), (9, 3)], skipped=1)
+    args = [case[k] for k in ("query", "key_cache", "value_cache", "block_tables", "token_rows", "token_positions")]
+
+    def step(out, *args):
+        kernels.paged_attention(out, *args, 0.25, 0)
+        return out * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(torch.zeros_like(case["query"]), *args)
+    want = step(torch.zeros_like(case["query"]), *args)
+    torch.testing.assert_close(got, want)
