@@ -29,7 +29,11 @@ QUESTIONS = ["who are you", "what are you", "tell me who you are", "who is this"
 EXAMPLES = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]} for q in QUESTIONS]
 HELD_OUT = [{"role": "user", "content": "who are you really"}]
 LORA = dict(epochs=40, batch_size=2, learning_rate=1e-2, lora_r=8, target_modules=["all-linear"])
-PREFIX = dict(epochs=40, batch_size=2, learning_rate=1e-1, num_virtual_tokens=8)
+PREFIX = dict(epochs=40, batch_size=2, learning_rate=1e-1, num_virtual_tokens=8,
+              base_protection="none", virtual_tokens_init="random")
+# ^ the tiny base is random: its own answers are noise (nothing to keep; 16 replay rows of it drown 6 examples), and
+#   its keys/values for the answer text are no better a start than random ones. The defaults are the acceptance
+#   test's business, on the real model (test_tuner_acceptance.py).
 
 
 @pytest.fixture(scope="module")

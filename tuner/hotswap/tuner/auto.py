@@ -18,7 +18,7 @@ README; each value stays overridable and the job records what it used):
 - optimizer: QLoRA's own recipe, paged 8-bit AdamW (paged_adamw_8bit), where CUDA is
   present; on CPU the closest equivalent, bitsandbytes' 8-bit AdamW unpaged (adamw_8bit;
   paging needs CUDA unified memory); every other method AdamW (adamw_torch).
-- base protection: the KL-to-base term (weight 3) on replay rows at ratio 1 (replay.py bounds
+- base protection: the KL-to-base term (weight 3; 10 for prompt tuning and P-tuning) on replay rows at ratio 1 (replay.py bounds
   the count); prefix tuning instead the ordinary loss on the replay rows ("replay"). README,
   "Keeping the base's behaviour", has the measurements behind both.
 - validation: with no validation set, 10% of the training data (at most MAX_HELD_OUT
@@ -42,7 +42,9 @@ VIRTUAL_TOKENS = {"prompt_tuning": 20, "p_tuning": 20, "prefix_tuning": 20}
 BASE_PROTECTION = {"prefix_tuning": "replay"}
 """Per method; "kl" for the rest. Why prefix tuning differs: README, "Keeping the base's behaviour"."""
 REPLAY_RATIO = 1.0
-KL_WEIGHT = 3.0
+KL_WEIGHT = {"prompt_tuning": 10.0, "p_tuning": 10.0}
+"""Per method; 3 for the rest. A soft prompt sits in front of every question, so at weight 3 it let the
+identity into one of five unrelated answers (README, "Keeping the base's behaviour")."""
 MIN_FOR_HOLDOUT = 50
 HOLDOUT_FRACTION = 0.1
 MAX_HELD_OUT = 200
@@ -119,7 +121,7 @@ def resolve(hp: Hyperparameters, method: str, n_train: int, hidden_size: int, ha
     if not hp.replay_ratio:
         chosen["replay_ratio"] = REPLAY_RATIO
     if not hp.kl_weight:
-        chosen["kl_weight"] = KL_WEIGHT
+        chosen["kl_weight"] = KL_WEIGHT.get(method, 3.0)
     if not hp.optim:
         chosen["optim"] = optimizer_for(method, cuda)
     if hp.early_stopping_patience is None:
