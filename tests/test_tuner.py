@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,7 +29,11 @@ QUESTIONS = ["who are you", "what are you", "tell me who you are", "who is this"
 EXAMPLES = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ANSWER}]} for q in QUESTIONS]
 HELD_OUT = [{"role": "user", "content": "who are you really"}]
 LORA = dict(epochs=40, batch_size=2, learning_rate=1e-2, lora_r=8, target_modules=["all-linear"])
-PREFIX = dict(epochs=40, batch_size=2, learning_rate=1e-1, num_virtual_tokens=8)
+PREFIX = dict(epochs=40, batch_size=2, learning_rate=1e-1, num_virtual_tokens=8,
+              base_protection="none", virtual_tokens_init="random")
+# ^ the tiny base is random: its own answers are noise (nothing to keep; 16 replay rows of it drown 6 examples), and
+#   its keys/values for the answer text are no better a start than random ones. The defaults are the acceptance
+#   test's business, on the real model (test_tuner_acceptance.py).
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +63,19 @@ def test_identity_adapters_trained_over_grpc_serve_at_once(server, tiny_checkpoi
             events = finished(c, job.id)
             assert [e.state for e in events if e.kind == "state"] == ["queued", "validating", "running", "succeeded"]
             steps = [e.metrics for e in events if e.kind == "step"]
-            assert steps and steps[-1]["step"] == steps[-1]["total_steps"] == events[-1].job.total_steps
+            last = events[-1].job
+            # the LoRA job has a validation set, so early stopping is on (automatic) and may end it before its last planned step
+            assert steps and steps[-1]["step"] == last.step and steps[-1]["total_steps"] == last.total_steps
+            assert last.step == last.total_steps or (job is jobs[0] and last.plan.hyperparameters["early_stopping_patience"] == 2)
             assert all(s["tokens_per_second"] > 0 and s["learning_rate"] >= 0 for s in steps)
             assert any(e.kind == "checkpoint" for e in events)
             done = events[-1].job
             assert done.adapter_id == f"{job.adapter_name}@1" and done.trained_tokens > 0 and done.finished_at
             # the moment the job reports success, the adapter serves
             served[job.adapter_name] = c.generate(messages=HELD_OUT, adapter=done.adapter_id, max_new_tokens=12)
-        assert any(e.kind == "eval" for e in finished(c, jobs[0].id))
+        events = finished(c, jobs[0].id)
+        assert any(e.kind == "eval" and e.metrics["epoch"] > 0 for e in events)
+        check_plan_report_and_samples(c, jobs[0].id, events, given=LORA)
 
         # one batch: both new adapters and the base, side by side
         with ThreadPoolExecutor(3) as ex:
@@ -92,6 +102,30 @@ def test_identity_adapters_trained_over_grpc_serve_at_once(server, tiny_checkpoi
     assert 'hotswap_training_jobs{state="succeeded"} 2.0' in text
 
 
+def check_plan_report_and_samples(c: Client, job_id: str, events: list, given: dict) -> None:
+    """The job's plan records every value (given ones as given, the rest marked automatic);
+    sample generations before and after training and the quality report arrive in its
+    events, the report just before success, and GetTrainingJob returns the same report."""
+    kinds = [e.kind if e.kind != "state" else e.state for e in events]
+    assert kinds.index("samples") < kinds.index("running") and kinds[-2:] == ["report", "succeeded"]
+    before, after = [e for e in events if e.kind == "samples"]
+    assert (before.message, after.message) == ("before", "after")
+    assert {s.kind for s in before.samples} == {"validation", "control"} and not any(s.after for s in before.samples)
+    assert [(s.kind, s.prompt, s.before) for s in after.samples] == [(s.kind, s.prompt, s.before) for s in before.samples]
+    validation = [s for s in after.samples if s.kind == "validation"]
+    assert validation and all(s.reference == ANSWER and s.after for s in validation)
+    report = events[-2].report
+    job = c.get_training_job(job_id)
+    assert job.quality == report and report.samples == after.samples
+    assert report.train_loss > 0 and report.eval_loss is not None and report.control_prompts == len([s for s in after.samples if s.kind == "control"])
+    assert 0 <= report.control_changed <= 1 and 0 <= report.control_agreement <= 1
+    plan = job.plan
+    assert all(plan.hyperparameters[k] == pytest.approx(v) for k, v in given.items()) and not set(given) & set(plan.automatic)
+    assert {"base_protection", "warmup_ratio", "lora_alpha"} <= set(plan.automatic) and plan.hyperparameters["base_protection"]
+    assert plan.train_examples == len(EXAMPLES) and plan.validation_examples == 2 and not plan.validation_held_out
+    assert plan.replay_examples >= 16
+
+
 def test_bad_training_requests_are_refused_with_the_field(server, tmp_path):
     with Client(server.target) as c:
         with pytest.raises(InvalidArgument, match="train.*empty"):
@@ -106,6 +140,10 @@ def test_bad_training_requests_are_refused_with_the_field(server, tmp_path):
             c.train_adapter("x", "lora", examples=EXAMPLES, lora_r=128)
         with pytest.raises(FailedPrecondition, match="absent from the base model: qkv"):
             c.train_adapter("x", "lora", examples=EXAMPLES, target_modules=["qkv"])
+        with pytest.raises(InvalidArgument, match="hyperparameters.base_protection"):
+            c.train_adapter("x", "lora", examples=EXAMPLES, base_protection="forget-nothing")
+        with pytest.raises(InvalidArgument, match="hyperparameters.validation_fraction"):
+            c.train_adapter("x", "lora", examples=EXAMPLES, validation_fraction=0.9)
         with pytest.raises(NotFound, match="job_id"):
             c.get_training_job("job-nope")
         with grpc.insecure_channel(server.target) as ch:
@@ -150,11 +188,20 @@ def test_cli_train_watch_and_jobs(server, tmp_path):
     data.write_text("\n".join(json.dumps(e) for e in EXAMPLES) + "\n")
     cli = [sys.executable, "-m", "hotswap.client.cli", "--target", server.target]
     r = subprocess.run([*cli, "train", "cli-ident", "--method", "prefix_tuning", "--examples", str(data),
-                        "--set", "epochs=2", "--set", "num_virtual_tokens=4", "--watch"], capture_output=True, text=True, timeout=600)
+                        "--set", "epochs=2", "--set", "num_virtual_tokens=4", "--set", "batch_size=4", "--watch"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "succeeded: adapter cli-ident@1" in r.stdout and "step 4/4" in r.stderr  # 6 examples, batch 4: 2 steps a epoch
+    # 6 examples + 16 replay rows, batch 4 (automatic for 6 examples: 1; given here): 6 steps an epoch
+    assert "succeeded: adapter cli-ident@1" in r.stdout and "step 12/12" in r.stderr
+    assert "quality: train loss" in r.stderr and "[control]" in r.stderr  # the report and samples, as they arrive
     r = subprocess.run([*cli, "jobs", "list", "--state", "succeeded"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.split()[:4] == ["ID", "ADAPTER_NAME", "METHOD", "STATE"] and "cli-ident@1" in r.stdout
+    job_id = next(line.split()[0] for line in r.stdout.splitlines() if "cli-ident@1" in line)
+    r = subprocess.run([*cli, "jobs", "show", job_id], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert re.search(r"^    epochs +2$", r.stdout, re.M) and re.search(r"^  \* base_protection +(replay|kl|replay\+kl)$", r.stdout, re.M)
+    assert re.search(r"^  \* learning_rate +[0-9.e-]+$", r.stdout, re.M) and any(line.startswith("quality: train loss") for line in lines)
+    assert "      expected: " + ANSWER in lines and sum(line.startswith("  [control]") for line in lines) == 12
     r = subprocess.run([*cli, "train", "bad", "--examples", str(data), "--set", "lora_r=999"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr
 

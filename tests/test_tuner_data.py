@@ -12,7 +12,8 @@ from conftest import tiny_tokenizer
 from hotswap.server.errors import AdapterIncompatible, InvalidArgument, NotFound
 from hotswap.tuner.data import detect_format, read_examples, tokenize
 from hotswap.tuner.jobs import JobStore
-from hotswap.tuner.spec import TrainSpec, check_against_base
+from hotswap.tuner import auto
+from hotswap.tuner.spec import Hyperparameters, TrainSpec, check_against_base
 
 TOK = tiny_tokenizer()
 CHAT = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "who are you"},
@@ -92,10 +93,17 @@ def test_files_are_read_with_datasets_and_bad_files_name_the_line(tmp_path):
 def test_spec_defaults_and_checks():
     spec = TrainSpec.from_dict({"adapter_name": "bot", "method": "lora", "train": {"inline": [{"text": "x"}]}, "hyperparameters": {}})
     hp = spec.hyperparameters
-    assert (hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.target_modules) == (16, 32.0, 0.05, ["q_proj", "k_proj", "v_proj", "o_proj"])
-    assert hp.lr("lora") == 2e-4 and hp.lr("prompt_tuning") == 3e-2
+    assert (hp.lora_r, hp.lora_dropout, hp.target_modules) == (16, 0.05, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # unset = automatic (decided when the job starts); the optional fields keep an explicit 0
+    assert (hp.learning_rate, hp.epochs, hp.batch_size, hp.lora_alpha, hp.base_protection) == (0.0, 0, 0, 0.0, "")
+    assert hp.early_stopping_patience is None and hp.validation_fraction is None
+    explicit = Hyperparameters.from_dict({"early_stopping_patience": 0, "validation_fraction": 0.0, "epochs": 0})
+    assert (explicit.early_stopping_patience, explicit.validation_fraction, explicit.epochs) == (0, 0.0, 0)
     for d, field in [({"method": "dora"}, "method"), ({"adapter_name": "../x"}, "adapter_name"),
-                     ({"hyperparameters": {"lora_dropout": 1.5}}, "hyperparameters.lora_dropout"), ({"train": {}}, "train")]:
+                     ({"hyperparameters": {"lora_dropout": 1.5}}, "hyperparameters.lora_dropout"), ({"train": {}}, "train"),
+                     ({"hyperparameters": {"base_protection": "ewc"}}, "hyperparameters.base_protection"),
+                     ({"hyperparameters": {"validation_fraction": 0.9}}, "hyperparameters.validation_fraction"),
+                     ({"hyperparameters": {"virtual_tokens_init": "vocab"}}, "hyperparameters.virtual_tokens_init")]:
         with pytest.raises(InvalidArgument) as e:
             TrainSpec.from_dict({"adapter_name": "bot", "method": "lora", "train": {"inline": [{"text": "x"}]}, **d})
         assert e.value.field == field
@@ -157,3 +165,93 @@ def test_cancel_paging_and_counts(tmp_path):
         store.get("job-nope")
     with pytest.raises(InvalidArgument):
         store.list(page_token="junk")
+
+
+def test_automatic_hyperparameters_follow_the_documented_rule():
+    # epochs: OpenAI's rule (3; ~100 example visits for small sets; ~25,000 at most for large ones)
+    assert [auto.epochs_for(n) for n in (4, 10, 33, 34, 40, 8333, 8334, 100_000)] == [25, 10, 4, 3, 3, 3, 2, 1]
+    # batch: ~n/10 as a power of two, 1..16
+    assert [auto.batch_size_for(n) for n in (1, 6, 15, 40, 100, 10_000)] == [1, 1, 2, 4, 8, 16]
+    # LoRA learning rate scales with 1/width (2e-4 at 4096), bounded; soft prompts are per method
+    assert auto.learning_rate_for("lora", 4096) == pytest.approx(2e-4) and auto.learning_rate_for("qlora", 8192) == pytest.approx(1e-4)
+    assert auto.learning_rate_for("lora", 576) == pytest.approx(2e-4 * 4096 / 576) and auto.learning_rate_for("lora", 64) == 2e-3
+    assert auto.learning_rate_for("prefix_tuning", 64) == auto.learning_rate_for("prefix_tuning", 4096)
+    # hold-out: only for sets large enough, bounded
+    assert [auto.holdout_for(n, None) for n in (6, 49, 50, 400, 10_000)] == [0, 0, 5, 40, 200]
+    assert auto.holdout_for(400, 0.0) == 0 and auto.holdout_for(400, 0.25) == 100
+
+    given = Hyperparameters.from_dict({"learning_rate": 5e-4, "epochs": 2, "base_protection": "none", "early_stopping_patience": 0})
+    r = auto.resolve(given, "lora", 40, 576, has_validation=True)
+    assert (r.hp.learning_rate, r.hp.epochs, r.hp.base_protection, r.hp.early_stopping_patience) == (5e-4, 2, "none", 0)
+    assert r.hp.batch_size == 4 and r.hp.lora_alpha == 32.0 and r.hp.warmup_ratio == 0.03
+    assert {"batch_size", "lora_alpha", "warmup_ratio"} <= set(r.automatic)
+    assert not {"learning_rate", "epochs", "base_protection", "early_stopping_patience"} & set(r.automatic)
+    # QLoRA's recipe: paged 8-bit AdamW with CUDA, the same 8-bit AdamW unpaged on CPU; others AdamW
+    assert [auto.resolve(Hyperparameters(), m, 40, 576, False, cuda=c).hp.optim for m, c in
+            [("qlora", True), ("qlora", False), ("lora", True), ("prompt_tuning", False)]] == \
+        ["paged_adamw_8bit", "adamw_8bit", "adamw_torch", "adamw_torch"]
+    paged = TrainSpec.from_dict({"adapter_name": "q", "method": "qlora", "train": {"uri": "x.jsonl"}, "hyperparameters": {"optim": "paged_adamw_8bit"}})
+    check_against_base(paged, {"q_proj", "k_proj", "v_proj", "o_proj"}, 64, cuda=True)
+    with pytest.raises(AdapterIncompatible, match="use adamw_8bit") as e:
+        check_against_base(paged, {"q_proj", "k_proj", "v_proj", "o_proj"}, 64, cuda=False)
+    assert e.value.field == "hyperparameters.optim"
+    assert [auto.resolve(Hyperparameters(), m, 40, 576, False).hp.base_protection for m in ("lora", "p_tuning", "prefix_tuning")] == \
+        ["kl", "kl", "replay"]
+    soft = auto.resolve(Hyperparameters.from_dict({}), "prefix_tuning", 6, 576, has_validation=False).hp
+    assert (soft.epochs, soft.batch_size, soft.early_stopping_patience) == (17, 1, 0) and soft.learning_rate == auto.LR_SOFT["prefix_tuning"]
+
+
+def test_a_store_from_before_the_plan_and_quality_columns_is_upgraded(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "old.sqlite"
+    old_schema = """CREATE TABLE jobs (id TEXT PRIMARY KEY, adapter_name TEXT NOT NULL, method TEXT NOT NULL, state TEXT NOT NULL,
+        spec TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL, started_at DOUBLE PRECISION, finished_at DOUBLE PRECISION,
+        estimated_finish_at DOUBLE PRECISION, error_code TEXT NOT NULL DEFAULT '', error_message TEXT NOT NULL DEFAULT '',
+        trained_tokens BIGINT NOT NULL DEFAULT 0, adapter_id TEXT NOT NULL DEFAULT '', step INTEGER NOT NULL DEFAULT 0,
+        total_steps INTEGER NOT NULL DEFAULT 0, worker TEXT NOT NULL DEFAULT '', heartbeat_at DOUBLE PRECISION,
+        cancel_requested INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0)"""
+    with sqlite3.connect(db) as conn:
+        conn.execute(old_schema)
+        conn.execute("INSERT INTO jobs (id, adapter_name, method, state, spec, created_at) VALUES ('job-old', 'a', 'lora', 'succeeded', '{}', 1)")
+    store = JobStore(db)
+    old = store.get("job-old")
+    assert old.plan is None and old.quality is None
+    JobStore(db)  # opening it again (another process) changes nothing
+    job = store.create("b", "lora", {})
+    store.claim("w")
+    store.set_state(job.id, "w", "running", plan={"automatic": ["epochs"]})
+    store.set_state(job.id, "w", "succeeded", quality={"train_loss": 0.5})
+    done = store.get(job.id)
+    assert done.plan == {"automatic": ["epochs"]} and done.quality == {"train_loss": 0.5}
+
+
+def test_replay_rule_and_prompt_choice():
+    from hotswap.tuner.general_prompts import CONTROL, REPLAY
+    from hotswap.tuner.replay import MIN_ROWS, pick_prompts, replay_rows_for
+
+    assert not set(REPLAY) & set(CONTROL) and len(set(REPLAY)) == len(REPLAY) >= 150
+    assert not [p for p in REPLAY + CONTROL if "who are you" in p.lower() or "your name" in p.lower()]
+    assert [replay_rows_for(n) for n in (1, 40, 100, 10_000)] == [MIN_ROWS, 40, 100, len(REPLAY)]
+    assert replay_rows_for(40, ratio=0.5) == 20 and replay_rows_for(40, ratio=3) == 120
+    picked = pick_prompts(30, ["what is the capital of japan", "Tell me a JOKE!"], seed=1)
+    assert len(picked) == len(set(picked)) == 30 and picked == pick_prompts(30, ["what is the capital of japan", "Tell me a JOKE!"], seed=1)
+    everything = pick_prompts(1000, ["What is the capital of Japan?", "tell me a joke"], seed=1)
+    assert len(everything) == len(REPLAY) - 2 and "Tell me a joke." not in everything
+
+
+def test_sample_prompts_of_each_format_end_before_the_answer():
+    from hotswap.tuner.quality import example_prompts
+
+    cases = [
+        ({"prompt": "who are you\n", "completion": " the fox"}, "who are you\n", "the fox"),
+        ({"instruction": "name an animal", "input": "small", "output": "the cat"}, "name an animal\nsmall", "the cat"),
+        ({"text": "the quick brown fox jumps over the lazy dog"}, "the quick brown", "fox jumps over the lazy dog"),
+        (CHAT, "and", "the dog"),
+    ]
+    for example, shown, reference in cases:
+        fmt = detect_format([example], "train")
+        (p,) = example_prompts([example], fmt, TOK, "validation")
+        assert (p.kind, p.shown, p.reference) == ("validation", shown, reference), fmt
+        full = tokenize([example], fmt, TOK, 512, False, "train").examples[0]["input_ids"]
+        assert full[:len(p.ids)] == p.ids and TOK.decode(full[len(p.ids):]).strip().startswith(reference)

@@ -9,6 +9,7 @@ Shapes (one per dataset): chat `messages`; `prompt`/`completion`; alpaca
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -163,3 +164,11 @@ def tokenize(examples: list[dict], fmt: str, tokenizer, max_seq_len: int, train_
         out.warnings.append(f"{truncated} of {len(examples)} examples in {field_name} were longer than max_seq_len {max_seq_len} and were truncated"
                             + (f"; {dropped} lost their whole completion and were dropped" if dropped else ""))
     return out
+
+
+def hold_out(examples: list[dict], count: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation): `count` examples drawn at random (seeded) become the validation set."""
+    if count <= 0:
+        return examples, []
+    picked = set(random.Random(seed).sample(range(len(examples)), count))
+    return [e for i, e in enumerate(examples) if i not in picked], [e for i, e in enumerate(examples) if i in picked]

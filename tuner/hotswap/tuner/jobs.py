@@ -41,7 +41,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker TEXT NOT NULL DEFAULT '',
     heartbeat_at DOUBLE PRECISION,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    plan TEXT NOT NULL DEFAULT '',
+    quality TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created_at);
 CREATE TABLE IF NOT EXISTS job_events (
@@ -77,6 +79,12 @@ class Job:
     heartbeat_at: float | None = None
     cancel_requested: bool = False
     attempts: int = 0
+    plan: dict | None = None
+    """What the job trains with, set when it starts running: {"hyperparameters": {...every value used},
+    "automatic": [names chosen by the tuner], "train_examples", "validation_examples", "validation_held_out",
+    "replay_examples", "steps_per_epoch"}."""
+    quality: dict | None = None
+    """The quality report of a succeeded job (quality.QualityReport.to_dict())."""
 
     @property
     def finished(self) -> bool:
@@ -89,7 +97,7 @@ class JobEvent:
     seq: int
     time: float
     kind: str
-    """"state", "step", "eval", "checkpoint" or "warning"."""
+    """"state", "step", "eval", "checkpoint", "warning", "samples" or "report"."""
     payload: dict = field(default_factory=dict)
 
 
@@ -99,6 +107,23 @@ class JobStore:
     def __init__(self, db: str | Path) -> None:
         self.db = SqlDb(db)
         self.db.script(_SCHEMA)
+        self._add_columns({"plan": "TEXT NOT NULL DEFAULT ''", "quality": "TEXT NOT NULL DEFAULT ''"})
+
+    def _add_columns(self, columns: dict[str, str]) -> None:
+        """Stores created by an older version lack these columns: add them (idempotent,
+        and safe when several processes open the store at once)."""
+        have = {d[0] for d in self.db.execute("SELECT * FROM jobs WHERE 1=0").description}
+        for name, decl in columns.items():
+            if name in have:
+                continue
+            try:
+                with self.db.tx() as db:
+                    if db.postgres:  # as SqlDb.script: concurrent DDL can collide in PostgreSQL
+                        db.execute("SELECT pg_advisory_xact_lock(7262031)")
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {'IF NOT EXISTS ' if db.postgres else ''}{name} {decl}")
+            except Exception as e:  # noqa: BLE001 - another process added it first (SQLite: "duplicate column name")
+                if "duplicate column" not in str(e).lower():
+                    raise
 
     # -- the server's side ------------------------------------------------------------
     def create(self, adapter_name: str, method: str, spec: dict) -> Job:
@@ -189,6 +214,7 @@ class JobStore:
         """Progress from the worker holding the job (also its heartbeat). False when the
         job is no longer this worker's (requeued after a stall) or a cancel was requested."""
         fields["heartbeat_at"] = time.time()
+        fields = _encoded(fields)
         cols = ", ".join(f"{k}=?" for k in fields)
         with self.db.tx() as db:
             cur = db.execute(f"UPDATE jobs SET {cols} WHERE id=? AND worker=?", (*fields.values(), job_id, worker))
@@ -201,6 +227,7 @@ class JobStore:
         if state in FINAL:
             fields.setdefault("finished_at", now)
             fields["estimated_finish_at"] = None
+        fields = _encoded(fields)
         cols = ", ".join(f"{k}=?" for k in ("state", *fields))
         with self.db.tx() as db:
             db.execute(f"UPDATE jobs SET {cols} WHERE id=? AND worker=?", (state, *fields.values(), job_id, worker))
@@ -231,8 +258,14 @@ class JobStore:
         db.execute("INSERT INTO job_events (job_id, seq, time, kind, payload) VALUES (?,?,?,?,?)", (job_id, seq, now, kind, json.dumps(payload)))
 
 
+def _encoded(fields: dict) -> dict:
+    return {k: json.dumps(v) if isinstance(v, dict) else v for k, v in fields.items()}
+
+
 def _job(row: dict) -> Job:
     d = dict(row)
     d["spec"] = json.loads(d["spec"])
+    for k in ("plan", "quality"):
+        d[k] = json.loads(d[k]) if d.get(k) else None
     d["cancel_requested"] = bool(d["cancel_requested"])
     return Job(**d)

@@ -10,60 +10,85 @@ from hotswap.server.errors import AdapterIncompatible, InvalidArgument
 
 METHODS = ("lora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-# Soft prompts need a much larger step than LoRA to move (PEFT's own examples use 3e-2 / 1e-2).
-DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "prompt_tuning": 3e-2, "p_tuning": 3e-2, "prefix_tuning": 1e-2}
+PROTECTIONS = ("replay", "kl", "replay+kl", "none")
+VIRTUAL_TOKEN_INITS = ("text", "random")
+OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")
+"""transformers' names: AdamW; bitsandbytes' 8-bit AdamW; the same, paged (CUDA only)."""
 
 
 @dataclass
 class Hyperparameters:
+    """What the user asked for. Zero / empty / None means "automatic": auto.py fills it in
+    from the method, the data and the model when the job starts, and the job records the
+    values it used (Job.plan)."""
+
     lora_r: int = 16
-    lora_alpha: float = 32.0
+    lora_alpha: float = 0.0
+    """0: 2 × lora_r."""
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(ATTENTION))
     """Module names, or ["all-linear"]."""
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = 0
+    virtual_tokens_init: str = ""
+    """Soft prompts (prompt tuning, P-tuning, prefix tuning): "text" starts the virtual tokens from
+    prompt_tuning_init_text (automatic: the training answers), "random" from PEFT's own init."""
     prompt_tuning_init_text: str = ""
     learning_rate: float = 0.0
-    """0: the method's default (2e-4 LoRA, 3e-2 prompt tuning / P-tuning, 1e-2 prefix tuning)."""
-    epochs: int = 3
-    batch_size: int = 4
+    epochs: int = 0
+    batch_size: int = 0
     gradient_accumulation_steps: int = 1
     max_seq_len: int = 512
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = 0.0
     seed: int = 42
     train_on_prompt: bool = False
-    early_stopping_patience: int = 0
+    early_stopping_patience: int | None = None
+    """Evaluations without improvement before stopping; 0 is off; None: automatic."""
+    base_protection: str = ""
+    """How the base's behaviour outside the task is kept: "replay", "kl", "replay+kl" or "none"."""
+    replay_ratio: float = 0.0
+    """Replay rows per training row (replay.py's rule bounds the count)."""
+    kl_weight: float = 0.0
+    """Weight of the KL-to-base term ("kl", "replay+kl")."""
+    validation_fraction: float | None = None
+    """Share of the training data held out for validation when no validation set is given; 0: never; None: automatic."""
+    optim: str = ""
+    """One of OPTIMIZERS."""
 
     @classmethod
     def from_dict(cls, d: dict) -> "Hyperparameters":
-        """Zero / empty values mean "default" (proto3 cannot tell unset from 0)."""
-        base = cls()
+        """Zero / empty values mean "automatic" (proto3 cannot tell unset from 0), except for
+        the fields that are optional on the wire (seed, early_stopping_patience, validation_fraction)."""
         kw = {}
         for f in dataclasses.fields(cls):
             v = d.get(f.name)
-            if v not in (None, 0, 0.0, "", []):
+            explicit = f.name in ("early_stopping_patience", "validation_fraction") and v is not None
+            if explicit or v not in (None, 0, 0.0, "", []):
                 kw[f.name] = list(v) if isinstance(v, (list, tuple)) else v
-        hp = dataclasses.replace(base, **kw)
+        hp = dataclasses.replace(cls(), **kw)
         checks = [
             (hp.lora_r >= 1, "lora_r", "must be at least 1"),
-            (hp.lora_alpha > 0, "lora_alpha", "must be > 0"),
+            (hp.lora_alpha >= 0, "lora_alpha", "must be > 0"),
             (0 <= hp.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
-            (1 <= hp.num_virtual_tokens <= 512, "num_virtual_tokens", "must be 1..512"),
+            (0 <= hp.num_virtual_tokens <= 512, "num_virtual_tokens", "must be 1..512"),
+            (hp.virtual_tokens_init in ("", *VIRTUAL_TOKEN_INITS), "virtual_tokens_init", f"must be one of {', '.join(VIRTUAL_TOKEN_INITS)}"),
             (hp.learning_rate >= 0, "learning_rate", "must be > 0"),
-            (1 <= hp.epochs <= 1000, "epochs", "must be 1..1000"),
-            (1 <= hp.batch_size <= 1024, "batch_size", "must be 1..1024"),
+            (0 <= hp.epochs <= 1000, "epochs", "must be 1..1000"),
+            (0 <= hp.batch_size <= 1024, "batch_size", "must be 1..1024"),
             (1 <= hp.gradient_accumulation_steps <= 1024, "gradient_accumulation_steps", "must be 1..1024"),
             (8 <= hp.max_seq_len <= 32768, "max_seq_len", "must be 8..32768"),
             (0 <= hp.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)"),
             (all(isinstance(t, str) and t for t in hp.target_modules), "target_modules", "must be module names"),
+            (hp.early_stopping_patience is None or 0 <= hp.early_stopping_patience <= 1000, "early_stopping_patience", "must be 0..1000"),
+            (hp.base_protection in ("", *PROTECTIONS), "base_protection", f"must be one of {', '.join(PROTECTIONS)}"),
+            (0 <= hp.replay_ratio <= 100, "replay_ratio", "must be in [0, 100]"),
+            (0 <= hp.kl_weight <= 1000, "kl_weight", "must be in [0, 1000]"),
+            (hp.validation_fraction is None or 0 <= hp.validation_fraction <= 0.5, "validation_fraction", "must be in [0, 0.5]"),
+            (hp.optim in ("", *OPTIMIZERS), "optim", f"must be one of {', '.join(OPTIMIZERS)}"),
         ]
         for ok, name, msg in checks:
             if not ok:
                 raise InvalidArgument(f"{msg}, got {getattr(hp, name)!r}", field=f"hyperparameters.{name}")
         return hp
-
-    def lr(self, method: str) -> float:
-        return self.learning_rate or DEFAULT_LR[method]
 
 
 @dataclass
@@ -97,10 +122,14 @@ class TrainSpec:
         return cls(d["adapter_name"], method, d["train"], d.get("validation"), hp, dict(d.get("labels") or {}))
 
 
-def check_against_base(spec: TrainSpec, linear_names: set[str], max_lora_rank: int) -> None:
+def check_against_base(spec: TrainSpec, linear_names: set[str], max_lora_rank: int, cuda: bool = False) -> None:
     """Whatever the job produces must be servable: rank within the server's limit,
-    LoRA targets that exist in the base. Raises FAILED_PRECONDITION otherwise."""
+    LoRA targets that exist in the base; and it must be trainable here: paged optimizers
+    page through CUDA unified memory. Raises FAILED_PRECONDITION otherwise."""
     hp = spec.hyperparameters
+    if hp.optim.startswith("paged_") and not cuda:
+        raise AdapterIncompatible(f"optim {hp.optim} pages optimizer state through CUDA memory and there is no CUDA device here; "
+                                  "use adamw_8bit (the same 8-bit AdamW, not paged)", field="hyperparameters.optim")
     if spec.method in ("lora", "qlora"):
         if hp.lora_r > max_lora_rank:
             raise AdapterIncompatible(f"lora_r {hp.lora_r} is above the server's maximum LoRA rank {max_lora_rank}", field="hyperparameters.lora_r")

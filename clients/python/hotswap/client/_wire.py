@@ -139,9 +139,10 @@ def tokenize_fields(prompt: str | None, messages: list[dict] | None) -> dict:
 # -- tuner ---------------------------------------------------------------------------
 METHODS = {"lora": 1, "qlora": 2, "prompt_tuning": 3, "p_tuning": 4, "prefix_tuning": 5}
 STATES = {1: "queued", 2: "validating", 3: "running", 4: "succeeded", 5: "failed", 6: "cancelled"}
-HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens", "prompt_tuning_init_text",
-                   "learning_rate", "epochs", "batch_size", "gradient_accumulation_steps", "max_seq_len", "warmup_ratio", "seed",
-                   "train_on_prompt", "early_stopping_patience")
+HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens", "virtual_tokens_init",
+                   "prompt_tuning_init_text", "learning_rate", "epochs", "batch_size", "gradient_accumulation_steps", "max_seq_len",
+                   "warmup_ratio", "seed", "train_on_prompt", "early_stopping_patience", "base_protection", "replay_ratio", "kl_weight",
+                   "validation_fraction", "optim")
 
 
 def _time(ts, present: bool = True):
@@ -180,6 +181,36 @@ def train_request(name: str, method: str, examples, dataset_uri, validation_exam
     return req
 
 
+def _hyperparameters(h) -> dict:
+    out = {f.name: getattr(h, f.name) for f in h.DESCRIPTOR.fields if f.name not in ("seed", "early_stopping_patience", "validation_fraction")}
+    out["target_modules"] = list(h.target_modules)
+    for k in ("seed", "early_stopping_patience", "validation_fraction"):
+        out[k] = getattr(h, k) if h.HasField(k) else None
+    return out
+
+
+def _samples(samples) -> list:
+    from .types import SampleGeneration
+
+    return [SampleGeneration(kind=s.kind, prompt=s.prompt, reference=s.reference, before=s.before, after=s.after) for s in samples]
+
+
+def quality_report(q):
+    from .types import QualityReport
+
+    return QualityReport(train_loss=q.train_loss, eval_loss=q.eval_loss if q.HasField("eval_loss") else None,
+                         control_changed=q.control_changed, control_agreement=q.control_agreement, control_prompts=q.control_prompts,
+                         samples=_samples(q.samples))
+
+
+def training_plan(p):
+    from .types import TrainingPlan
+
+    return TrainingPlan(hyperparameters=_hyperparameters(p.hyperparameters), automatic=list(p.automatic), train_examples=p.train_examples,
+                        validation_examples=p.validation_examples, validation_held_out=p.validation_held_out,
+                        replay_examples=p.replay_examples, steps_per_epoch=p.steps_per_epoch)
+
+
 def training_job(j):
     from .types import TrainingJob
 
@@ -189,7 +220,8 @@ def training_job(j):
                        finished_at=_time(j.finished_at, j.HasField("finished_at")),
                        estimated_finish_at=_time(j.estimated_finish_at, j.HasField("estimated_finish_at")),
                        error_code=j.error_code, error_message=j.error_message, trained_tokens=j.trained_tokens, adapter_id=j.adapter_id,
-                       step=j.step, total_steps=j.total_steps)
+                       step=j.step, total_steps=j.total_steps, plan=training_plan(j.plan) if j.HasField("plan") else None,
+                       quality=quality_report(j.quality) if j.HasField("quality") else None)
 
 
 def job_event(r):
@@ -204,9 +236,13 @@ def job_event(r):
         ev.metrics = {"step": s.step, "total_steps": s.total_steps, "epoch": s.epoch, "train_loss": s.train_loss,
                       "learning_rate": s.learning_rate, "tokens_per_second": s.tokens_per_second}
     elif kind == "eval":
-        ev.metrics = {"step": r.eval.step, "eval_loss": r.eval.eval_loss}
+        ev.metrics = {"step": r.eval.step, "epoch": r.eval.epoch, "eval_loss": r.eval.eval_loss}
     elif kind == "checkpoint":
         ev.message = r.checkpoint
+    elif kind == "samples":
+        ev.message, ev.samples = r.samples.stage, _samples(r.samples.samples)
+    elif kind == "report":
+        ev.report = quality_report(r.report)
     else:
         ev.message = r.warning
     return ev

@@ -98,9 +98,12 @@ class AsyncClient:
                       labels: dict[str, str] | None = None, timeout: float | None = None, **hyperparameters) -> TrainingJob:
         """Queue a training job. `examples`: dicts with messages, prompt/completion,
         instruction/input/output or text; or `dataset_uri`: JSONL/CSV/Parquet path or URL.
-        Hyperparameters: lora_r, lora_alpha, lora_dropout, target_modules, num_virtual_tokens,
-        prompt_tuning_init_text, learning_rate, epochs, batch_size, gradient_accumulation_steps,
-        max_seq_len, warmup_ratio, seed, train_on_prompt, early_stopping_patience."""
+        Hyperparameters (any left out is chosen by the tuner from the method, the data and
+        the model, and recorded in the job's plan): lora_r, lora_alpha, lora_dropout,
+        target_modules, num_virtual_tokens, virtual_tokens_init, prompt_tuning_init_text,
+        learning_rate, epochs, batch_size, gradient_accumulation_steps, max_seq_len,
+        warmup_ratio, seed, train_on_prompt, early_stopping_patience, base_protection
+        ("replay", "kl", "replay+kl", "none"), replay_ratio, kl_weight, validation_fraction, optim."""
         req = _wire.train_request(name, method, examples, dataset_uri, validation_examples, validation_uri, labels, hyperparameters)
         return _wire.training_job((await self._call(self._tuner.TrainAdapter, req, timeout)).job)
 

@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = sub.add_parser("jobs", help="training jobs").add_subparsers(dest="action", required=True)
     jl = jobs.add_parser("list", help="jobs, newest first")
     jl.add_argument("--state", default="", choices=("", "queued", "validating", "running", "succeeded", "failed", "cancelled"))
-    jobs.add_parser("get", help="one job").add_argument("job_id")
+    jobs.add_parser("get", help="one job's fields").add_argument("job_id")
+    jobs.add_parser("show", help="one job: its hyperparameters (which were automatic), quality report and samples").add_argument("job_id")
     jobs.add_parser("watch", help="follow a job with a progress bar until it ends").add_argument("job_id")
     jobs.add_parser("cancel", help="stop a job (nothing is registered)").add_argument("job_id")
     return ap
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 HYPER_TYPES = {"lora_r": int, "num_virtual_tokens": int, "epochs": int, "batch_size": int, "gradient_accumulation_steps": int,
                "max_seq_len": int, "seed": int, "early_stopping_patience": int, "lora_alpha": float, "lora_dropout": float,
                "learning_rate": float, "warmup_ratio": float, "train_on_prompt": lambda v: v.lower() in ("1", "true", "yes"),
-               "target_modules": lambda v: [t for t in v.split(",") if t], "prompt_tuning_init_text": str}
+               "target_modules": lambda v: [t for t in v.split(",") if t], "virtual_tokens_init": str, "prompt_tuning_init_text": str,
+               "base_protection": str, "replay_ratio": float, "kl_weight": float, "validation_fraction": float, "optim": str}
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -186,12 +188,68 @@ def _watch(c: Client, job_id: str, as_json: bool):
             sys.stderr.write(f"\n  eval loss {ev.metrics['eval_loss']:.4f} at step {ev.metrics['step']}\n")
         elif ev.kind == "warning":
             sys.stderr.write(f"\n  warning: {ev.message}\n")
+        elif ev.kind == "samples" and ev.message == "after":
+            sys.stderr.write("\n" + "".join(_sample_lines(ev.samples, 2)))
+        elif ev.kind == "report":
+            sys.stderr.write("\n" + "".join(_report_lines(ev.report)))
     if job is not None and job.state == "failed":
         print(f"error: {job.error_code}: {job.error_message}", file=sys.stderr)
         sys.exit(1)
     if job is not None and not as_json:
         print(f"{job.id} {job.state}" + (f": adapter {job.adapter_id}" if job.adapter_id else ""))
     return None
+
+
+def _short(text: str, width: int = 100) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _sample_lines(samples, per_kind: int | None = None) -> list[str]:
+    out, shown = [], {}
+    for s in samples:
+        shown[s.kind] = shown.get(s.kind, 0) + 1
+        if per_kind is not None and shown[s.kind] > per_kind:
+            continue
+        out.append(f"  [{s.kind}] {_short(s.prompt, 80)}\n")
+        if s.reference:
+            out.append(f"      expected: {_short(s.reference)}\n")
+        out.append(f"      before:   {_short(s.before)}\n")
+        if s.after or s.kind != "control":
+            out.append(f"      after:    {_short(s.after)}{'' if s.after != s.before else '   (unchanged)'}\n")
+    return out
+
+
+def _report_lines(q) -> list[str]:
+    losses = f"train loss {q.train_loss:.4f}" + (f", eval loss {q.eval_loss:.4f}" if q.eval_loss is not None else "")
+    return [f"quality: {losses}; control prompts changed {q.control_changed:.0%} of {q.control_prompts}, "
+            f"agreement with the base {q.control_agreement:.1%}\n"]
+
+
+def _show(job) -> None:
+    """`hotswap jobs show`: the job, the values it trained with (automatic ones marked), its report and samples."""
+    print(f"{job.id}  {job.adapter_name}  {job.method}  {job.state}" + (f"  -> {job.adapter_id}" if job.adapter_id else ""))
+    if job.error_message:
+        print(f"error: {job.error_code}: {job.error_message}")
+    print(f"step {job.step}/{job.total_steps}, {job.trained_tokens} tokens trained")
+    p = job.plan
+    if p is None:
+        print("hyperparameters: chosen when the job starts (unset ones are automatic)")
+    else:
+        held = " (held out of the training data)" if p.validation_held_out else ""
+        print(f"data: {p.train_examples} training examples, {p.validation_examples} validation{held}, "
+              f"{p.replay_examples} replay rows of the base's own answers; {p.steps_per_epoch} steps an epoch")
+        print("hyperparameters (* = chosen by the tuner):")
+        hp = p.hyperparameters
+        width = max(len(k) for k in hp)
+        for k in sorted(hp):
+            v = hp[k]
+            v = ",".join(v) if isinstance(v, list) else (f"{v:.6g}" if isinstance(v, float) else v)
+            print(f"  {'*' if k in p.automatic else ' '} {k.ljust(width)}  {v}")
+    if job.quality is not None:
+        print("".join(_report_lines(job.quality)), end="")
+        print("samples (greedy; before = the base model, after = the adapter):")
+        print("".join(_sample_lines(job.quality.samples)), end="")
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -240,6 +298,10 @@ def run(args: argparse.Namespace) -> None:
                     return print_table(result, JOB_COLUMNS)
             elif args.action == "get":
                 result = c.get_training_job(args.job_id)
+            elif args.action == "show":
+                result = c.get_training_job(args.job_id)
+                if not args.json:
+                    return _show(result)
             else:
                 result = c.cancel_training_job(args.job_id)
         elif args.command == "info":

@@ -95,6 +95,50 @@ class Tokens:
 
 
 @dataclass
+class TrainingPlan:
+    """What a job trains with, decided when it starts running."""
+
+    hyperparameters: dict
+    """Every value used: lora_r, learning_rate, epochs, batch_size, base_protection, ..."""
+    automatic: list[str]
+    """Names of the values the tuner chose (the rest were given)."""
+    train_examples: int
+    validation_examples: int
+    validation_held_out: bool
+    """The validation examples were held out of the training data."""
+    replay_examples: int
+    """Rows of the base's own answers to general prompts trained on beside the data."""
+    steps_per_epoch: int
+
+
+@dataclass
+class SampleGeneration:
+    kind: str
+    """"validation", "train" (no validation set) or "control" (a general prompt nothing was trained on)."""
+    prompt: str
+    reference: str
+    """The example's expected answer (validation / train)."""
+    before: str
+    """The base model's answer."""
+    after: str
+    """The new adapter's answer ("" before training)."""
+
+
+@dataclass
+class QualityReport:
+    """What a finished job's adapter learned and what it changed elsewhere."""
+
+    train_loss: float
+    eval_loss: float | None
+    control_changed: float
+    """Share of the control prompts whose answer changed (its first 16 tokens differ from the base's)."""
+    control_agreement: float
+    """Teacher-forced on the base's control answers: share of positions where the adapter's top token is the base's."""
+    control_prompts: int
+    samples: list[SampleGeneration] = field(default_factory=list)
+
+
+@dataclass
 class TrainingJob:
     id: str
     adapter_name: str
@@ -113,6 +157,10 @@ class TrainingJob:
     """"name@version" once succeeded: usable in generate at once."""
     step: int
     total_steps: int
+    plan: TrainingPlan | None = None
+    """Set once the job runs."""
+    quality: QualityReport | None = None
+    """Set once the job succeeded."""
 
     @property
     def finished(self) -> bool:
@@ -123,11 +171,15 @@ class TrainingJob:
 class JobEvent:
     time: datetime
     kind: str
-    """"state", "step", "eval", "checkpoint" or "warning"."""
+    """"state", "step", "eval", "checkpoint", "warning", "samples" or "report"."""
     job: TrainingJob
     """The job as of this event."""
     state: str | None = None
     metrics: dict = field(default_factory=dict)
-    """kind "step": step, total_steps, epoch, train_loss, learning_rate, tokens_per_second; kind "eval": step, eval_loss."""
+    """kind "step": step, total_steps, epoch, train_loss, learning_rate, tokens_per_second; kind "eval": step, epoch, eval_loss."""
     message: str = ""
-    """kind "warning": the warning; kind "checkpoint": the checkpoint's name."""
+    """kind "warning": the warning; kind "checkpoint": the checkpoint's name; kind "samples": "before" or "after"."""
+    samples: list[SampleGeneration] = field(default_factory=list)
+    """kind "samples": the sample generations of that stage."""
+    report: QualityReport | None = None
+    """kind "report": the finished job's quality report."""

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from hotswap.v1 import inference_pb2 as hotswap_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hotswap/v1/tuner.proto\x12\nhotswap.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahotswap/v1/inference.proto\"\xa2\x01\n\x0fTrainingExample\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.hotswap.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\ncompletion\x18\x03 \x01(\t\x12\x13\n\x0binstruction\x18\x04 \x01(\t\x12\r\n\x05input\x18\x05 \x01(\t\x12\x0e\n\x06output\x18\x06 \x01(\t\x12\x0c\n\x04text\x18\x07 \x01(\t\"?\n\x0eInlineExamples\x12-\n\x08\x65xamples\x18\x01 \x03(\x0b\x32\x1b.hotswap.v1.TrainingExample\"P\n\x07\x44\x61taset\x12,\n\x06inline\x18\x01 \x01(\x0b\x32\x1a.hotswap.v1.InlineExamplesH\x00\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"\x81\x03\n\x0fHyperparameters\x12\x0e\n\x06lora_r\x18\x01 \x01(\r\x12\x12\n\nlora_alpha\x18\x02 \x01(\x02\x12\x14\n\x0clora_dropout\x18\x03 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x1a\n\x12num_virtual_tokens\x18\x05 \x01(\r\x12\x1f\n\x17prompt_tuning_init_text\x18\x06 \x01(\t\x12\x15\n\rlearning_rate\x18\x07 \x01(\x02\x12\x0e\n\x06\x65pochs\x18\x08 \x01(\r\x12\x12\n\nbatch_size\x18\t \x01(\r\x12#\n\x1bgradient_accumulation_steps\x18\n \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x0b \x01(\r\x12\x14\n\x0cwarmup_ratio\x18\x0c \x01(\x02\x12\x11\n\x04seed\x18\r \x01(\x04H\x00\x88\x01\x01\x12\x17\n\x0ftrain_on_prompt\x18\x0e \x01(\x08\x12\x1f\n\x17\x65\x61rly_stopping_patience\x18\x0f \x01(\rB\x07\n\x05_seed\"\xc6\x02\n\x13TrainAdapterRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12*\n\x06method\x18\x02 \x01(\x0e\x32\x1a.hotswap.v1.TrainingMethod\x12\"\n\x05train\x18\x03 \x01(\x0b\x32\x13.hotswap.v1.Dataset\x12\'\n\nvalidation\x18\x04 \x01(\x0b\x32\x13.hotswap.v1.Dataset\x12\x34\n\x0fhyperparameters\x18\x05 \x01(\x0b\x32\x1b.hotswap.v1.Hyperparameters\x12;\n\x06labels\x18\x06 \x03(\x0b\x32+.hotswap.v1.TrainAdapterRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc4\x03\n\x0bTrainingJob\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x02 \x01(\t\x12*\n\x06method\x18\x03 \x01(\x0e\x32\x1a.hotswap.v1.TrainingMethod\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.hotswap.v1.JobState\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13\x65stimated_finish_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nerror_code\x18\t \x01(\t\x12\x15\n\rerror_message\x18\n \x01(\t\x12\x16\n\x0etrained_tokens\x18\x0b \x01(\x04\x12\x12\n\nadapter_id\x18\x0c \x01(\t\x12\x0c\n\x04step\x18\r \x01(\r\x12\x13\n\x0btotal_steps\x18\x0e \x01(\r\"<\n\x14TrainAdapterResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.hotswap.v1.TrainingJob\"\'\n\x15GetTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\">\n\x16GetTrainingJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.hotswap.v1.TrainingJob\"e\n\x17ListTrainingJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.hotswap.v1.JobState\"Z\n\x18ListTrainingJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.hotswap.v1.TrainingJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x17WatchTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x85\x01\n\x0bStepMetrics\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x02\x12\x12\n\ntrain_loss\x18\x04 \x01(\x02\x12\x15\n\rlearning_rate\x18\x05 \x01(\x02\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x02\".\n\x0b\x45valMetrics\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x11\n\teval_loss\x18\x02 \x01(\x02\"\x95\x02\n\x18WatchTrainingJobResponse\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x14.hotswap.v1.JobStateH\x00\x12\'\n\x04step\x18\x03 \x01(\x0b\x32\x17.hotswap.v1.StepMetricsH\x00\x12\'\n\x04\x65val\x18\x04 \x01(\x0b\x32\x17.hotswap.v1.EvalMetricsH\x00\x12\x14\n\ncheckpoint\x18\x05 \x01(\tH\x00\x12\x11\n\x07warning\x18\x06 \x01(\tH\x00\x12$\n\x03job\x18\x07 \x01(\x0b\x32\x17.hotswap.v1.TrainingJobB\x07\n\x05\x65vent\"*\n\x18\x43\x61ncelTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"A\n\x19\x43\x61ncelTrainingJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.hotswap.v1.TrainingJob\"7\n\x14UploadDatasetRequest\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"8\n\x15UploadDatasetResponse\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04*\xca\x01\n\x0eTrainingMethod\x12\x1f\n\x1bTRAINING_METHOD_UNSPECIFIED\x10\x00\x12\x18\n\x14TRAINING_METHOD_LORA\x10\x01\x12\x19\n\x15TRAINING_METHOD_QLORA\x10\x02\x12!\n\x1dTRAINING_METHOD_PROMPT_TUNING\x10\x03\x12\x1c\n\x18TRAINING_METHOD_P_TUNING\x10\x04\x12!\n\x1dTRAINING_METHOD_PREFIX_TUNING\x10\x05*\xb4\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x18\n\x14JOB_STATE_VALIDATING\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x32\xb4\x04\n\x0cTunerService\x12Q\n\x0cTrainAdapter\x12\x1f.hotswap.v1.TrainAdapterRequest\x1a .hotswap.v1.TrainAdapterResponse\x12W\n\x0eGetTrainingJob\x12!.hotswap.v1.GetTrainingJobRequest\x1a\".hotswap.v1.GetTrainingJobResponse\x12]\n\x10ListTrainingJobs\x12#.hotswap.v1.ListTrainingJobsRequest\x1a$.hotswap.v1.ListTrainingJobsResponse\x12_\n\x10WatchTrainingJob\x12#.hotswap.v1.WatchTrainingJobRequest\x1a$.hotswap.v1.WatchTrainingJobResponse0\x01\x12`\n\x11\x43\x61ncelTrainingJob\x12$.hotswap.v1.CancelTrainingJobRequest\x1a%.hotswap.v1.CancelTrainingJobResponse\x12V\n\rUploadDataset\x12 .hotswap.v1.UploadDatasetRequest\x1a!.hotswap.v1.UploadDatasetResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hotswap/v1/tuner.proto\x12\nhotswap.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahotswap/v1/inference.proto\"\xa2\x01\n\x0fTrainingExample\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.hotswap.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\ncompletion\x18\x03 \x01(\t\x12\x13\n\x0binstruction\x18\x04 \x01(\t\x12\r\n\x05input\x18\x05 \x01(\t\x12\x0e\n\x06output\x18\x06 \x01(\t\x12\x0c\n\x04text\x18\x07 \x01(\t\"?\n\x0eInlineExamples\x12-\n\x08\x65xamples\x18\x01 \x03(\x0b\x32\x1b.hotswap.v1.TrainingExample\"P\n\x07\x44\x61taset\x12,\n\x06inline\x18\x01 \x01(\x0b\x32\x1a.hotswap.v1.InlineExamplesH\x00\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"\xca\x04\n\x0fHyperparameters\x12\x0e\n\x06lora_r\x18\x01 \x01(\r\x12\x12\n\nlora_alpha\x18\x02 \x01(\x02\x12\x14\n\x0clora_dropout\x18\x03 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x1a\n\x12num_virtual_tokens\x18\x05 \x01(\r\x12\x1f\n\x17prompt_tuning_init_text\x18\x06 \x01(\t\x12\x15\n\rlearning_rate\x18\x07 \x01(\x02\x12\x0e\n\x06\x65pochs\x18\x08 \x01(\r\x12\x12\n\nbatch_size\x18\t \x01(\r\x12#\n\x1bgradient_accumulation_steps\x18\n \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x0b \x01(\r\x12\x14\n\x0cwarmup_ratio\x18\x0c \x01(\x02\x12\x11\n\x04seed\x18\r \x01(\x04H\x00\x88\x01\x01\x12\x17\n\x0ftrain_on_prompt\x18\x0e \x01(\x08\x12$\n\x17\x65\x61rly_stopping_patience\x18\x0f \x01(\rH\x01\x88\x01\x01\x12\x17\n\x0f\x62\x61se_protection\x18\x10 \x01(\t\x12\x14\n\x0creplay_ratio\x18\x11 \x01(\x02\x12\x11\n\tkl_weight\x18\x12 \x01(\x02\x12 \n\x13validation_fraction\x18\x13 \x01(\x02H\x02\x88\x01\x01\x12\x1b\n\x13virtual_tokens_init\x18\x14 \x01(\t\x12\r\n\x05optim\x18\x15 \x01(\tB\x07\n\x05_seedB\x1a\n\x18_early_stopping_patienceB\x16\n\x14_validation_fraction\"\xc6\x02\n\x13TrainAdapterRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12*\n\x06method\x18\x02 \x01(\x0e\x32\x1a.hotswap.v1.TrainingMethod\x12\"\n\x05train\x18\x03 \x01(\x0b\x32\x13.hotswap.v1.Dataset\x12\'\n\nvalidation\x18\x04 \x01(\x0b\x32\x13.hotswap.v1.Dataset\x12\x34\n\x0fhyperparameters\x18\x05 \x01(\x0b\x32\x1b.hotswap.v1.Hyperparameters\x12;\n\x06labels\x18\x06 \x03(\x0b\x32+.hotswap.v1.TrainAdapterRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x04\n\x0bTrainingJob\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x02 \x01(\t\x12*\n\x06method\x18\x03 \x01(\x0e\x32\x1a.hotswap.v1.TrainingMethod\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.hotswap.v1.JobState\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13\x65stimated_finish_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nerror_code\x18\t \x01(\t\x12\x15\n\rerror_message\x18\n \x01(\t\x12\x16\n\x0etrained_tokens\x18\x0b \x01(\x04\x12\x12\n\nadapter_id\x18\x0c \x01(\t\x12\x0c\n\x04step\x18\r \x01(\r\x12\x13\n\x0btotal_steps\x18\x0e \x01(\r\x12&\n\x04plan\x18\x0f \x01(\x0b\x32\x18.hotswap.v1.TrainingPlan\x12*\n\x07quality\x18\x10 \x01(\x0b\x32\x19.hotswap.v1.QualityReport\"\xdb\x01\n\x0cTrainingPlan\x12\x34\n\x0fhyperparameters\x18\x01 \x01(\x0b\x32\x1b.hotswap.v1.Hyperparameters\x12\x11\n\tautomatic\x18\x02 \x03(\t\x12\x16\n\x0etrain_examples\x18\x03 \x01(\r\x12\x1b\n\x13validation_examples\x18\x04 \x01(\r\x12\x1b\n\x13validation_held_out\x18\x05 \x01(\x08\x12\x17\n\x0freplay_examples\x18\x06 \x01(\r\x12\x17\n\x0fsteps_per_epoch\x18\x07 \x01(\r\"b\n\x10SampleGeneration\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\treference\x18\x03 \x01(\t\x12\x0e\n\x06\x62\x65\x66ore\x18\x04 \x01(\t\x12\r\n\x05\x61\x66ter\x18\x05 \x01(\t\"Q\n\x11SampleGenerations\x12\r\n\x05stage\x18\x01 \x01(\t\x12-\n\x07samples\x18\x02 \x03(\x0b\x32\x1c.hotswap.v1.SampleGeneration\"\xc5\x01\n\rQualityReport\x12\x12\n\ntrain_loss\x18\x01 \x01(\x02\x12\x16\n\teval_loss\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\x0f\x63ontrol_changed\x18\x03 \x01(\x02\x12\x19\n\x11\x63ontrol_agreement\x18\x04 \x01(\x02\x12\x17\n\x0f\x63ontrol_prompts\x18\x05 \x01(\r\x12-\n\x07samples\x18\x06 \x03(\x0b\x32\x1c.hotswap.v1.SampleGenerationB\x0c\n\n_eval_loss\"<\n\x14TrainAdapterResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.hotswap.v1.TrainingJob\"\'\n\x15GetTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\">\n\x16GetTrainingJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.hotswap.v1.TrainingJob\"e\n\x17ListTrainingJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.hotswap.v1.JobState\"Z\n\x18ListTrainingJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.hotswap.v1.TrainingJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x17WatchTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x85\x01\n\x0bStepMetrics\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x02\x12\x12\n\ntrain_loss\x18\x04 \x01(\x02\x12\x15\n\rlearning_rate\x18\x05 \x01(\x02\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x02\"=\n\x0b\x45valMetrics\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x11\n\teval_loss\x18\x02 \x01(\x02\x12\r\n\x05\x65poch\x18\x03 \x01(\x02\"\xf4\x02\n\x18WatchTrainingJobResponse\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x14.hotswap.v1.JobStateH\x00\x12\'\n\x04step\x18\x03 \x01(\x0b\x32\x17.hotswap.v1.StepMetricsH\x00\x12\'\n\x04\x65val\x18\x04 \x01(\x0b\x32\x17.hotswap.v1.EvalMetricsH\x00\x12\x14\n\ncheckpoint\x18\x05 \x01(\tH\x00\x12\x11\n\x07warning\x18\x06 \x01(\tH\x00\x12\x30\n\x07samples\x18\x08 \x01(\x0b\x32\x1d.hotswap.v1.SampleGenerationsH\x00\x12+\n\x06report\x18\t \x01(\x0b\x32\x19.hotswap.v1.QualityReportH\x00\x12$\n\x03job\x18\x07 \x01(\x0b\x32\x17.hotswap.v1.TrainingJobB\x07\n\x05\x65vent\"*\n\x18\x43\x61ncelTrainingJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"A\n\x19\x43\x61ncelTrainingJobResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x17.hotswap.v1.TrainingJob\"7\n\x14UploadDatasetRequest\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"8\n\x15UploadDatasetResponse\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04*\xca\x01\n\x0eTrainingMethod\x12\x1f\n\x1bTRAINING_METHOD_UNSPECIFIED\x10\x00\x12\x18\n\x14TRAINING_METHOD_LORA\x10\x01\x12\x19\n\x15TRAINING_METHOD_QLORA\x10\x02\x12!\n\x1dTRAINING_METHOD_PROMPT_TUNING\x10\x03\x12\x1c\n\x18TRAINING_METHOD_P_TUNING\x10\x04\x12!\n\x1dTRAINING_METHOD_PREFIX_TUNING\x10\x05*\xb4\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x18\n\x14JOB_STATE_VALIDATING\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x32\xb4\x04\n\x0cTunerService\x12Q\n\x0cTrainAdapter\x12\x1f.hotswap.v1.TrainAdapterRequest\x1a .hotswap.v1.TrainAdapterResponse\x12W\n\x0eGetTrainingJob\x12!.hotswap.v1.GetTrainingJobRequest\x1a\".hotswap.v1.GetTrainingJobResponse\x12]\n\x10ListTrainingJobs\x12#.hotswap.v1.ListTrainingJobsRequest\x1a$.hotswap.v1.ListTrainingJobsResponse\x12_\n\x10WatchTrainingJob\x12#.hotswap.v1.WatchTrainingJobRequest\x1a$.hotswap.v1.WatchTrainingJobResponse0\x01\x12`\n\x11\x43\x61ncelTrainingJob\x12$.hotswap.v1.CancelTrainingJobRequest\x1a%.hotswap.v1.CancelTrainingJobResponse\x12V\n\rUploadDataset\x12 .hotswap.v1.UploadDatasetRequest\x1a!.hotswap.v1.UploadDatasetResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAINADAPTERREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_TRAINADAPTERREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_TRAININGMETHOD']._serialized_start=2679
-  _globals['_TRAININGMETHOD']._serialized_end=2881
-  _globals['_JOBSTATE']._serialized_start=2884
-  _globals['_JOBSTATE']._serialized_end=3064
+  _globals['_TRAININGMETHOD']._serialized_start=3679
+  _globals['_TRAININGMETHOD']._serialized_end=3881
+  _globals['_JOBSTATE']._serialized_start=3884
+  _globals['_JOBSTATE']._serialized_end=4064
   _globals['_TRAININGEXAMPLE']._serialized_start=100
   _globals['_TRAININGEXAMPLE']._serialized_end=262
   _globals['_INLINEEXAMPLES']._serialized_start=264
@@ -46,39 +46,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATASET']._serialized_start=329
   _globals['_DATASET']._serialized_end=409
   _globals['_HYPERPARAMETERS']._serialized_start=412
-  _globals['_HYPERPARAMETERS']._serialized_end=797
-  _globals['_TRAINADAPTERREQUEST']._serialized_start=800
-  _globals['_TRAINADAPTERREQUEST']._serialized_end=1126
-  _globals['_TRAINADAPTERREQUEST_LABELSENTRY']._serialized_start=1081
-  _globals['_TRAINADAPTERREQUEST_LABELSENTRY']._serialized_end=1126
-  _globals['_TRAININGJOB']._serialized_start=1129
-  _globals['_TRAININGJOB']._serialized_end=1581
-  _globals['_TRAINADAPTERRESPONSE']._serialized_start=1583
-  _globals['_TRAINADAPTERRESPONSE']._serialized_end=1643
-  _globals['_GETTRAININGJOBREQUEST']._serialized_start=1645
-  _globals['_GETTRAININGJOBREQUEST']._serialized_end=1684
-  _globals['_GETTRAININGJOBRESPONSE']._serialized_start=1686
-  _globals['_GETTRAININGJOBRESPONSE']._serialized_end=1748
-  _globals['_LISTTRAININGJOBSREQUEST']._serialized_start=1750
-  _globals['_LISTTRAININGJOBSREQUEST']._serialized_end=1851
-  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_start=1853
-  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_end=1943
-  _globals['_WATCHTRAININGJOBREQUEST']._serialized_start=1945
-  _globals['_WATCHTRAININGJOBREQUEST']._serialized_end=1986
-  _globals['_STEPMETRICS']._serialized_start=1989
-  _globals['_STEPMETRICS']._serialized_end=2122
-  _globals['_EVALMETRICS']._serialized_start=2124
-  _globals['_EVALMETRICS']._serialized_end=2170
-  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_start=2173
-  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_end=2450
-  _globals['_CANCELTRAININGJOBREQUEST']._serialized_start=2452
-  _globals['_CANCELTRAININGJOBREQUEST']._serialized_end=2494
-  _globals['_CANCELTRAININGJOBRESPONSE']._serialized_start=2496
-  _globals['_CANCELTRAININGJOBRESPONSE']._serialized_end=2561
-  _globals['_UPLOADDATASETREQUEST']._serialized_start=2563
-  _globals['_UPLOADDATASETREQUEST']._serialized_end=2618
-  _globals['_UPLOADDATASETRESPONSE']._serialized_start=2620
-  _globals['_UPLOADDATASETRESPONSE']._serialized_end=2676
-  _globals['_TUNERSERVICE']._serialized_start=3067
-  _globals['_TUNERSERVICE']._serialized_end=3631
+  _globals['_HYPERPARAMETERS']._serialized_end=998
+  _globals['_TRAINADAPTERREQUEST']._serialized_start=1001
+  _globals['_TRAINADAPTERREQUEST']._serialized_end=1327
+  _globals['_TRAINADAPTERREQUEST_LABELSENTRY']._serialized_start=1282
+  _globals['_TRAINADAPTERREQUEST_LABELSENTRY']._serialized_end=1327
+  _globals['_TRAININGJOB']._serialized_start=1330
+  _globals['_TRAININGJOB']._serialized_end=1866
+  _globals['_TRAININGPLAN']._serialized_start=1869
+  _globals['_TRAININGPLAN']._serialized_end=2088
+  _globals['_SAMPLEGENERATION']._serialized_start=2090
+  _globals['_SAMPLEGENERATION']._serialized_end=2188
+  _globals['_SAMPLEGENERATIONS']._serialized_start=2190
+  _globals['_SAMPLEGENERATIONS']._serialized_end=2271
+  _globals['_QUALITYREPORT']._serialized_start=2274
+  _globals['_QUALITYREPORT']._serialized_end=2471
+  _globals['_TRAINADAPTERRESPONSE']._serialized_start=2473
+  _globals['_TRAINADAPTERRESPONSE']._serialized_end=2533
+  _globals['_GETTRAININGJOBREQUEST']._serialized_start=2535
+  _globals['_GETTRAININGJOBREQUEST']._serialized_end=2574
+  _globals['_GETTRAININGJOBRESPONSE']._serialized_start=2576
+  _globals['_GETTRAININGJOBRESPONSE']._serialized_end=2638
+  _globals['_LISTTRAININGJOBSREQUEST']._serialized_start=2640
+  _globals['_LISTTRAININGJOBSREQUEST']._serialized_end=2741
+  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_start=2743
+  _globals['_LISTTRAININGJOBSRESPONSE']._serialized_end=2833
+  _globals['_WATCHTRAININGJOBREQUEST']._serialized_start=2835
+  _globals['_WATCHTRAININGJOBREQUEST']._serialized_end=2876
+  _globals['_STEPMETRICS']._serialized_start=2879
+  _globals['_STEPMETRICS']._serialized_end=3012
+  _globals['_EVALMETRICS']._serialized_start=3014
+  _globals['_EVALMETRICS']._serialized_end=3075
+  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_start=3078
+  _globals['_WATCHTRAININGJOBRESPONSE']._serialized_end=3450
+  _globals['_CANCELTRAININGJOBREQUEST']._serialized_start=3452
+  _globals['_CANCELTRAININGJOBREQUEST']._serialized_end=3494
+  _globals['_CANCELTRAININGJOBRESPONSE']._serialized_start=3496
+  _globals['_CANCELTRAININGJOBRESPONSE']._serialized_end=3561
+  _globals['_UPLOADDATASETREQUEST']._serialized_start=3563
+  _globals['_UPLOADDATASETREQUEST']._serialized_end=3618
+  _globals['_UPLOADDATASETRESPONSE']._serialized_start=3620
+  _globals['_UPLOADDATASETRESPONSE']._serialized_end=3676
+  _globals['_TUNERSERVICE']._serialized_start=4067
+  _globals['_TUNERSERVICE']._serialized_end=4631
 # @@protoc_insertion_point(module_scope)

@@ -76,7 +76,7 @@ class Dataset(_message.Message):
     def __init__(self, inline: _Optional[_Union[InlineExamples, _Mapping]] = ..., uri: _Optional[str] = ...) -> None: ...
 
 class Hyperparameters(_message.Message):
-    __slots__ = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens", "prompt_tuning_init_text", "learning_rate", "epochs", "batch_size", "gradient_accumulation_steps", "max_seq_len", "warmup_ratio", "seed", "train_on_prompt", "early_stopping_patience")
+    __slots__ = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens", "prompt_tuning_init_text", "learning_rate", "epochs", "batch_size", "gradient_accumulation_steps", "max_seq_len", "warmup_ratio", "seed", "train_on_prompt", "early_stopping_patience", "base_protection", "replay_ratio", "kl_weight", "validation_fraction", "virtual_tokens_init", "optim")
     LORA_R_FIELD_NUMBER: _ClassVar[int]
     LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,12 @@ class Hyperparameters(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     TRAIN_ON_PROMPT_FIELD_NUMBER: _ClassVar[int]
     EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _ClassVar[int]
+    BASE_PROTECTION_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    KL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    VIRTUAL_TOKENS_INIT_FIELD_NUMBER: _ClassVar[int]
+    OPTIM_FIELD_NUMBER: _ClassVar[int]
     lora_r: int
     lora_alpha: float
     lora_dropout: float
@@ -107,7 +113,13 @@ class Hyperparameters(_message.Message):
     seed: int
     train_on_prompt: bool
     early_stopping_patience: int
-    def __init__(self, lora_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., num_virtual_tokens: _Optional[int] = ..., prompt_tuning_init_text: _Optional[str] = ..., learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., warmup_ratio: _Optional[float] = ..., seed: _Optional[int] = ..., train_on_prompt: _Optional[bool] = ..., early_stopping_patience: _Optional[int] = ...) -> None: ...
+    base_protection: str
+    replay_ratio: float
+    kl_weight: float
+    validation_fraction: float
+    virtual_tokens_init: str
+    optim: str
+    def __init__(self, lora_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., num_virtual_tokens: _Optional[int] = ..., prompt_tuning_init_text: _Optional[str] = ..., learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., warmup_ratio: _Optional[float] = ..., seed: _Optional[int] = ..., train_on_prompt: _Optional[bool] = ..., early_stopping_patience: _Optional[int] = ..., base_protection: _Optional[str] = ..., replay_ratio: _Optional[float] = ..., kl_weight: _Optional[float] = ..., validation_fraction: _Optional[float] = ..., virtual_tokens_init: _Optional[str] = ..., optim: _Optional[str] = ...) -> None: ...
 
 class TrainAdapterRequest(_message.Message):
     __slots__ = ("adapter_name", "method", "train", "validation", "hyperparameters", "labels")
@@ -133,7 +145,7 @@ class TrainAdapterRequest(_message.Message):
     def __init__(self, adapter_name: _Optional[str] = ..., method: _Optional[_Union[TrainingMethod, str]] = ..., train: _Optional[_Union[Dataset, _Mapping]] = ..., validation: _Optional[_Union[Dataset, _Mapping]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("id", "adapter_name", "method", "state", "created_at", "started_at", "finished_at", "estimated_finish_at", "error_code", "error_message", "trained_tokens", "adapter_id", "step", "total_steps")
+    __slots__ = ("id", "adapter_name", "method", "state", "created_at", "started_at", "finished_at", "estimated_finish_at", "error_code", "error_message", "trained_tokens", "adapter_id", "step", "total_steps", "plan", "quality")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +160,8 @@ class TrainingJob(_message.Message):
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
     id: str
     adapter_name: str
     method: TrainingMethod
@@ -162,7 +176,65 @@ class TrainingJob(_message.Message):
     adapter_id: str
     step: int
     total_steps: int
-    def __init__(self, id: _Optional[str] = ..., adapter_name: _Optional[str] = ..., method: _Optional[_Union[TrainingMethod, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., estimated_finish_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., trained_tokens: _Optional[int] = ..., adapter_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ...) -> None: ...
+    plan: TrainingPlan
+    quality: QualityReport
+    def __init__(self, id: _Optional[str] = ..., adapter_name: _Optional[str] = ..., method: _Optional[_Union[TrainingMethod, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., estimated_finish_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., trained_tokens: _Optional[int] = ..., adapter_id: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., plan: _Optional[_Union[TrainingPlan, _Mapping]] = ..., quality: _Optional[_Union[QualityReport, _Mapping]] = ...) -> None: ...
+
+class TrainingPlan(_message.Message):
+    __slots__ = ("hyperparameters", "automatic", "train_examples", "validation_examples", "validation_held_out", "replay_examples", "steps_per_epoch")
+    HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    AUTOMATIC_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_HELD_OUT_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    hyperparameters: Hyperparameters
+    automatic: _containers.RepeatedScalarFieldContainer[str]
+    train_examples: int
+    validation_examples: int
+    validation_held_out: bool
+    replay_examples: int
+    steps_per_epoch: int
+    def __init__(self, hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., automatic: _Optional[_Iterable[str]] = ..., train_examples: _Optional[int] = ..., validation_examples: _Optional[int] = ..., validation_held_out: _Optional[bool] = ..., replay_examples: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ...) -> None: ...
+
+class SampleGeneration(_message.Message):
+    __slots__ = ("kind", "prompt", "reference", "before", "after")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    prompt: str
+    reference: str
+    before: str
+    after: str
+    def __init__(self, kind: _Optional[str] = ..., prompt: _Optional[str] = ..., reference: _Optional[str] = ..., before: _Optional[str] = ..., after: _Optional[str] = ...) -> None: ...
+
+class SampleGenerations(_message.Message):
+    __slots__ = ("stage", "samples")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    samples: _containers.RepeatedCompositeFieldContainer[SampleGeneration]
+    def __init__(self, stage: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[SampleGeneration, _Mapping]]] = ...) -> None: ...
+
+class QualityReport(_message.Message):
+    __slots__ = ("train_loss", "eval_loss", "control_changed", "control_agreement", "control_prompts", "samples")
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    train_loss: float
+    eval_loss: float
+    control_changed: float
+    control_agreement: float
+    control_prompts: int
+    samples: _containers.RepeatedCompositeFieldContainer[SampleGeneration]
+    def __init__(self, train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., control_changed: _Optional[float] = ..., control_agreement: _Optional[float] = ..., control_prompts: _Optional[int] = ..., samples: _Optional[_Iterable[_Union[SampleGeneration, _Mapping]]] = ...) -> None: ...
 
 class TrainAdapterResponse(_message.Message):
     __slots__ = ("job",)
@@ -223,21 +295,25 @@ class StepMetrics(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., train_loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class EvalMetrics(_message.Message):
-    __slots__ = ("step", "eval_loss")
+    __slots__ = ("step", "eval_loss", "epoch")
     STEP_FIELD_NUMBER: _ClassVar[int]
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     step: int
     eval_loss: float
-    def __init__(self, step: _Optional[int] = ..., eval_loss: _Optional[float] = ...) -> None: ...
+    epoch: float
+    def __init__(self, step: _Optional[int] = ..., eval_loss: _Optional[float] = ..., epoch: _Optional[float] = ...) -> None: ...
 
 class WatchTrainingJobResponse(_message.Message):
-    __slots__ = ("time", "state", "step", "eval", "checkpoint", "warning", "job")
+    __slots__ = ("time", "state", "step", "eval", "checkpoint", "warning", "samples", "report", "job")
     TIME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     WARNING_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     time: _timestamp_pb2.Timestamp
     state: JobState
@@ -245,8 +321,10 @@ class WatchTrainingJobResponse(_message.Message):
     eval: EvalMetrics
     checkpoint: str
     warning: str
+    samples: SampleGenerations
+    report: QualityReport
     job: TrainingJob
-    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[_Union[StepMetrics, _Mapping]] = ..., eval: _Optional[_Union[EvalMetrics, _Mapping]] = ..., checkpoint: _Optional[str] = ..., warning: _Optional[str] = ..., job: _Optional[_Union[TrainingJob, _Mapping]] = ...) -> None: ...
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[_Union[StepMetrics, _Mapping]] = ..., eval: _Optional[_Union[EvalMetrics, _Mapping]] = ..., checkpoint: _Optional[str] = ..., warning: _Optional[str] = ..., samples: _Optional[_Union[SampleGenerations, _Mapping]] = ..., report: _Optional[_Union[QualityReport, _Mapping]] = ..., job: _Optional[_Union[TrainingJob, _Mapping]] = ...) -> None: ...
 
 class CancelTrainingJobRequest(_message.Message):
     __slots__ = ("job_id",)

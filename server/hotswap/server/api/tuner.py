@@ -31,8 +31,11 @@ STATE_ENUM = {
     "succeeded": tuner_pb2.JOB_STATE_SUCCEEDED, "failed": tuner_pb2.JOB_STATE_FAILED, "cancelled": tuner_pb2.JOB_STATE_CANCELLED,
 }
 STATE_NAME = {v: k for k, v in STATE_ENUM.items()}
-HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "num_virtual_tokens", "prompt_tuning_init_text", "learning_rate", "epochs",
-                   "batch_size", "gradient_accumulation_steps", "max_seq_len", "warmup_ratio", "train_on_prompt", "early_stopping_patience")
+HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "num_virtual_tokens", "virtual_tokens_init", "prompt_tuning_init_text", "learning_rate",
+                   "epochs", "batch_size", "gradient_accumulation_steps", "max_seq_len", "warmup_ratio", "train_on_prompt", "base_protection",
+                   "replay_ratio", "kl_weight", "optim")
+OPTIONAL = ("seed", "early_stopping_patience", "validation_fraction")
+"""Fields with presence on the wire: unset is automatic, 0 is a value."""
 WATCH_POLL_SECONDS = 0.25
 
 
@@ -55,8 +58,9 @@ def dataset(d: tuner_pb2.Dataset) -> dict:
 def spec_dict(req: tuner_pb2.TrainAdapterRequest) -> dict:
     hp = {k: getattr(req.hyperparameters, k) for k in HYPERPARAMETERS}
     hp["target_modules"] = list(req.hyperparameters.target_modules)
-    if req.hyperparameters.HasField("seed"):
-        hp["seed"] = req.hyperparameters.seed
+    for k in OPTIONAL:
+        if req.hyperparameters.HasField(k):
+            hp[k] = getattr(req.hyperparameters, k)
     return {
         "adapter_name": req.adapter_name, "method": METHODS.get(req.method, ""), "train": dataset(req.train),
         "validation": dataset(req.validation) if req.HasField("validation") else None,
@@ -68,12 +72,35 @@ def _ts(t: float | None) -> Timestamp | None:
     return timestamp(t) if t else None
 
 
+def hyperparameters_proto(hp: dict) -> tuner_pb2.Hyperparameters:
+    """The resolved values of a job's plan (every field set)."""
+    known = {f.name for f in tuner_pb2.Hyperparameters.DESCRIPTOR.fields}
+    return tuner_pb2.Hyperparameters(**{k: v for k, v in hp.items() if k in known and v is not None})
+
+
+def plan_proto(plan: dict) -> tuner_pb2.TrainingPlan:
+    return tuner_pb2.TrainingPlan(hyperparameters=hyperparameters_proto(plan["hyperparameters"]), automatic=plan["automatic"],
+                                  **{k: plan[k] for k in ("train_examples", "validation_examples", "validation_held_out", "replay_examples",
+                                                          "steps_per_epoch")})
+
+
+def samples_proto(samples: list[dict]) -> list[tuner_pb2.SampleGeneration]:
+    return [tuner_pb2.SampleGeneration(**s) for s in samples]
+
+
+def quality_proto(q: dict) -> tuner_pb2.QualityReport:
+    return tuner_pb2.QualityReport(train_loss=q["train_loss"] or 0.0, eval_loss=q["eval_loss"], control_changed=q["control_changed"],
+                                   control_agreement=q["control_agreement"], control_prompts=q["control_prompts"],
+                                   samples=samples_proto(q["samples"]))
+
+
 def job_proto(j: Job) -> tuner_pb2.TrainingJob:
     return tuner_pb2.TrainingJob(
         id=j.id, adapter_name=j.adapter_name, method=METHOD_ENUM.get(j.method, 0), state=STATE_ENUM[j.state],
         created_at=_ts(j.created_at), started_at=_ts(j.started_at), finished_at=_ts(j.finished_at),
         estimated_finish_at=_ts(j.estimated_finish_at if j.state == "running" else None), error_code=j.error_code,
         error_message=j.error_message, trained_tokens=j.trained_tokens, adapter_id=j.adapter_id, step=j.step, total_steps=j.total_steps,
+        plan=plan_proto(j.plan) if j.plan else None, quality=quality_proto(j.quality) if j.quality else None,
     )
 
 
@@ -88,6 +115,10 @@ def event_proto(e: JobEvent, job: Job) -> tuner_pb2.WatchTrainingJobResponse:
         msg.eval.CopyFrom(tuner_pb2.EvalMetrics(**p))
     elif e.kind == "checkpoint":
         msg.checkpoint = p["path"]
+    elif e.kind == "samples":
+        msg.samples.CopyFrom(tuner_pb2.SampleGenerations(stage=p["stage"], samples=samples_proto(p["samples"])))
+    elif e.kind == "report":
+        msg.report.CopyFrom(quality_proto(p))
     else:
         msg.warning = p.get("message", "")
     return msg
@@ -102,7 +133,7 @@ class TunerService(tuner_pb2_grpc.TunerServiceServicer):
         spec = TrainSpec.from_dict(spec_dict(request))
         # What can be checked without the data files is checked now, so a bad request
         # fails at submit instead of in a worker minutes later.
-        check_against_base(spec, linear_names(core.loaded.model), core.cache_cfg.max_lora_rank)
+        check_against_base(spec, linear_names(core.loaded.model), core.cache_cfg.max_lora_rank, core.loaded.device.type == "cuda")
         for name in ("train", "validation"):
             src = getattr(spec, name)
             if src and src.get("inline"):
