@@ -95,7 +95,13 @@ def test_unknown_adapter_and_bad_requests_are_refused_at_submit(llama):
             core.submit(GenerateRequest(prompt_ids=[1, 2], adapter_id="nope"))
         with pytest.raises(InvalidArgument) as e:
             core.submit(GenerateRequest(prompt_ids=list(range(3, 130)), params=SamplingParams(max_new_tokens=8)))
-        assert e.value.field == "prompt" and "max_seq_len" in str(e.value)
+        assert e.value.field == "max_new_tokens" and "at most 1 new tokens" in str(e.value)  # the prompt fits; the ask does not
+        with pytest.raises(InvalidArgument) as e:
+            core.submit(GenerateRequest(prompt_ids=list(range(3, 131)), params=SamplingParams(max_new_tokens=1)))
+        assert e.value.field == "prompt_ids" and "max_seq_len" in str(e.value)
+        with pytest.raises(InvalidArgument) as e:  # refused by its size, before the tokenizer sees it
+            core.submit(GenerateRequest(prompt="x" * (128 * 32 + 1)))
+        assert e.value.field == "prompt" and "characters" in str(e.value)
         with pytest.raises(InvalidArgument) as e:
             core.submit(GenerateRequest(prompt_ids=[1, 10_000]))
         assert e.value.field == "prompt_ids"

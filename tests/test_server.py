@@ -6,7 +6,9 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +163,26 @@ def test_every_error_is_its_status_code_naming_the_field(server, registered, ada
             c.generate("hi", top_p=1.5)
         with pytest.raises(InvalidArgument, match="prompt.*max_seq_len"):
             c.generate("a " * 5000)
+        with pytest.raises(InvalidArgument, match="max_new_tokens.*max_seq_len"):  # the prompt fits; the ask does not
+            c.generate("hi", max_new_tokens=4096)
+        for name in ("temperature", "repetition_penalty"):  # +inf was accepted while NaN was refused
+            with pytest.raises(InvalidArgument, match=f"sampling.{name}.*finite"):
+                c.generate("hi", **{name: float("inf")})
+        with pytest.raises(InvalidArgument, match="sampling.stop.*at most 16"):
+            c.generate("hi", stop=[f"s{i}" for i in range(1000)])
+        with pytest.raises(InvalidArgument, match="sampling.stop.*256 characters"):
+            c.generate("hi", stop=["z" * 4000])
+        with pytest.raises(InvalidArgument, match="name") as e:  # the echoed value is cut: the real error arrives, not RESOURCE_EXHAUSTED
+            c.register_adapter("x" * 100_000, str(adapters["lora"]))
+        assert len(str(e.value)) < 1000
+        with pytest.raises(InvalidArgument, match="name"):  # `$` used to match before a trailing newline
+            c.register_adapter("spoof\n", str(adapters["lora"]))
+        with pytest.raises(InvalidArgument, match="adapter_id"):
+            c.generate("hi", adapter="lora\n")
+        with pytest.raises(InvalidArgument, match="labels.big.*at most 256"):  # 5 MB labels made ListAdapters fail for everyone
+            c.register_adapter("labelled", str(adapters["lora"]), labels={"big": "v" * 5_000_000})
+        with pytest.raises(InvalidArgument, match="labels.*at most 32"):
+            c.register_adapter("labelled", str(adapters["lora"]), labels={f"k{i}": "v" for i in range(33)})
         with pytest.raises(InvalidArgument, match=r"messages\[0\].role"):
             c.generate(messages=[{"role": "wizard", "content": "x"}])
         with pytest.raises(InvalidArgument, match="name"):
@@ -186,6 +208,13 @@ def test_every_error_is_its_status_code_naming_the_field(server, registered, ada
     text = scrape(server)
     assert metric(text, "hotswap_request_failures_total", '{code="INVALID_ARGUMENT"}') >= 7
     assert metric(text, "hotswap_request_failures_total", '{code="FAILED_PRECONDITION"}') >= 1
+    with grpc.insecure_channel(server.target) as ch:  # bytes no client library would send: invalid UTF-8, a truncated message
+        for raw in (b"\x0a\x02\xff\xfe", b"\x0a\x10ab"):
+            for method in ("/hotswap.v1.InferenceService/Tokenize", "/hotswap.v1.InferenceService/GenerateStream"):
+                call = ch.unary_unary(method) if method.endswith("Tokenize") else ch.unary_stream(method)
+                with pytest.raises(grpc.RpcError) as e:
+                    list(call(raw, timeout=10)) if method.endswith("Stream") else call(raw, timeout=10)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request" in e.value.details(), (method, raw, e.value)
 
 
 def test_deadline_and_cancellation_free_their_rows(server, registered):
@@ -214,8 +243,86 @@ def test_health_and_reflection(server):
         health = health_pb2_grpc.HealthStub(ch)
         for name in ("", "hotswap.v1.InferenceService", "hotswap.v1.AdapterService"):
             assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="hotswap.v1.InferenceService"), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # Watch answers (it used to fail with INTERNAL)
+        watch.cancel()
         services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
     assert {"hotswap.v1.InferenceService", "hotswap.v1.AdapterService", "grpc.health.v1.Health"} <= services
+
+
+def test_malformed_adapters_are_refused_at_registration_naming_the_field(server, adapters, tmp_path):
+    """Each of these returned INTERNAL with a raw Python exception (or hung, for the FIFO)."""
+    from safetensors.torch import load_file, save_file
+
+    def variant(name: str, kind: str, config: dict | None = None, weights=None) -> str:
+        d = tmp_path / name
+        shutil.copytree(adapters[kind], d)
+        if config is not None:
+            cfg = json.loads((d / "adapter_config.json").read_text())
+            (d / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+        if weights is not None:
+            weights(d / "adapter_model.safetensors")
+        return str(d)
+
+    def flat_embeddings(p: Path) -> None:
+        save_file({k: v.flatten() for k, v in load_file(p).items()}, p)
+
+    def dangling(p: Path) -> None:
+        p.unlink()
+        p.symlink_to(p.parent / "gone.safetensors")
+
+    def fifo(p: Path) -> None:
+        p.unlink()
+        os.mkfifo(p)
+
+    cases = [
+        (variant("rank0", "lora", {"r": 0}), "r"),
+        (variant("alpha-str", "lora", {"lora_alpha": "16"}), "lora_alpha"),
+        (variant("alpha-inf", "lora", {"lora_alpha": 1e300}), "lora_alpha"),  # alpha / r far past any trained adapter
+        (variant("bad-regex", "lora", {"alpha_pattern": {"mlp[": 8}}), "alpha_pattern"),
+        (variant("nvt-neg", "prompt", {"num_virtual_tokens": -3}), "num_virtual_tokens"),
+        (variant("nvt-frac", "prefix", {"num_virtual_tokens": 2.5}), "num_virtual_tokens"),
+        (variant("flat", "prompt", weights=flat_embeddings), "prompt_embeddings"),
+        (variant("dangling", "lora", weights=dangling), "source_uri"),
+        (variant("fifo", "lora", weights=fifo), "source_uri"),
+    ]
+    with Client(server.target, timeout=60) as c:
+        for source, field in cases:
+            with pytest.raises(InvalidArgument) as e:
+                c.register_adapter("malformed", source)
+            assert str(e.value).startswith(f"INVALID_ARGUMENT: {field}:") or f" {field}:" in str(e.value), (source, str(e.value))
+            assert ".staging" not in str(e.value)
+        assert not [a for a in c.list_adapters() if a.name == "malformed"]
+
+
+def test_a_huge_prompt_is_refused_without_stalling_other_calls(server):
+    """Tokenising 4 MiB takes seconds: it is refused by its size first, and prompts are tokenised off the event loop."""
+    worst, stop = [0.0], threading.Event()
+
+    def probe() -> None:
+        with grpc.insecure_channel(server.target) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            while not stop.is_set():
+                t = time.monotonic()
+                health.Check(health_pb2.HealthCheckRequest(), timeout=30)
+                worst[0] = max(worst[0], time.monotonic() - t)
+                time.sleep(0.01)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        with Client(server.target) as c:
+            for huge in ("x" * 4 * 2**20, "hello " * 700_000):
+                with pytest.raises(InvalidArgument, match="prompt.*characters.*max_seq_len"):
+                    c.generate(huge, max_new_tokens=1)
+                with pytest.raises(InvalidArgument, match="prompt.*characters"):
+                    c.tokenize(huge)
+            with pytest.raises(InvalidArgument, match="messages.*characters"):
+                c.generate(messages=[{"role": "user", "content": "y" * 4 * 2**20}])
+    finally:
+        stop.set()
+        prober.join()
+    assert worst[0] < 2.0, worst  # it took 4.4 s when the 4 MiB were tokenised on the event loop
 
 
 def test_register_from_s3(server, registered, adapters, tiny_checkpoints):

@@ -14,6 +14,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoModelForCausalLM
 
 from hotswap.client import Client, ResourceExhausted, Unauthenticated, Unavailable
@@ -41,7 +42,8 @@ def test_starting_serving_draining_and_restart(tiny_checkpoints, lora, tmp_path)
     # lock while loading, which pins it in the "starting" state for as long as we like.
     lock = sqlite3.connect(data / "registry.sqlite", isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")
-    srv = ServerProcess(tiny_checkpoints["llama"], data).start(wait_serving=False)
+    # a generous drain: the four streams must finish in full even on a loaded CI machine
+    srv = ServerProcess(tiny_checkpoints["llama"], data, "--drain-notice-seconds", "3", "--drain-seconds", "300").start(wait_serving=False)
     try:
         assert health_status(srv.target) == health_pb2.HealthCheckResponse.NOT_SERVING
         with grpc.insecure_channel(srv.target) as ch:  # a raw stub: no SDK retries
@@ -70,18 +72,31 @@ def test_starting_serving_draining_and_restart(tiny_checkpoints, lora, tmp_path)
                 started.wait(60)
                 results[i] = [first, *chunks]
 
-            threads = [threading.Thread(target=consume, args=(i,)) for i in range(4)]
+            seen = []  # what a health watcher (a load balancer) is told, in order
+
+            def watch() -> None:
+                with grpc.insecure_channel(srv.target) as ch:
+                    try:
+                        for r in health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=120):
+                            seen.append(r.status)
+                    except grpc.RpcError as e:  # the server closes the stream when it exits
+                        seen.append(e.code())
+
+            threads = [threading.Thread(target=consume, args=(i,)) for i in range(4)] + [threading.Thread(target=watch)]
             for t in threads:
                 t.start()
             started.wait(60)
             srv.proc.send_signal(15)
             time.sleep(0.5)
+            # the listener still answers for --drain-notice-seconds: probes hear NOT_SERVING, not a refused connection
+            assert health_status(srv.target) == health_pb2.HealthCheckResponse.NOT_SERVING
             with pytest.raises(Unavailable):  # no new work once draining
                 Client(srv.target, timeout=5).generate("late", max_new_tokens=2)
             for t in threads:
                 t.join(120)
         assert srv.proc.wait(120) == 0
         assert "hotswap: stopped" in srv.log()
+        assert seen[:2] == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING], seen
         for i in range(4):
             last = results[i][-1]
             assert last.finish_reason == "length" and sum(len(ch.token_ids) for ch in results[i]) == n_tokens == last.generated_tokens
@@ -121,6 +136,16 @@ def test_mutual_tls_token_auth_and_a_full_queue(tiny_checkpoints, tmp_path):
 
         with Client(srv.target, token="s3cret", **tls) as c:
             assert c.generate("hi", max_new_tokens=3, ignore_eos=True).generated_tokens == 3
+        # reflection (a bidirectional stream) needs the token like every other call
+        with grpc.secure_channel(srv.target, creds) as ch:
+            info = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo
+            ask = lambda: iter([reflection_pb2.ServerReflectionRequest(list_services="")])  # noqa: E731
+            with pytest.raises(grpc.RpcError) as e:
+                list(info(ask(), timeout=10))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            names = [s.name for r in info(ask(), timeout=10, metadata=[("authorization", "Bearer s3cret")])
+                     for s in r.list_services_response.service]
+            assert "hotswap.v1.InferenceService" in names
         for token in (None, "wrong"):
             with Client(srv.target, token=token, **tls) as c, pytest.raises(Unauthenticated, match="bearer token"):
                 c.generate("hi", max_new_tokens=3)

@@ -144,6 +144,12 @@ def test_bad_training_requests_are_refused_with_the_field(server, tmp_path):
             c.train_adapter("x", "lora", examples=EXAMPLES, base_protection="forget-nothing")
         with pytest.raises(InvalidArgument, match="hyperparameters.validation_fraction"):
             c.train_adapter("x", "lora", examples=EXAMPLES, validation_fraction=0.9)
+        for name in ("learning_rate", "lora_alpha"):  # +inf was accepted while NaN was refused
+            for bad_value in (float("inf"), float("nan")):
+                with pytest.raises(InvalidArgument, match=f"hyperparameters.{name}.*finite"):
+                    c.train_adapter("x", "lora", examples=EXAMPLES, **{name: bad_value})
+        with pytest.raises(InvalidArgument, match="adapter_name"):  # `$` used to match before a trailing newline
+            c.train_adapter("x\n", "lora", examples=EXAMPLES)
         with pytest.raises(NotFound, match="job_id"):
             c.get_training_job("job-nope")
         with grpc.insecure_channel(server.target) as ch:
@@ -155,8 +161,12 @@ def test_bad_training_requests_are_refused_with_the_field(server, tmp_path):
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n{oops\n")
         long = [{"prompt": "the quick brown fox " * 30, "completion": " jumps"}]
+        latin1 = tmp_path / "latin1.jsonl"
+        latin1.write_bytes(json.dumps({"prompt": "caf", "completion": "x"}).replace("caf", "caf\xe9").encode("latin-1") + b"\n")
         for job, needle in [(c.train_adapter("x", "lora", dataset_uri=str(bad)), "line 2"),
-                            (c.train_adapter("x", "lora", examples=long, max_seq_len=16), "max_seq_len")]:
+                            (c.train_adapter("x", "lora", examples=long, max_seq_len=16), "max_seq_len"),
+                            (c.train_adapter("x", "lora", dataset_uri=str(latin1)), "not UTF-8"),  # these two ended INTERNAL
+                            (c.train_adapter("x", "lora", dataset_uri="http://127.0.0.1:9/data.jsonl"), "train.uri")]:
             last = finished(c, job.id)[-1].job
             assert last.state == "failed" and last.error_code == "INVALID_ARGUMENT" and needle in last.error_message
         assert not c.list_adapters(name="x")
@@ -273,6 +283,13 @@ def test_every_method_trains_from_an_uploaded_file_and_serves(server, tmp_path):
             with pytest.raises(grpc.RpcError) as e:
                 stub.UploadDataset(iter([tuner_pb2.UploadDatasetRequest(filename="x.exe", chunk=b"MZ")]), timeout=30)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "filename" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:  # was INTERNAL, with the server's path in the message
+                stub.UploadDataset(iter([tuner_pb2.UploadDatasetRequest(filename="d" * 300 + ".jsonl", chunk=b"{}")]), timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "filename" in e.value.details()
+            assert str(server.data_dir) not in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:  # an enum value this server does not know
+                stub.TrainAdapter(tuner_pb2.TrainAdapterRequest(adapter_name="x", method=99), timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "enum value 99" in e.value.details()
 
 
 def test_early_stopping_registers_the_best_checkpoint_by_eval_loss(tiny_checkpoints, tmp_path):

@@ -3,6 +3,17 @@ translates them in one place (an interceptor) instead of in every handler."""
 from __future__ import annotations
 
 
+MAX_MESSAGE_CHARS = 2000
+"""An error message is sent in the call's trailing metadata: past ~8 KiB a client's metadata
+limit would replace the real error with RESOURCE_EXHAUSTED."""
+
+
+def shown(value: object, limit: int = 200) -> str:
+    """repr() of a caller's value for an error message, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 class HotswapError(Exception):
     """Base class. `code` is a grpc.StatusCode name; `field` names the offending input."""
 
@@ -14,7 +25,8 @@ class HotswapError(Exception):
         self.field = field
 
     def __str__(self) -> str:
-        return f"{self.field}: {self.message}" if self.field else self.message
+        text = f"{self.field}: {self.message}" if self.field else self.message
+        return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "…"
 
 
 class InvalidArgument(HotswapError):

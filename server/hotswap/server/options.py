@@ -68,6 +68,8 @@ class ServerOptions:
     auth_token: str = _opt("", "when set, calls must carry 'authorization: Bearer <token>' (health checks are exempt)")
     # lifecycle
     drain_seconds: float = _opt(30.0, "on SIGTERM, how long in-flight requests may take to finish")
+    drain_notice_seconds: float = _opt(1.0, "on SIGTERM, how long health reports NOT_SERVING (and new calls get UNAVAILABLE) "
+                                            "before the listener closes, so health watchers and load balancers stop routing first")
     max_message_mb: int = _opt(64, "largest gRPC message, MiB, either way")
     keepalive_seconds: int = _opt(30, "HTTP/2 keepalive ping interval for long streams")
     log_level: str = _opt("INFO", "Python logging level")
@@ -81,8 +83,9 @@ class ServerOptions:
             raise InvalidArgument("give both --tls-cert and --tls-key", field="tls_cert")
         if self.tls_client_ca and not self.tls_cert:
             raise InvalidArgument("mutual TLS needs the server's own --tls-cert and --tls-key", field="tls_client_ca")
-        if self.drain_seconds < 0:
-            raise InvalidArgument("must be >= 0", field="drain_seconds")
+        for name in ("drain_seconds", "drain_notice_seconds"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise InvalidArgument("must be a finite number >= 0", field=name)
 
     # -- derived configs ----------------------------------------------------------------
     def model_config(self) -> ModelConfig:

@@ -9,12 +9,13 @@ from typing import Callable
 
 from .adapters.cache import AdapterCache
 from .adapters.load import load_adapter
-from .adapters.registry import AdapterRecord, AdapterRegistry
+from .adapters.registry import AdapterRecord, AdapterRegistry, check_labels
 from .adapters.weights import Adapter
 from .config import AdapterCacheConfig, EngineConfig, ModelConfig
 from .engine.engine import Engine
 from .engine.loop import EngineLoop, RequestStream
 from .engine.request import GenerateRequest, GenerateResult, StreamEvent
+from .errors import InvalidArgument
 from .model.loader import LoadedModel, load_base_model
 
 
@@ -50,12 +51,16 @@ class ServingCore:
         return load_adapter(self.registry.path(adapter_id), adapter_id, self.loaded.model, self.cache_cfg.max_lora_rank)
 
     def _validate(self, path: Path) -> Adapter:
-        return load_adapter(path, path.name, self.loaded.model, self.cache_cfg.max_lora_rank)
+        adapter = load_adapter(path, path.name, self.loaded.model, self.cache_cfg.max_lora_rank)
+        if adapter.num_virtual_tokens >= self.engine.max_seq_len:  # it could never serve a single prompt token
+            raise InvalidArgument(f"{adapter.num_virtual_tokens} virtual tokens leave no room in max_seq_len {self.engine.max_seq_len}",
+                                  field="num_virtual_tokens")
+        return adapter
 
     def register_adapter(self, name: str, source: str | Path, labels: dict[str, str] | None = None) -> AdapterRecord:
         """Copy the adapter into the store, validate it against the base model and
         publish it as the next version of `name`; returns its record (id "name@v")."""
-        return self.registry.register(name, str(source), self._validate, self.loaded.fingerprint, labels)
+        return self.registry.register(name, str(source), self._validate, self.loaded.fingerprint, check_labels(dict(labels or {})))
 
     def resolve(self, adapter_id: str) -> str:
         """"name" -> "name@latest"; "name@v" checked to exist. NotFound otherwise."""

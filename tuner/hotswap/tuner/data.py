@@ -81,6 +81,10 @@ def _check_jsonl(uri: str, field_name: str) -> None:
             text = f.read()
     except FileNotFoundError:
         raise InvalidArgument(f"no data file at {uri!r}", field=f"{field_name}.uri") from None
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"{uri!r} is not UTF-8 text (byte {e.start} of a chunk: {e.reason})", field=f"{field_name}.uri") from None
+    except Exception as e:  # noqa: BLE001 - each filesystem (http, s3, ...) raises its own errors
+        raise InvalidArgument(f"cannot read {uri!r}: {type(e).__name__}", field=f"{field_name}.uri") from None
     if uri.endswith(".json") and text.lstrip().startswith("["):
         return
     for n, line in enumerate(text.splitlines(), 1):

@@ -3,10 +3,11 @@ the checks that run at submit time (before a job is even queued)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
-from hotswap.server.adapters.registry import check_adapter_name
-from hotswap.server.errors import AdapterIncompatible, InvalidArgument
+from hotswap.server.adapters.registry import check_adapter_name, check_labels
+from hotswap.server.errors import AdapterIncompatible, InvalidArgument, shown
 
 METHODS = ("lora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -67,11 +68,11 @@ class Hyperparameters:
         hp = dataclasses.replace(cls(), **kw)
         checks = [
             (hp.lora_r >= 1, "lora_r", "must be at least 1"),
-            (hp.lora_alpha >= 0, "lora_alpha", "must be > 0"),
+            (0 <= hp.lora_alpha < math.inf, "lora_alpha", "must be a finite number > 0"),
             (0 <= hp.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
             (0 <= hp.num_virtual_tokens <= 512, "num_virtual_tokens", "must be 1..512"),
             (hp.virtual_tokens_init in ("", *VIRTUAL_TOKEN_INITS), "virtual_tokens_init", f"must be one of {', '.join(VIRTUAL_TOKEN_INITS)}"),
-            (hp.learning_rate >= 0, "learning_rate", "must be > 0"),
+            (0 <= hp.learning_rate <= 1, "learning_rate", "must be a finite number in (0, 1]"),
             (0 <= hp.epochs <= 1000, "epochs", "must be 1..1000"),
             (0 <= hp.batch_size <= 1024, "batch_size", "must be 1..1024"),
             (1 <= hp.gradient_accumulation_steps <= 1024, "gradient_accumulation_steps", "must be 1..1024"),
@@ -87,7 +88,7 @@ class Hyperparameters:
         ]
         for ok, name, msg in checks:
             if not ok:
-                raise InvalidArgument(f"{msg}, got {getattr(hp, name)!r}", field=f"hyperparameters.{name}")
+                raise InvalidArgument(f"{msg}, got {shown(getattr(hp, name))}", field=f"hyperparameters.{name}")
         return hp
 
 
@@ -119,7 +120,7 @@ class TrainSpec:
                                       field=name)
         hp = d.get("hyperparameters") or {}
         hp = hp if isinstance(hp, Hyperparameters) else Hyperparameters.from_dict(hp)
-        return cls(d["adapter_name"], method, d["train"], d.get("validation"), hp, dict(d.get("labels") or {}))
+        return cls(d["adapter_name"], method, d["train"], d.get("validation"), hp, check_labels(dict(d.get("labels") or {})))
 
 
 def check_against_base(spec: TrainSpec, linear_names: set[str], max_lora_rank: int, cuda: bool = False) -> None:

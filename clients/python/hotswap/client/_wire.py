@@ -54,8 +54,8 @@ def metadata(token: str | None, adapter: str = "") -> tuple[tuple[str, str], ...
     md = []
     if token:
         md.append(("authorization", f"Bearer {token}"))
-    if adapter:  # lets a router pick a replica without parsing the body
-        md.append(("hotswap-adapter-id", adapter))
+    if adapter and adapter.isascii() and adapter.isprintable():  # lets a router pick a replica without parsing the body
+        md.append(("hotswap-adapter-id", adapter))  # (a value no header can carry is left to the server to refuse, by field)
     return tuple(md)
 
 

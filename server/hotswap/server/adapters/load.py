@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterIncompatible, InvalidArgument
+from .config_check import check_config, check_scale
 from .lora import adalora_weights, lora_weights
 from .peft_files import read_adapter_dir
 from .prefix import prefix_weights
@@ -23,6 +24,7 @@ def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_l
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in SUPPORTED:
         raise AdapterIncompatible(f"unknown or unsupported peft_type {config.get('peft_type')!r}; hotswap serves {', '.join(SUPPORTED)}", field="peft_type")
+    check_config(config, peft_type)
     task = config.get("task_type")
     if task not in (None, "CAUSAL_LM"):
         raise AdapterIncompatible(f"task_type {task!r}: hotswap serves causal language models (CAUSAL_LM)", field="task_type")
@@ -40,5 +42,7 @@ def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_l
     else:
         check_prefix_config(config, shape)
         weights = prefix_weights(config, tensors, shape.num_kv_heads, shape.head_dim)
+    for module, w in getattr(weights, "modules", {}).items():
+        check_scale(module, w.scale)
     check_weights(weights, shape, max_lora_rank)
     return Adapter(adapter_id, peft_type, weights, config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import AdapterIncompatible
+from ..errors import AdapterIncompatible, InvalidArgument
 from .weights import PrefixWeights
 
 
@@ -19,7 +19,11 @@ def prefix_weights(config: dict, tensors: dict[str, torch.Tensor], num_kv_heads:
         raise AdapterIncompatible(f"PREFIX_TUNING checkpoint has no 'prompt_embeddings' tensor (found {sorted(tensors)[:4]})", field="peft_type")
     if config.get("num_transformer_submodules", 1) != 1:
         raise AdapterIncompatible("encoder-decoder prefix adapters are not supported", field="num_transformer_submodules")
+    if emb.dim() != 2:
+        raise InvalidArgument(f"prompt_embeddings must be [num_virtual_tokens, width], got shape {list(emb.shape)}", field="prompt_embeddings")
     nv = config.get("num_virtual_tokens", emb.shape[0])
+    if nv > emb.shape[0]:
+        raise InvalidArgument(f"num_virtual_tokens {nv} but prompt_embeddings holds {emb.shape[0]}", field="num_virtual_tokens")
     layers = config.get("num_layers")
     width = 2 * num_kv_heads * head_dim
     if emb.shape[1] % width:

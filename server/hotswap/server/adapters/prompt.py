@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import AdapterIncompatible
+from ..errors import AdapterIncompatible, InvalidArgument
 from .weights import PromptWeights
 
 
@@ -20,5 +20,10 @@ def prompt_weights(config: dict, tensors: dict[str, torch.Tensor]) -> PromptWeig
         )
     if config.get("num_transformer_submodules", 1) != 1:
         raise AdapterIncompatible("encoder-decoder prompt adapters are not supported", field="num_transformer_submodules")
+    if emb.dim() != 2:
+        raise InvalidArgument(f"prompt_embeddings must be [num_virtual_tokens, token_dim], got shape {list(emb.shape)}",
+                              field="prompt_embeddings")
     nv = config.get("num_virtual_tokens", emb.shape[0])
+    if nv > emb.shape[0]:
+        raise InvalidArgument(f"num_virtual_tokens {nv} but prompt_embeddings holds {emb.shape[0]}", field="num_virtual_tokens")
     return PromptWeights(emb[:nv].float())

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import HotswapError, InvalidArgument, NotFound
+from ..errors import HotswapError, InvalidArgument, NotFound, shown
 from ..sqldb import SqlDb
 from .peft_files import CONFIG, PICKLES, WEIGHTS
 from .weights import Adapter, LoraWeights
@@ -53,19 +53,37 @@ CREATE TABLE IF NOT EXISTS adapter_names (
 def check_adapter_name(name: str, field_name: str = "name") -> str:
     """Names are plain words: no slashes, no '..', so a name can never address a
     file outside the adapter store."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise InvalidArgument(
-            f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-' (at most 128, starting with a letter or digit)",
+            f"invalid adapter name {shown(name)}: use letters, digits, '.', '_', '-' (at most 128, starting with a letter or digit)",
             field=field_name,
         )
     return name
 
 
+MAX_LABELS = 32
+MAX_LABEL_KEY_CHARS = 63
+MAX_LABEL_VALUE_CHARS = 256
+
+
+def check_labels(labels: dict[str, str], field_name: str = "labels") -> dict[str, str]:
+    """A caller's labels, bounded: every ListAdapters answer carries them."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"{len(labels)} labels; at most {MAX_LABELS}", field=field_name)
+    for k, v in labels.items():
+        if not isinstance(k, str) or not k or len(k) > MAX_LABEL_KEY_CHARS:
+            raise InvalidArgument(f"label key {shown(k, 80)}: 1 to {MAX_LABEL_KEY_CHARS} characters", field=field_name)
+        if not isinstance(v, str) or len(v) > MAX_LABEL_VALUE_CHARS:
+            raise InvalidArgument(f"label {shown(k, 80)}: the value has {len(str(v))} characters; at most {MAX_LABEL_VALUE_CHARS}",
+                                  field=f"{field_name}.{k}")
+    return labels
+
+
 def parse_adapter_id(adapter_id: str) -> tuple[str, int | None]:
     """"name@3" -> ("name", 3); "name" -> ("name", None)."""
-    m = _ID.match(adapter_id or "")
+    m = _ID.fullmatch(adapter_id or "")
     if not m:
-        raise InvalidArgument(f"invalid adapter id {adapter_id!r}: use name or name@version", field="adapter_id")
+        raise InvalidArgument(f"invalid adapter id {shown(adapter_id)}: use name or name@version", field="adapter_id")
     check_adapter_name(m["name"], "adapter_id")
     return m["name"], int(m["version"]) if m["version"] else None
 
@@ -153,7 +171,11 @@ class AdapterRegistry:
             except HotswapError as e:
                 if e.field == "path":
                     e.field = "source_uri"
+                e.message = e.message.replace(str(staging), source_uri)  # the caller's name for it, not the store's
                 raise
+            except Exception as e:  # noqa: BLE001 - a file no check foresaw is still the caller's bad input, not a server fault
+                raise InvalidArgument(f"the adapter at {shown(source_uri)} could not be read: {type(e).__name__}: "
+                                      f"{shown(str(e).replace(str(staging), source_uri))}", field="source_uri") from None
             with self.db.tx() as db:
                 # The name's row is the lock two registrations of one name queue on.
                 db.execute("INSERT INTO adapter_names (name, next_version) VALUES (?, 1) ON CONFLICT (name) DO NOTHING", (name,))
@@ -301,6 +323,16 @@ def fetch_adapter_files(source_uri: str, dest: Path) -> None:
                 field="source_uri",
             )
         raise InvalidArgument(f"{source_uri!r} has no {WEIGHTS}", field="source_uri")
+    for n in (CONFIG, WEIGHTS):  # a FIFO would block the copy forever; a dangling link has nothing to copy
+        try:
+            kind = fs.info(f"{root}/{n}").get("type")
+        except Exception:  # noqa: BLE001 - each filesystem raises its own error for a missing target
+            kind = None
+        if kind != "file":
+            raise InvalidArgument(f"{n} in {shown(source_uri)} is not a regular file", field="source_uri")
     dest.mkdir(parents=True)
     for n in (CONFIG, WEIGHTS):
-        fs.get(f"{root}/{n}", str(dest / n))
+        try:
+            fs.get(f"{root}/{n}", str(dest / n))
+        except Exception as e:  # noqa: BLE001 - remote filesystems raise their own errors (auth, network)
+            raise InvalidArgument(f"cannot copy {n} from {shown(source_uri)}: {type(e).__name__}", field="source_uri") from None

@@ -137,7 +137,8 @@ class Server:
     async def drain(self, load: asyncio.Future) -> int:
         log.info("draining: up to %.0fs for %d in-flight requests", self.opts.drain_seconds, self.state.inflight)
         self.state.draining = True
-        await self.health.enter_graceful_shutdown()
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING to every Check and Watch
+        await asyncio.sleep(min(self.opts.drain_notice_seconds, self.opts.drain_seconds))  # ...while the listener still answers
         for w in self.workers:  # their jobs resume from the last checkpoint on the next start
             w.terminate()
         # grpc stops accepting calls at once and cancels those still running after the grace.

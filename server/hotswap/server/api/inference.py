@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 import grpc
@@ -23,6 +24,8 @@ from .events import StepEventPump
 from .state import ServerState
 
 ADAPTER_METADATA_KEY = "hotswap-adapter-id"
+TOKENIZER_POOL = ThreadPoolExecutor(1, thread_name_prefix="hotswap-tokenize")
+"""Prompts are tokenised here, one at a time, never on the event loop."""
 
 
 def metadata_adapter_id(context: grpc.aio.ServicerContext) -> str:
@@ -50,7 +53,13 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         core = self.state.ready()
         request = convert.generate_request(msg, metadata_adapter_id(context))
         events: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        stream = core.submit(request, self._event_pump(core).notifier(events))
+        # submit tokenises: a long prompt must not stall every other call on the event loop
+        submitted = asyncio.get_running_loop().run_in_executor(TOKENIZER_POOL, core.submit, request, self._event_pump(core).notifier(events))
+        try:
+            stream = await asyncio.shield(submitted)
+        except asyncio.CancelledError:  # the caller left while its prompt was being tokenised: drop the row it became
+            submitted.add_done_callback(lambda f: None if f.cancelled() or f.exception() else core.cancel(f.result()))
+            raise
         self.state.inflight += 1
         finished = False
         try:
@@ -103,7 +112,8 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
 
     async def Tokenize(self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext) -> inference_pb2.TokenizeResponse:
         core = self.state.ready()
-        ids = core.engine.tokenize(GenerateRequest(**convert.prompt_input(request), params=SamplingParams(max_new_tokens=1)))
+        req = GenerateRequest(**convert.prompt_input(request), params=SamplingParams(max_new_tokens=1))
+        ids = await asyncio.get_running_loop().run_in_executor(TOKENIZER_POOL, core.engine.tokenize, req)
         return inference_pb2.TokenizeResponse(token_ids=ids, tokens=core.loaded.tokenizer.convert_ids_to_tokens(ids))
 
     async def ModelInfo(self, request: inference_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext) -> inference_pb2.ModelInfoResponse:

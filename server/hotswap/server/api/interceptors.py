@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from ..errors import HotswapError
+from ..errors import MAX_MESSAGE_CHARS, HotswapError, InvalidArgument
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -19,15 +19,68 @@ log = logging.getLogger("hotswap.server")
 UNAUTHENTICATED_OK = ("/grpc.health.v1.Health/",)
 
 
-def _wrap(handler: grpc.RpcMethodHandler, around) -> grpc.RpcMethodHandler:
-    """A copy of `handler` whose behaviour runs inside `around` (unary or streaming response)."""
+def _wrap(handler: grpc.RpcMethodHandler, around, deserializer=None) -> grpc.RpcMethodHandler:
+    """A copy of `handler` whose behaviour runs inside `around` (unary or streaming response),
+    its request deserializer replaced by `deserializer(original)` when given."""
+    deserialize = deserializer(handler.request_deserializer) if deserializer else handler.request_deserializer
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(around(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(around(handler.unary_unary, False), deserialize, handler.response_serializer)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(around(handler.unary_stream, True), handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(around(handler.unary_stream, True), deserialize, handler.response_serializer)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(around(handler.stream_unary, False), handler.request_deserializer, handler.response_serializer)
-    return handler  # no bidirectional RPCs
+        return grpc.stream_unary_rpc_method_handler(around(handler.stream_unary, False), deserialize, handler.response_serializer)
+    if handler.stream_stream:  # server reflection
+        return grpc.stream_stream_rpc_method_handler(around(handler.stream_stream, True), deserialize, handler.response_serializer)
+    return handler
+
+
+class Malformed:
+    """What a request that fails to parse becomes, so the handler's wrapper can refuse it with
+    INVALID_ARGUMENT (grpc answers UNKNOWN when a deserializer raises)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def refuse(self) -> InvalidArgument:
+        return InvalidArgument(f"the request is not a valid protobuf message: {str(self.error)[:200]}", field="request")
+
+
+def _tolerant(deserialize):
+    if deserialize is None:
+        return None
+
+    def run(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as e:  # noqa: BLE001 - bad bytes from a client, refused by the handler's wrapper
+            return Malformed(e)
+
+    return run
+
+
+async def _checked(requests: AsyncIterator) -> AsyncIterator:
+    async for r in requests:
+        if isinstance(r, Malformed):
+            raise r.refuse()
+        yield r
+
+
+def _parsed(request):
+    """The request, or the stream of requests, with malformed messages refused."""
+    if isinstance(request, Malformed):
+        raise request.refuse()
+    return _checked(request) if hasattr(request, "__aiter__") else request
+
+
+async def _responses(fn, request, context) -> AsyncIterator:
+    """A streaming handler's responses, whichever way it sends them: an async generator
+    yields them; a coroutine (grpc's health Watch) writes them with context.write."""
+    out = fn(request, context)
+    if hasattr(out, "__aiter__"):
+        async for item in out:
+            yield item
+    else:
+        await out
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -41,12 +94,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        return _wrap(handler, lambda fn, streaming: self._streaming(fn, details.method) if streaming else self._unary(fn, details.method))
+        return _wrap(handler, lambda fn, streaming: self._streaming(fn, details.method) if streaming else self._unary(fn, details.method),
+                     _tolerant)
 
     def _unary(self, fn, method: str):
         async def run(request, context):
             try:
-                return await fn(request, context)
+                return await fn(_parsed(request), context)
             except Exception as e:  # noqa: BLE001 - mapped to a status here, once
                 await self._abort(e, context, method)
 
@@ -55,7 +109,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def _streaming(self, fn, method: str):
         async def run(request, context):
             try:
-                async for item in fn(request, context):
+                async for item in _responses(fn, _parsed(request), context):
                     yield item
             except Exception as e:  # noqa: BLE001 - mapped to a status here, once
                 await self._abort(e, context, method)
@@ -69,7 +123,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             code, message = getattr(grpc.StatusCode, e.code, grpc.StatusCode.INTERNAL), str(e)
         else:
             log.exception("unexpected error in %s", method)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {str(e)[:MAX_MESSAGE_CHARS]}"
         if self.metrics is not None:
             self.metrics.failures.labels(code.name).inc()
         await context.abort(code, message)

@@ -14,7 +14,7 @@ from hotswap.tuner.jobs import Job, JobEvent, JobStore
 from hotswap.tuner.spec import TrainSpec, check_against_base, linear_names
 from hotswap.v1 import tuner_pb2, tuner_pb2_grpc
 
-from ..errors import InvalidArgument, ResourceExhausted
+from ..errors import InvalidArgument, ResourceExhausted, shown
 from .convert import timestamp
 from .state import ServerState
 
@@ -37,6 +37,8 @@ HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "num_virtual_tokens",
 OPTIONAL = ("seed", "early_stopping_patience", "validation_fraction")
 """Fields with presence on the wire: unset is automatic, 0 is a value."""
 WATCH_POLL_SECONDS = 0.25
+MAX_FILENAME_BYTES = 200
+"""Uploads are stored as <12 hex>-<name>: the whole stays under the 255 bytes a file name may have."""
 
 
 def example(e: tuner_pb2.TrainingExample) -> dict:
@@ -62,7 +64,7 @@ def spec_dict(req: tuner_pb2.TrainAdapterRequest) -> dict:
         if req.hyperparameters.HasField(k):
             hp[k] = getattr(req.hyperparameters, k)
     return {
-        "adapter_name": req.adapter_name, "method": METHODS.get(req.method, ""), "train": dataset(req.train),
+        "adapter_name": req.adapter_name, "method": METHODS.get(req.method, f"(enum value {req.method})" if req.method else ""), "train": dataset(req.train),
         "validation": dataset(req.validation) if req.HasField("validation") else None,
         "hyperparameters": hp, "labels": dict(req.labels),
     }
@@ -175,7 +177,9 @@ class TunerService(tuner_pb2_grpc.TunerServiceServicer):
                     name = re.sub(r"[^A-Za-z0-9._-]", "_", msg.filename.rsplit("/", 1)[-1])
                     suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
                     if suffix not in READERS:
-                        raise InvalidArgument(f"file type {suffix or '(none)'!r} is not .jsonl, .json, .csv or .parquet", field="filename")
+                        raise InvalidArgument(f"file type {shown(suffix or '(none)', 40)} is not .jsonl, .json, .csv or .parquet", field="filename")
+                    if len(msg.filename.encode()) > MAX_FILENAME_BYTES:
+                        raise InvalidArgument(f"the file name has {len(msg.filename.encode())} bytes; at most {MAX_FILENAME_BYTES}", field="filename")
                     opts.uploads_dir.mkdir(parents=True, exist_ok=True)
                     path = opts.uploads_dir / f"{uuid.uuid4().hex[:12]}-{name}"
                     f = path.open("wb")

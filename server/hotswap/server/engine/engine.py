@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from ..adapters.cache import AdapterCache
     from ..model.loader import LoadedModel
 
+MAX_CHARS_PER_TOKEN = 32
+"""A prompt longer than max_seq_len × this many characters is refused untokenised."""
 POOL_OVERCOMMIT = 2
 """Blocks beyond what a full batch of max-length rows needs only feed the prefix cache:
 the pool is capped at this many times that."""
@@ -51,6 +53,7 @@ class Engine:
 
     # -- intake ----------------------------------------------------------------
     def tokenize(self, req: GenerateRequest) -> list[int]:
+        self._check_text_size(req)
         if req.prompt_ids is not None:
             ids = list(req.prompt_ids)
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -66,13 +69,31 @@ class Engine:
         if not ids:
             raise InvalidArgument("the prompt is empty", field="prompt")
         total = len(ids) + req.params.max_new_tokens
+        if len(ids) >= self.max_seq_len:
+            raise InvalidArgument(f"the prompt has {len(ids)} tokens; max_seq_len {self.max_seq_len} leaves no room for a new token",
+                                  field="prompt_ids" if req.prompt_ids is not None else "messages" if req.messages is not None else "prompt")
         if total > self.max_seq_len:
-            raise InvalidArgument(f"{len(ids)} prompt tokens + {req.params.max_new_tokens} new tokens exceed max_seq_len {self.max_seq_len}",
-                                  field="prompt")
+            raise InvalidArgument(f"{len(ids)} prompt tokens + {req.params.max_new_tokens} new tokens exceed max_seq_len {self.max_seq_len}: "
+                                  f"ask for at most {self.max_seq_len - len(ids)} new tokens", field="max_new_tokens")
         if self.kv.blocks_for(total) > self.kv.num_blocks:
             raise ResourceExhausted(f"{total} positions need {self.kv.blocks_for(total)} KV blocks; the whole KV cache holds "
                                     f"{self.kv.num_blocks} (raise kv_cache_mb, or lower max_new_tokens)", field="max_new_tokens")
         return ids
+
+    def _check_text_size(self, req: GenerateRequest) -> None:
+        """Refuse text that cannot fit before spending time tokenising it: no token of a
+        real tokenizer covers more than MAX_CHARS_PER_TOKEN characters of ordinary text."""
+        limit = self.max_seq_len * MAX_CHARS_PER_TOKEN
+        if req.prompt_ids is not None:
+            size, field = len(req.prompt_ids), "prompt_ids"
+            limit = self.max_seq_len
+        elif req.messages is not None:
+            size, field = sum(len(str(m.get("content") or "")) for m in req.messages), "messages"
+        else:
+            size, field = len(req.prompt or ""), "prompt"
+        if size > limit:
+            unit = "token ids" if field == "prompt_ids" else "characters"
+            raise InvalidArgument(f"{size} {unit} cannot fit in max_seq_len {self.max_seq_len} (at most {limit} {unit})", field=field)
 
     def make_row(self, req: GenerateRequest, sink: Callable[[StreamEvent], None]) -> Row:
         ids = self.tokenize(req)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, shown
 
 
 class FinishReason(str, enum.Enum):
@@ -15,6 +16,11 @@ class FinishReason(str, enum.Enum):
     EOS = "eos"
     CANCELLED = "cancelled"
     ERROR = "error"
+
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+"""Stop strings are matched against every row's new text on the engine thread: bounded, like OpenAI's 4."""
 
 
 @dataclass
@@ -41,16 +47,18 @@ class SamplingParams:
     def __post_init__(self) -> None:
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1"),
-            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (0 <= self.temperature < math.inf, "temperature", "must be a finite number >= 0"),
             (self.top_k >= 0, "top_k", "must be >= 0"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (0 < self.repetition_penalty < math.inf, "repetition_penalty", "must be a finite number > 0"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
+            (len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings"),
+            (all(len(s) <= MAX_STOP_CHARS for s in self.stop), "stop", f"each stop string at most {MAX_STOP_CHARS} characters"),
         ]
         for ok, name, msg in checks:
             if not ok:
-                raise InvalidArgument(f"{msg}, got {getattr(self, name)!r}", field=name)
+                raise InvalidArgument(f"{msg}, got {shown(getattr(self, name))}", field=name)
 
 
 _ids = itertools.count()

@@ -1,0 +1,62 @@
+"""The fields of an adapter_config.json that change the served math, checked for type and
+range before any weight is read: a hand-edited or hostile config is refused at registration
+with the field it got wrong, instead of failing inside the engine."""
+from __future__ import annotations
+
+import math
+import re
+
+from ..errors import InvalidArgument, shown
+
+MAX_SCALE = 1e4
+"""|alpha / r| past this cannot be a trained adapter: it would swamp the base output."""
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _patterns(config: dict, name: str, ok, what: str) -> None:
+    patterns = config.get(name)
+    if patterns in (None, {}):
+        return
+    if not isinstance(patterns, dict):
+        raise InvalidArgument(f"must be an object of module pattern → {what}, got {shown(patterns, 80)}", field=name)
+    for key, value in patterns.items():
+        try:
+            re.compile(key)
+        except (re.error, TypeError) as e:
+            raise InvalidArgument(f"pattern {shown(key, 80)} is not a regular expression: {e}", field=name) from None
+        if not ok(value):
+            raise InvalidArgument(f"pattern {shown(key, 80)}: must be {what}, got {shown(value, 80)}", field=name)
+
+
+def check_config(config: dict, peft_type: str) -> None:
+    if peft_type in ("LORA", "ADALORA"):
+        for name in ("r", "init_r", "target_r"):
+            if name in config and config[name] is not None and not _count(config[name]):
+                raise InvalidArgument(f"must be a whole number >= 1, got {shown(config[name], 80)}", field=name)
+        alpha = config.get("lora_alpha")
+        least = 0 if peft_type == "ADALORA" else 1e-12  # AdaLoRA reads alpha 0 as "use r"
+        if alpha is not None and not (_number(alpha) and alpha >= least):
+            raise InvalidArgument(f"must be a finite number > 0, got {shown(alpha, 80)}", field="lora_alpha")
+        _patterns(config, "alpha_pattern", lambda v: _number(v) and v > 0, "a finite number > 0")
+        if peft_type == "ADALORA":  # AdaLoRA keeps each module's pruning mask here
+            _patterns(config, "rank_pattern", lambda v: isinstance(v, list) and all(isinstance(b, bool) for b in v), "a list of true/false")
+        else:
+            _patterns(config, "rank_pattern", _count, "a whole number >= 1")
+        if not isinstance(config.get("use_rslora", False), bool):
+            raise InvalidArgument(f"must be true or false, got {shown(config['use_rslora'], 80)}", field="use_rslora")
+    else:
+        n = config.get("num_virtual_tokens")
+        if n is not None and not _count(n):
+            raise InvalidArgument(f"must be a whole number >= 1, got {shown(n, 80)}", field="num_virtual_tokens")
+
+
+def check_scale(module: str, scale: float) -> None:
+    if not (math.isfinite(scale) and abs(scale) <= MAX_SCALE):
+        raise InvalidArgument(f"module {shown(module, 120)}: LoRA scale (alpha / r) is {scale}; at most {MAX_SCALE:g}", field="lora_alpha")
