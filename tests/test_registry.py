@@ -149,3 +149,33 @@ def test_a_database_url_is_never_mistaken_for_a_file(tmp_path):
         with pytest.raises(InvalidArgument, match="postgresql://"):
             AdapterRegistry(bad, tmp_path / "store")
     assert not any(p.name.startswith(("postgresql", "mysql")) for p in tmp_path.rglob("*"))
+
+
+def test_staging_of_dead_registrations_is_removed_at_start_and_deletes_leave_no_folders(base, saved, tmp_path):
+    """A registration SIGKILLed mid-copy left its staging folder forever (1.7 GiB after four kills)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    staging = tmp_path / "store" / ".staging"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    host = socket.gethostname()
+    folders = {
+        "dead": staging / f"{host}-{dead.stdout.strip()}-abc",  # this host, its process gone
+        "live": staging / f"{host}-{os.getpid()}-def",  # a registration still running
+        "other-host": staging / "elsewhere-1-0123",  # another node of a shared store, recent
+        "old": staging / "elsewhere-2-4567",  # another node, days old
+    }
+    for d in folders.values():
+        d.mkdir(parents=True)
+        (d / "adapter_model.safetensors").write_bytes(b"x" * 1000)
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(folders["old"], (two_days_ago, two_days_ago))
+    reg = AdapterRegistry(tmp_path / "r.sqlite", tmp_path / "store")
+    assert {k for k, d in folders.items() if d.exists()} == {"live", "other-host"}
+
+    reg.register("gone", str(saved["lora"]), validator(base), "fp-1")
+    reg.delete("gone")
+    assert not (tmp_path / "store" / "gone").exists()

@@ -11,9 +11,12 @@ same SQLite file and the server sees their adapters on its next lookup.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -48,6 +51,20 @@ CREATE TABLE IF NOT EXISTS adapter_names (
     next_version INTEGER NOT NULL
 );
 """
+
+
+STAGING = ".staging"
+STALE_STAGING_SECONDS = 24 * 3600
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_adapter_name(name: str, field_name: str = "name") -> str:
@@ -144,6 +161,22 @@ class AdapterRegistry:
         """Local files: the store itself, or the node-local cache of a remote store."""
         self.store.mkdir(parents=True, exist_ok=True)
         self.db.script(_SCHEMA)  # IF NOT EXISTS: safe when several processes start together
+        self._remove_dead_staging()
+
+    def _remove_dead_staging(self) -> None:
+        """Staging folders of registrations whose process died (SIGKILL mid-copy): those of this
+        host's dead processes, and any older than STALE_STAGING_SECONDS (other hosts of a
+        shared store). A live registration elsewhere is never touched."""
+        host = socket.gethostname()
+        for d in (self.store / STAGING).glob("*"):
+            owner_host, _, rest = d.name.rpartition("-")[0].rpartition("-")
+            pid = int(rest) if rest.isdigit() else None
+            try:
+                dead = (owner_host == host and pid is not None and not _alive(pid)) or time.time() - d.stat().st_mtime > STALE_STAGING_SECONDS
+            except FileNotFoundError:
+                continue
+            if dead:
+                shutil.rmtree(d, ignore_errors=True)
 
     def _fs(self):
         import fsspec
@@ -163,7 +196,7 @@ class AdapterRegistry:
         model and raises a HotswapError when it does not fit."""
         check_adapter_name(name)
         labels = dict(labels or {})
-        staging = self.store / ".staging" / uuid.uuid4().hex
+        staging = self.store / STAGING / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
         try:
             fetch_adapter_files(source_uri, staging)
             try:
@@ -220,6 +253,8 @@ class AdapterRegistry:
         records = [self._record(r) for r in rows]
         for r in records:
             shutil.rmtree(r.path, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the name's folder, once its last version is gone
+                r.path.parent.rmdir()
             if self.remote:
                 self._fs().rm(f"{self.remote}/{r.name}/{r.version}", recursive=True)
         return records
