@@ -72,7 +72,7 @@ class Hyperparameters:
             (0 <= hp.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
             (0 <= hp.num_virtual_tokens <= 512, "num_virtual_tokens", "must be 1..512"),
             (hp.virtual_tokens_init in ("", *VIRTUAL_TOKEN_INITS), "virtual_tokens_init", f"must be one of {', '.join(VIRTUAL_TOKEN_INITS)}"),
-            (0 <= hp.learning_rate <= 1, "learning_rate", "must be a finite number in (0, 1]"),
+            (0 <= hp.learning_rate < math.inf, "learning_rate", "must be a finite number > 0"),
             (0 <= hp.epochs <= 1000, "epochs", "must be 1..1000"),
             (0 <= hp.batch_size <= 1024, "batch_size", "must be 1..1024"),
             (1 <= hp.gradient_accumulation_steps <= 1024, "gradient_accumulation_steps", "must be 1..1024"),
