@@ -41,8 +41,7 @@ def check_config(config: dict, peft_type: str) -> None:
             if name in config and config[name] is not None and not _count(config[name]):
                 raise InvalidArgument(f"must be a whole number >= 1, got {shown(config[name], 80)}", field=name)
         alpha = config.get("lora_alpha")
-        least = 0 if peft_type == "ADALORA" else 1e-12  # AdaLoRA reads alpha 0 as "use r"
-        if alpha is not None and not (_number(alpha) and alpha >= least):
+        if alpha is not None and not (_number(alpha) and (alpha > 0 or (alpha == 0 and peft_type == "ADALORA"))):  # AdaLoRA reads 0 as "use r"
             raise InvalidArgument(f"must be a finite number > 0, got {shown(alpha, 80)}", field="lora_alpha")
         _patterns(config, "alpha_pattern", lambda v: _number(v) and v > 0, "a finite number > 0")
         if peft_type == "ADALORA":  # AdaLoRA keeps each module's pruning mask here

@@ -169,8 +169,8 @@ class AdapterRegistry:
         shared store). A live registration elsewhere is never touched."""
         host = socket.gethostname()
         for d in (self.store / STAGING).glob("*"):
-            owner_host, _, rest = d.name.rpartition("-")[0].rpartition("-")
-            pid = int(rest) if rest.isdigit() else None
+            owner_host, pid, _ = (d.name.rsplit("-", 2) + ["", ""])[:3]  # <host>-<pid>-<id>; hosts may hold '-'
+            pid = int(pid) if pid.isdigit() else None
             try:
                 dead = (owner_host == host and pid is not None and not _alive(pid)) or time.time() - d.stat().st_mtime > STALE_STAGING_SECONDS
             except FileNotFoundError:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from ..errors import MAX_MESSAGE_CHARS, HotswapError, InvalidArgument
+from ..errors import MAX_MESSAGE_CHARS, HotswapError, InvalidArgument, shown
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -42,7 +42,7 @@ class Malformed:
         self.error = error
 
     def refuse(self) -> InvalidArgument:
-        return InvalidArgument(f"the request is not a valid protobuf message: {str(self.error)[:200]}", field="request")
+        return InvalidArgument(f"the request is not a valid protobuf message: {shown(str(self.error))}", field="request")
 
 
 def _tolerant(deserialize):
