@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
-import re
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -30,6 +28,7 @@ from hotswap.server.engine.request import GenerateRequest, SamplingParams
 from hotswap.server.serving import ServingCore
 
 from adapters import adapter_set
+from launch import start_server as start_process
 
 HERE = Path(__file__).resolve().parent
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
@@ -98,20 +97,8 @@ async def through_grpc(target: str, jobs: list[tuple[str, str]], new: int) -> di
 
 
 def start_server(data: Path, streams: int) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "hotswap.server.api.app", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
-           "--data-dir", str(data), "--max-batch-size", str(streams), "--max-tokens-per-step", "8192", "--max-seq-len", "1024"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    port = None
-    for line in proc.stdout:
-        m = re.search(r"grpc port (\d+)", line)
-        if m:
-            port = m[1]
-        if "hotswap: serving" in line:
-            break
-    if port is None:
-        raise SystemExit("server did not start")
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    return proc, f"127.0.0.1:{port}"
+    return start_process("--metrics-port", "-1", "--data-dir", str(data), "--max-batch-size", str(streams),
+                         "--max-tokens-per-step", "8192", "--max-seq-len", "1024")
 
 
 def main() -> None:

@@ -13,6 +13,15 @@ from pathlib import Path
 READY = re.compile(r"hotswap: grpc port (\d+) metrics port (\S+)")
 
 
+def run_temp_root(path: Path) -> Path:
+    """This pytest run's base temporary folder (pytest-of-<user>/pytest-<N>), which holds every
+    test's tmp_path: the servers tests start may read adapters from anywhere under it."""
+    for p in (path, *path.parents):
+        if re.fullmatch(r"pytest-\d+", p.name):
+            return p
+    return path.parent
+
+
 class ServerProcess:
     def __init__(self, model: Path, data_dir: Path, *extra: str, env: dict | None = None) -> None:
         self.model, self.data_dir, self.extra = model, data_dir, extra
@@ -33,7 +42,9 @@ class ServerProcess:
                "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--data-dir", str(self.data_dir),
                "--device", "cpu", "--dtype", "float32", "--drain-seconds", "60", "--tuner-workers", "0",
                # rows longer than the tiny test models' 512-position context, so tests can hold a request open
-               "--max-seq-len", "4096", *self.extra]
+               "--max-seq-len", "4096",
+               *([] if "--allowed-adapter-dir" in self.extra else ["--allowed-adapter-dir", str(run_temp_root(Path(self.data_dir).resolve()))]),
+               *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
         threading.Thread(target=self._read, daemon=True).start()
         if not self._ports.wait(timeout):

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -22,7 +23,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from transformers import AutoModelForCausalLM
 
 from hotswap.client import (
-    AsyncClient, Client, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound,
+    AsyncClient, Client, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
 )
 from hotswap.v1 import inference_pb2, inference_pb2_grpc, tuner_pb2, tuner_pb2_grpc
 from peft_fixtures import save_adapter
@@ -61,7 +62,8 @@ def s3(adapters):
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory, s3):
     env = s3.env
-    with ServerProcess(tiny_checkpoints["llama"], tmp_path_factory.mktemp("server-data"), env=env) as srv:
+    with ServerProcess(tiny_checkpoints["llama"], tmp_path_factory.mktemp("server-data"), "--allowed-uri-schemes", "s3", "--kv-cache-mb", "16",
+                       env=env) as srv:
         yield srv
 
 
@@ -155,7 +157,7 @@ def test_chat_messages_logprobs_and_adapter_management(server, registered):
         assert c.get_adapter("prompt").id == "prompt@1"
 
 
-def test_every_error_is_its_status_code_naming_the_field(server, registered, adapters):
+def test_every_error_is_its_status_code_naming_the_field(server, registered, adapters, tmp_path):
     with Client(server.target) as c:
         with pytest.raises(InvalidArgument, match="sampling.temperature"):
             c.generate("hi", temperature=-1.0)
@@ -193,8 +195,8 @@ def test_every_error_is_its_status_code_naming_the_field(server, registered, ada
             c.generate("hi", adapter="nope")
         with pytest.raises(NotFound, match="lora@9"):
             c.get_adapter("lora@9")
-        with pytest.raises(NotFound, match="source_uri"):
-            c.register_adapter("x", "/does/not/exist")
+        with pytest.raises(NotFound, match="source_uri"):  # inside an allowed folder, its absence may be told
+            c.register_adapter("x", str(tmp_path / "does-not-exist"))
         with pytest.raises(FailedPrecondition, match="layer"):
             c.register_adapter("qwen-prefix", str(adapters["qwen-prefix"]))
         assert "qwen-prefix" not in [a.name for a in c.list_adapters()]
@@ -295,6 +297,30 @@ def test_malformed_adapters_are_refused_at_registration_naming_the_field(server,
         assert not [a for a in c.list_adapters() if a.name == "malformed"]
 
 
+def test_adapter_sources_are_read_only_under_allowed_folders(server, adapters, tmp_path):
+    """source_uri names a folder the server reads: only under --allowed-adapter-dir (this suite's
+    servers allow pytest's temporary folder) and enabled schemes; a refusal tells nothing about it."""
+    outside = Path(tempfile.mkdtemp(prefix="hotswap-outside-"))  # a real adapter, outside every allowed folder
+    try:
+        shutil.copytree(adapters["lora"], outside / "lora")
+        (tmp_path / "link").symlink_to(outside / "lora")
+        refusals = []
+        with Client(server.target, timeout=60) as c:
+            for uri in (str(outside / "lora"), str(outside / "absent"), (outside / "lora").as_uri(), str(tmp_path / "link")):
+                with pytest.raises(PermissionDenied, match="source_uri") as e:
+                    c.register_adapter("outside", uri)
+                refusals.append(e.value.details)
+            assert len(set(refusals)) == 1 and str(outside) not in refusals[0] and "--allowed-adapter-dir" in refusals[0]
+            for uri, words in [("gs://bucket/lora", "scheme 'gs'"), ("simplecache::s3://adapters/lora", "chained")]:
+                with pytest.raises(PermissionDenied, match=words):
+                    c.register_adapter("outside", uri)
+            with pytest.raises(InvalidArgument, match="source_uri.*absolute"):
+                c.register_adapter("outside", "lora")
+            assert not [a for a in c.list_adapters() if a.name == "outside"]
+    finally:
+        shutil.rmtree(outside)
+
+
 def test_a_huge_prompt_is_refused_without_stalling_other_calls(server):
     """Tokenising 4 MiB takes seconds: it is refused by its size first, and prompts are tokenised off the event loop."""
     worst, stop = [0.0], threading.Event()
@@ -323,6 +349,27 @@ def test_a_huge_prompt_is_refused_without_stalling_other_calls(server):
         stop.set()
         prober.join()
     assert worst[0] < 2.0, worst  # it took 4.4 s when the 4 MiB were tokenised on the event loop
+
+
+def rss_mib(pid: int) -> float:
+    return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())[1]) / 1024
+
+
+def test_a_long_request_holds_memory_within_the_kv_budget(server, registered):
+    """The slotted cache grew every slot to the longest row (+3 to +6 GB for one 2,100-token
+    request at the default model); the paged pool holds at most --kv-cache-mb (16 here) and
+    frees blocks when the row ends. At this model 3,500 tokens × 64 slots would be ~170 MiB."""
+    with Client(server.target) as c:
+        c.generate("warm " * 300, max_new_tokens=4, ignore_eos=True)
+        before = rss_mib(server.proc.pid)
+        for _ in range(2):
+            g = c.generate("a long story about the quick brown fox " * 200, max_new_tokens=8, ignore_eos=True)
+            assert g.prompt_tokens > 3000
+        grown = rss_mib(server.proc.pid) - before
+    metrics = scrape(server)
+    used = float(re.search(r"^hotswap_kv_cache_used_blocks (\S+)", metrics, re.M)[1])
+    assert used == 0  # the finished rows' blocks went back to the pool
+    assert grown < 16 + 32, f"RSS grew {grown:.0f} MiB for a 16 MiB KV budget"
 
 
 def test_register_from_s3(server, registered, adapters, tiny_checkpoints):

@@ -177,3 +177,43 @@ def test_mutual_tls_token_auth_and_a_full_queue(tiny_checkpoints, tmp_path):
                 t.join(120)
         assert len(errors) == 2 and all("queue is full" in e.details for e in errors)
         assert len(done) == 1 and done[0].generated_tokens == 2
+
+
+def test_public_reflection_answers_without_a_token_and_nothing_else_does():
+    """--public-reflection: tools may browse the API; every service still needs the token.
+    The real interceptor, reflection and InferenceService on a loopback gRPC server (no model:
+    an authenticated call gets as far as 'starting')."""
+    import asyncio
+
+    from grpc_reflection.v1alpha import reflection
+
+    from hotswap.server.api.inference import InferenceService
+    from hotswap.server.api.interceptors import ErrorInterceptor, TokenAuthInterceptor
+    from hotswap.server.api.state import ServerState
+    from hotswap.server.metrics import Metrics
+    from hotswap.server.options import ServerOptions
+
+    async def main() -> None:
+        metrics = Metrics()
+        server = grpc.aio.server(interceptors=[TokenAuthInterceptor("s3cret", metrics, public_reflection=True), ErrorInterceptor(metrics)])
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceService(ServerState(ServerOptions(), metrics)), server)
+        reflection.enable_server_reflection(["hotswap.v1.InferenceService", reflection.SERVICE_NAME], server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                info = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo
+                names = [s.name async for r in info(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+                         for s in r.list_services_response.service]
+                assert "hotswap.v1.InferenceService" in names
+                info_call = inference_pb2_grpc.InferenceServiceStub(ch).ModelInfo
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await info_call(inference_pb2.ModelInfoRequest(), timeout=10)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await info_call(inference_pb2.ModelInfoRequest(), timeout=10, metadata=[("authorization", "Bearer s3cret")])
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # past auth: the model is "still loading"
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())

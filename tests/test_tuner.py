@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -20,7 +21,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hotswap.client import Client, FailedPrecondition, InvalidArgument, NotFound
+from hotswap.client import Client, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from hotswap.v1 import tuner_pb2, tuner_pb2_grpc
 from server_process import ServerProcess
 
@@ -40,7 +41,7 @@ PREFIX = dict(epochs=40, batch_size=2, learning_rate=1e-1, num_virtual_tokens=8,
 def server(tiny_checkpoints, tmp_path_factory):
     """The README's way: the server starts a tuner worker beside itself (and it dies with the server)."""
     data = tmp_path_factory.mktemp("tuner-data")
-    with ServerProcess(tiny_checkpoints["llama"], data, "--tuner-workers", "1") as srv:
+    with ServerProcess(tiny_checkpoints["llama"], data, "--tuner-workers", "1", "--max-uploads-total-mb", "4") as srv:
         yield srv
     deadline = time.monotonic() + 10  # the server was SIGKILLed: its worker must not outlive it
     while subprocess.run(["pgrep", "-f", f"hotswap.tuner.worker.*{data}"], capture_output=True).returncode == 0:
@@ -163,18 +164,88 @@ def test_bad_training_requests_are_refused_with_the_field(server, tmp_path):
         long = [{"prompt": "the quick brown fox " * 30, "completion": " jumps"}]
         latin1 = tmp_path / "latin1.jsonl"
         latin1.write_bytes(json.dumps({"prompt": "caf", "completion": "x"}).replace("caf", "caf\xe9").encode("latin-1") + b"\n")
-        for job, needle in [(c.train_adapter("x", "lora", dataset_uri=str(bad)), "line 2"),
+        for job, needle in [(c.train_adapter("x", "lora", dataset_uri=c.upload_dataset(str(bad))), "line 2"),
                             (c.train_adapter("x", "lora", examples=long, max_seq_len=16), "max_seq_len"),
-                            (c.train_adapter("x", "lora", dataset_uri=str(latin1)), "not UTF-8"),  # these two ended INTERNAL
-                            (c.train_adapter("x", "lora", dataset_uri="http://127.0.0.1:9/data.jsonl"), "train.uri")]:
+                            (c.train_adapter("x", "lora", dataset_uri=c.upload_dataset(str(latin1))), "not UTF-8")]:  # ended INTERNAL
             last = finished(c, job.id)[-1].job
             assert last.state == "failed" and last.error_code == "INVALID_ARGUMENT" and needle in last.error_message
         assert not c.list_adapters(name="x")
+        with pytest.raises(PermissionDenied, match="train.uri.*scheme 'http'"):  # ended INTERNAL in the worker
+            c.train_adapter("x", "lora", dataset_uri="http://127.0.0.1:9/data.jsonl")
 
         # a name that exists gets a new version, never an overwrite
         first = finished(c, c.train_adapter("again", "prompt_tuning", examples=EXAMPLES, epochs=1).id)[-1].job
         second = finished(c, c.train_adapter("again", "prompt_tuning", examples=EXAMPLES, epochs=1).id)[-1].job
         assert (first.adapter_id, second.adapter_id) == ("again@1", "again@2")
+
+
+def test_datasets_are_read_only_under_allowed_folders(server, tmp_path):
+    """train.uri / validation.uri name files the server reads: only its uploads folder (and
+    --allowed-data-dir) and enabled URL schemes; a refusal tells nothing about the file."""
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text(json.dumps({"prompt": "the password is", "completion": " hunter2"}) + "\n")
+    uploads = server.data_dir / "uploads"
+    uploads.mkdir(exist_ok=True)
+    (uploads / "link.jsonl").symlink_to(secret)  # a link inside the folder to a file outside is outside
+    with Client(server.target) as c:
+        refusals = []
+        for uri in (str(secret), str(tmp_path / "absent.jsonl"), secret.as_uri(), str(uploads / "link.jsonl"),
+                    str(uploads / ".." / ".." / secret.relative_to(secret.parents[1]))):
+            with pytest.raises(PermissionDenied, match="train.uri") as e:
+                c.train_adapter("x", "lora", dataset_uri=uri)
+            refusals.append(e.value.details)
+        assert len(set(refusals)) == 1  # existing or not, file or link: the same words
+        assert "hunter2" not in refusals[0] and str(tmp_path) not in refusals[0] and "--allowed-data-dir" in refusals[0]
+        with pytest.raises(PermissionDenied, match="validation.uri"):
+            c.train_adapter("x", "lora", examples=EXAMPLES, validation_uri=str(secret))
+        for uri, words in [("s3://bucket/data.jsonl", "scheme 's3'"), ("simplecache::file:///etc/passwd", "chained")]:
+            with pytest.raises(PermissionDenied, match=words):
+                c.train_adapter("x", "lora", dataset_uri=uri)
+        for uri, words in [(str(uploads / "*.jsonl"), "wildcards"), ("data.jsonl", "absolute path")]:
+            with pytest.raises(InvalidArgument, match=words):
+                c.train_adapter("x", "lora", dataset_uri=uri)
+
+
+def test_inline_data_is_bounded_stored_as_a_file_and_removed_with_its_job(server):
+    from hotswap.tuner.jobs import JobStore
+
+    store = JobStore(server.data_dir / "jobs.sqlite")
+    with Client(server.target) as c:
+        big = [{"prompt": "p" * 1000, "completion": "c" * 1000}] * 4500  # ~9 MiB, over the default 8
+        with pytest.raises(InvalidArgument, match="train.inline.*UploadDataset"):
+            c.train_adapter("x", "lora", examples=big)
+        job = c.train_adapter("inline", "prompt_tuning", examples=EXAMPLES, validation_examples=EXAMPLES[:2], epochs=1)
+        spec = store.get(job.id).spec
+        files = [Path(spec[k]["uri"]) for k in ("train", "validation")]
+        assert all(spec[k]["owned"] and spec[k]["examples"] for k in ("train", "validation")) and len(json.dumps(spec)) < 2000
+        assert [len(f.read_text().splitlines()) for f in files] == [len(EXAMPLES), 2]
+        assert finished(c, job.id)[-1].job.state == "succeeded"
+        assert not any(f.exists() for f in files) and not (server.data_dir / "jobs" / job.id).exists()
+        queued = c.train_adapter("inline", "prompt_tuning", examples=EXAMPLES, epochs=1000)
+        if c.cancel_training_job(queued.id).state == "cancelled":  # never claimed: the server cleans up
+            assert not Path(store.get(queued.id).spec["train"]["uri"]).exists()
+        finished(c, queued.id)
+        assert not Path(store.get(queued.id).spec["train"]["uri"]).exists()
+
+
+def test_uploads_can_be_deleted_and_have_a_total_quota(server, tmp_path):
+    three = tmp_path / "three.jsonl"  # the fixture's quota is 4 MiB
+    row = json.dumps({"prompt": "q" * 500, "completion": "a" * 500}) + "\n"
+    three.write_text(row * (3 * 2**20 // len(row)))
+    with Client(server.target) as c:
+        first = c.upload_dataset(str(three))
+        with pytest.raises(ResourceExhausted, match="max_uploads_total_mb.*DeleteUpload"):
+            c.upload_dataset(str(three))
+        job = c.train_adapter("quota", "prompt_tuning", dataset_uri=first, epochs=1000, max_seq_len=32)
+        with pytest.raises(FailedPrecondition, match="uri"):  # a queued or running job reads it
+            c.delete_upload(first)
+        c.cancel_training_job(job.id)
+        finished(c, job.id)
+        assert c.delete_upload(first) == three.stat().st_size
+        for uri in (first, "/etc/passwd", str(server.data_dir / "jobs.sqlite"), ""):
+            with pytest.raises(NotFound, match="uri"):
+                c.delete_upload(uri)
+        c.delete_upload(c.upload_dataset(str(three)))  # room again
 
 
 def test_cancel_stops_within_a_step_and_registers_nothing(server):
@@ -308,7 +379,8 @@ def test_early_stopping_registers_the_best_checkpoint_by_eval_loss(tiny_checkpoi
                                                     "target_modules": ["all-linear"], "early_stopping_patience": 1}})
     store.create("early", "lora", spec.to_dict())
     job = store.claim("w")
-    run_job(job, store, "w", reg, ModelConfig(source=str(tiny_checkpoints["llama"]), dtype="float32", device="cpu"), 64, tmp_path / "jobs")
+    run_job(job, store, "w", reg, ModelConfig(source=str(tiny_checkpoints["llama"]), dtype="float32", device="cpu"), 64, tmp_path / "jobs",
+            keep_checkpoints=True)
     done = store.get(job.id)
     assert done.state == "succeeded", done.error_message
     evals = [(e.payload["step"], e.payload["eval_loss"]) for e in store.events(job.id) if e.kind == "eval"]

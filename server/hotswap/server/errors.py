@@ -43,6 +43,12 @@ class AdapterIncompatible(HotswapError):
     code = "FAILED_PRECONDITION"
 
 
+class FailedPrecondition(HotswapError):
+    """The request is well formed but the system is not in a state to do it."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class ResourceExhausted(HotswapError):
     code = "RESOURCE_EXHAUSTED"
 
@@ -67,3 +73,9 @@ class DeadlineExceeded(HotswapError):
 
 class Unauthenticated(HotswapError):
     code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(HotswapError):
+    """The caller named something the server's configuration forbids it to read."""
+
+    code = "PERMISSION_DENIED"

@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .access import SourcePolicy, split_list
 from .config import BACKENDS, DTYPES, QUANTIZATIONS, AdapterCacheConfig, EngineConfig, ModelConfig
 from .errors import InvalidArgument
 
@@ -60,12 +61,22 @@ class ServerOptions:
     jobs_db: str = _opt("", "training job store: a SQLite file, or a postgresql:// URL (default: DATA_DIR/jobs.sqlite)")
     tuner_workers: int = _opt(1, "training workers the server starts beside itself (0: run hotswap-tuner separately)")
     max_upload_mb: int = _opt(1024, "largest dataset accepted by UploadDataset, MiB")
+    max_uploads_total_mb: int = _opt(10240, "all uploaded datasets together, MiB; past it UploadDataset is refused until uploads are deleted (DeleteUpload)")
+    max_inline_dataset_mb: int = _opt(8, "largest inline dataset (train + validation examples in the TrainAdapter message), MiB; "
+                                         "larger ones go through UploadDataset")
     tuner_stale_seconds: float = _opt(60.0, "a running job whose worker has not reported for this long is requeued and resumes from its last checkpoint")
     # security
     tls_cert: str = _opt("", "PEM server certificate; enables TLS (with --tls-key)")
     tls_key: str = _opt("", "PEM private key of the server certificate")
     tls_client_ca: str = _opt("", "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)")
     auth_token: str = _opt("", "when set, calls must carry 'authorization: Bearer <token>' (health checks are exempt)")
+    public_reflection: bool = _opt(False, "with --auth-token, let server reflection answer without a token")
+    allowed_data_dir: str = _opt("", f"more folders (separated by '{os.pathsep}') under which TrainAdapter may read train.uri / validation.uri; "
+                                     "DATA_DIR/uploads (where UploadDataset stores files) is always allowed")
+    allowed_adapter_dir: str = _opt("", f"folders (separated by '{os.pathsep}') under which RegisterAdapter may read source_uri "
+                                        "(default: DATA_DIR/imports)")
+    allowed_uri_schemes: str = _opt("", "URL schemes (comma-separated, e.g. s3,gs) that dataset and adapter URIs may use; none by default "
+                                        "(file:// counts as a local path)")
     # lifecycle
     drain_seconds: float = _opt(30.0, "on SIGTERM, how long in-flight requests may take to finish")
     drain_notice_seconds: float = _opt(1.0, "on SIGTERM, how long health reports NOT_SERVING (and new calls get UNAVAILABLE) "
@@ -119,6 +130,19 @@ class ServerOptions:
     def uploads_dir(self) -> Path:
         """Datasets streamed in with UploadDataset (workers on other machines need it on shared storage)."""
         return Path(self.data_dir) / "uploads"
+
+    @property
+    def imports_dir(self) -> Path:
+        """The default folder RegisterAdapter may read adapters from."""
+        return Path(self.data_dir) / "imports"
+
+    def data_policy(self) -> SourcePolicy:
+        roots = [self.uploads_dir, *split_list(self.allowed_data_dir)]
+        return SourcePolicy.of(roots, split_list(self.allowed_uri_schemes), "--allowed-data-dir")
+
+    def adapter_policy(self) -> SourcePolicy:
+        roots = split_list(self.allowed_adapter_dir) or [self.imports_dir]
+        return SourcePolicy.of(roots, split_list(self.allowed_uri_schemes), "--allowed-adapter-dir")
 
     @property
     def store_path(self) -> str:

@@ -182,6 +182,11 @@ class JobStore:
         rows = self.db.all("SELECT * FROM job_events WHERE job_id=? AND seq>? ORDER BY seq", (job_id, after_seq))
         return [JobEvent(r["job_id"], r["seq"], r["time"], r["kind"], json.loads(r["payload"])) for r in rows]
 
+    def unfinished_specs(self) -> list[dict]:
+        """Specs of the jobs still to run or running (what their datasets are)."""
+        rows = self.db.all("SELECT spec FROM jobs WHERE state IN ('queued','validating','running')")
+        return [json.loads(r["spec"]) for r in rows]
+
     def counts_by_state(self) -> dict[str, int]:
         rows = self.db.all("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
         counts = dict.fromkeys(STATES, 0)

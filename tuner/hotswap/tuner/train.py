@@ -18,6 +18,7 @@ from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from hotswap.server.access import SourcePolicy
 from hotswap.server.adapters.load import load_adapter
 from hotswap.server.adapters.registry import AdapterRegistry
 from hotswap.server.adapters.validate import BaseShape
@@ -27,6 +28,7 @@ from hotswap.server.model.loader import load_base_model
 
 from . import auto, quality
 from .data import detect_format, hold_out, read_examples, tokenize
+from .job_files import release
 from .jobs import Job, JobStore
 from .methods import init_prefix_from_text, init_prompt_encoder_from_text, init_text, peft_config
 from .objective import Collator, PreservingTrainer
@@ -48,11 +50,20 @@ class Interrupted(Exception):
 
 
 def run_job(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, model_cfg: ModelConfig,
-            max_lora_rank: int, work_dir: Path, stop: threading.Event | None = None) -> None:
+            max_lora_rank: int, work_dir: Path, stop: threading.Event | None = None, data_policy: SourcePolicy | None = None,
+            keep_checkpoints: bool = False) -> None:
     """Takes a claimed job (state validating) to succeeded, failed or cancelled — or, when
-    `stop` is set (the worker is shutting down), back to queued at a fresh checkpoint."""
+    `stop` is set (the worker is shutting down), back to queued at a fresh checkpoint.
+    `data_policy`: the server's rule for dataset URIs, checked again where they are read
+    (the spec may predate a stricter configuration). A job that ends leaves no files
+    behind unless `keep_checkpoints`."""
     try:
         with Heartbeat(store, job.id, worker):
+            if data_policy is not None:
+                for name in ("train", "validation"):
+                    src = job.spec.get(name)
+                    if src and src.get("uri"):
+                        data_policy.check(src["uri"], f"{name}.uri")
             _run(job, store, worker, registry, model_cfg, max_lora_rank, work_dir / job.id, stop)
     except Cancelled:
         store.set_state(job.id, worker, "cancelled")
@@ -63,6 +74,8 @@ def run_job(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, m
     except Exception as e:  # noqa: BLE001 - a failed job must never take the worker down
         log.exception("job %s failed", job.id)
         store.set_state(job.id, worker, "failed", error_code="INTERNAL", error_message=f"{type(e).__name__}: {e}")
+    if store.get(job.id).finished:
+        release(job.spec, work_dir / job.id, keep_checkpoints)
 
 
 def _run(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, model_cfg: ModelConfig,

@@ -36,7 +36,7 @@ def serve(opts: ServerOptions, stop: threading.Event, poll_seconds: float = 1.0)
             stop.wait(poll_seconds)
             continue
         log.info("running %s (%s → %s)", job.id, job.method, job.adapter_name)
-        run_job(job, store, me, registry, opts.model_config(), opts.max_lora_rank, opts.jobs_dir, stop)
+        run_job(job, store, me, registry, opts.model_config(), opts.max_lora_rank, opts.jobs_dir, stop, opts.data_policy())
         log.info("%s: %s", job.id, store.get(job.id).state)
 
 

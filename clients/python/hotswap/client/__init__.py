@@ -7,13 +7,13 @@
 from .aio import AsyncClient
 from .errors import (
     Cancelled, DeadlineExceeded, FailedPrecondition, HotswapError, Internal, InvalidArgument, NotFound,
-    ResourceExhausted, Unauthenticated, Unavailable, Unimplemented,
+    PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable, Unimplemented,
 )
 from .sync import Client
 from .types import Adapter, Generation, JobEvent, ModelInfo, StreamChunk, Timing, TokenLogprob, Tokens, TrainingJob
 
 __all__ = [
     "Adapter", "AsyncClient", "JobEvent", "TrainingJob", "Cancelled", "Client", "DeadlineExceeded", "FailedPrecondition", "Generation",
-    "HotswapError", "Internal", "InvalidArgument", "ModelInfo", "NotFound", "ResourceExhausted", "StreamChunk",
+    "HotswapError", "Internal", "InvalidArgument", "ModelInfo", "NotFound", "PermissionDenied", "ResourceExhausted", "StreamChunk",
     "Timing", "TokenLogprob", "Tokens", "Unauthenticated", "Unavailable", "Unimplemented",
 ]

@@ -144,6 +144,11 @@ class AsyncClient:
 
         return (await self._call(self._tuner.UploadDataset, chunks(), timeout)).uri
 
+    async def delete_upload(self, uri: str, timeout: float | None = None) -> int:
+        """Remove an uploaded dataset (uploads count against the server's quota); returns the bytes freed.
+        FailedPrecondition while a queued or running job reads it."""
+        return (await self._call(self._tuner.DeleteUpload, tuner_pb2.DeleteUploadRequest(uri=uri), timeout)).size_bytes
+
     async def cancel_training_job(self, job_id: str, timeout: float | None = None) -> TrainingJob:
         return _wire.training_job((await self._call(self._tuner.CancelTrainingJob, tuner_pb2.CancelTrainingJobRequest(job_id=job_id), timeout)).job)
 

@@ -314,7 +314,9 @@ def run(args: argparse.Namespace) -> None:
             result = c.get_adapter(args.adapter_id)
         elif args.action == "register":
             labels = dict(kv.split("=", 1) for kv in args.label if "=" in kv)
-            result = c.register_adapter(args.name, args.source_uri, labels)
+            # a folder named relative to the shell's directory: the server needs it absolute
+            source = args.source_uri if "://" in args.source_uri or not os.path.exists(args.source_uri) else os.path.abspath(args.source_uri)
+            result = c.register_adapter(args.name, source, labels)
         elif args.action == "load":
             result = c.load_adapter(args.adapter_id, pin=args.pin)
         elif args.action == "unload":

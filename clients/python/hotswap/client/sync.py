@@ -155,6 +155,11 @@ class Client:
 
         return (self._call(self._tuner.UploadDataset, chunks(), timeout)).uri
 
+    def delete_upload(self, uri: str, timeout: float | None = None) -> int:
+        """Remove an uploaded dataset (uploads count against the server's quota); returns the bytes freed.
+        FailedPrecondition while a queued or running job reads it."""
+        return (self._call(self._tuner.DeleteUpload, tuner_pb2.DeleteUploadRequest(uri=uri), timeout)).size_bytes
+
     def cancel_training_job(self, job_id: str, timeout: float | None = None) -> TrainingJob:
         return _wire.training_job((self._call(self._tuner.CancelTrainingJob, tuner_pb2.CancelTrainingJobRequest(job_id=job_id), timeout)).job)
 

@@ -353,3 +353,15 @@ class UploadDatasetResponse(_message.Message):
     uri: str
     size_bytes: int
     def __init__(self, uri: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class DeleteUploadRequest(_message.Message):
+    __slots__ = ("uri",)
+    URI_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    def __init__(self, uri: _Optional[str] = ...) -> None: ...
+
+class DeleteUploadResponse(_message.Message):
+    __slots__ = ("size_bytes",)
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    size_bytes: int
+    def __init__(self, size_bytes: _Optional[int] = ...) -> None: ...

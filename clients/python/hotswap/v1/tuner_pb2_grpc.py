@@ -66,6 +66,11 @@ class TunerServiceStub:
                 request_serializer=hotswap_dot_v1_dot_tuner__pb2.UploadDatasetRequest.SerializeToString,
                 response_deserializer=hotswap_dot_v1_dot_tuner__pb2.UploadDatasetResponse.FromString,
                 _registered_method=True)
+        self.DeleteUpload = channel.unary_unary(
+                '/hotswap.v1.TunerService/DeleteUpload',
+                request_serializer=hotswap_dot_v1_dot_tuner__pb2.DeleteUploadRequest.SerializeToString,
+                response_deserializer=hotswap_dot_v1_dot_tuner__pb2.DeleteUploadResponse.FromString,
+                _registered_method=True)
 
 
 class TunerServiceServicer:
@@ -114,6 +119,14 @@ class TunerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteUpload(self, request, context):
+        """Removes an uploaded dataset (uploads count against the server's total quota).
+        Refused while a queued or running job reads it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TunerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +159,11 @@ def add_TunerServiceServicer_to_server(servicer, server):
                     servicer.UploadDataset,
                     request_deserializer=hotswap_dot_v1_dot_tuner__pb2.UploadDatasetRequest.FromString,
                     response_serializer=hotswap_dot_v1_dot_tuner__pb2.UploadDatasetResponse.SerializeToString,
+            ),
+            'DeleteUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUpload,
+                    request_deserializer=hotswap_dot_v1_dot_tuner__pb2.DeleteUploadRequest.FromString,
+                    response_serializer=hotswap_dot_v1_dot_tuner__pb2.DeleteUploadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +330,33 @@ class TunerService:
             '/hotswap.v1.TunerService/UploadDataset',
             hotswap_dot_v1_dot_tuner__pb2.UploadDatasetRequest.SerializeToString,
             hotswap_dot_v1_dot_tuner__pb2.UploadDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotswap.v1.TunerService/DeleteUpload',
+            hotswap_dot_v1_dot_tuner__pb2.DeleteUploadRequest.SerializeToString,
+            hotswap_dot_v1_dot_tuner__pb2.DeleteUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,

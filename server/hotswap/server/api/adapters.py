@@ -1,6 +1,6 @@
 """AdapterService: the registry and the adapter cache over gRPC. Blocking work
-(copying files, validating against the base, copying to the device) runs in a
-worker thread so the event loop keeps streaming tokens meanwhile."""
+(registry reads, copying files, validating against the base, copying to the
+device) runs in a worker thread so the event loop keeps streaming tokens meanwhile."""
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +12,7 @@ from hotswap.v1 import adapters_pb2, adapters_pb2_grpc
 from ..adapters.registry import AdapterRecord
 from ..errors import InvalidArgument
 from . import convert
+from .offload import off_loop
 from .state import ServerState
 
 
@@ -25,27 +26,34 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
 
     async def RegisterAdapter(self, request: adapters_pb2.RegisterAdapterRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.RegisterAdapterResponse:
         core = self.state.ready()
-        record = await asyncio.to_thread(core.register_adapter, request.name, request.source_uri, dict(request.labels))
+        policy = self.state.opts.adapter_policy()
+
+        def register() -> AdapterRecord:
+            # the caller names the folder, the server reads it: only under allowed roots / schemes
+            source = policy.check(request.source_uri, "source_uri")
+            return core.register_adapter(request.name, source, dict(request.labels))
+
+        record = await off_loop(register)
         return adapters_pb2.RegisterAdapterResponse(adapter=self._proto(record))
 
     async def ListAdapters(self, request: adapters_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.ListAdaptersResponse:
         core = self.state.ready()
-        records, token = core.registry.list(request.page_size, request.page_token, request.name)
+        records, token = await off_loop(core.registry.list, request.page_size, request.page_token, request.name)
         return adapters_pb2.ListAdaptersResponse(adapters=[self._proto(r) for r in records], next_page_token=token)
 
     async def GetAdapter(self, request: adapters_pb2.GetAdapterRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.GetAdapterResponse:
-        record = self.state.ready().registry.get(request.adapter_id)
+        record = await off_loop(self.state.ready().registry.get, request.adapter_id)
         return adapters_pb2.GetAdapterResponse(adapter=self._proto(record))
 
     async def LoadAdapter(self, request: adapters_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.LoadAdapterResponse:
         core = self.state.ready()
-        record = core.registry.get(request.adapter_id)
+        record = await off_loop(core.registry.get, request.adapter_id)
         await asyncio.to_thread(core.adapters.load, record.id, request.pin)
         return adapters_pb2.LoadAdapterResponse(adapter=self._proto(record))
 
     async def UnloadAdapter(self, request: adapters_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext) -> adapters_pb2.UnloadAdapterResponse:
         core = self.state.ready()
-        record = core.registry.get(request.adapter_id)
+        record = await off_loop(core.registry.get, request.adapter_id)
         core.adapters.unpin(record.id)
         try:
             core.adapters.evict(record.id)

@@ -73,7 +73,7 @@ class Server:
         self.health = health.aio.HealthServicer()
         interceptors = []
         if opts.auth_token:
-            interceptors.append(TokenAuthInterceptor(opts.auth_token, self.metrics))
+            interceptors.append(TokenAuthInterceptor(opts.auth_token, self.metrics, opts.public_reflection))
         interceptors.append(ErrorInterceptor(self.metrics))
         self.grpc = grpc.aio.server(options=channel_options(opts), interceptors=interceptors)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceService(self.state), self.grpc)

@@ -17,6 +17,7 @@ log = logging.getLogger("hotswap.server")
 
 # Kubernetes' gRPC probes cannot send credentials.
 UNAUTHENTICATED_OK = ("/grpc.health.v1.Health/",)
+REFLECTION = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 
 
 def _wrap(handler: grpc.RpcMethodHandler, around, deserializer=None) -> grpc.RpcMethodHandler:
@@ -132,13 +133,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer <token>` on every call except health checks."""
 
-    def __init__(self, token: str, metrics: Metrics | None) -> None:
+    def __init__(self, token: str, metrics: Metrics | None, public_reflection: bool = False) -> None:
         self.token = token.encode()
         self.metrics = metrics
+        # Reflection lists the API, not data: an operator may let tools browse it without a token.
+        self.exempt = UNAUTHENTICATED_OK + (REFLECTION if public_reflection else ())
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        if handler is None or details.method.startswith(UNAUTHENTICATED_OK):
+        if handler is None or details.method.startswith(self.exempt):
             return handler
         given = dict(details.invocation_metadata or ()).get("authorization", "")
         scheme, _, token = given.partition(" ")

@@ -3,19 +3,24 @@ reports; tuner workers (hotswap-tuner) run the jobs from the shared job store.""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import uuid
+from pathlib import Path
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from hotswap.tuner.data import READERS, detect_format
+from hotswap.tuner.job_files import INLINE_PREFIX, release, uris_in_use, write_inline
 from hotswap.tuner.jobs import Job, JobEvent, JobStore
 from hotswap.tuner.spec import TrainSpec, check_against_base, linear_names
 from hotswap.v1 import tuner_pb2, tuner_pb2_grpc
 
-from ..errors import InvalidArgument, ResourceExhausted, shown
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, shown
+from ..serving import ServingCore
 from .convert import timestamp
+from .offload import off_loop
 from .state import ServerState
 
 METHODS = {
@@ -127,35 +132,60 @@ def event_proto(e: JobEvent, job: Job) -> tuner_pb2.WatchTrainingJobResponse:
 
 
 class TunerService(tuner_pb2_grpc.TunerServiceServicer):
+    """Every store and file operation runs in the blocking pool (off_loop): a slow disk or
+    database must not stall token streams on the event loop."""
+
     def __init__(self, state: ServerState, store: JobStore) -> None:
         self.state, self.store = state, store
 
     async def TrainAdapter(self, request: tuner_pb2.TrainAdapterRequest, context: grpc.aio.ServicerContext) -> tuner_pb2.TrainAdapterResponse:
         core = self.state.ready()
+        job = await off_loop(self._submit, core, request)
+        return tuner_pb2.TrainAdapterResponse(job=job_proto(job))
+
+    def _submit(self, core: ServingCore, request: tuner_pb2.TrainAdapterRequest) -> Job:
+        opts = self.state.opts
+        inline = sum(d.inline.ByteSize() for d in (request.train, request.validation) if d.WhichOneof("source") == "inline")
+        if inline > opts.max_inline_dataset_mb * 2**20:
+            raise InvalidArgument(f"inline examples take {inline / 2**20:.1f} MiB; at most {opts.max_inline_dataset_mb} MiB "
+                                  "(upload larger datasets with UploadDataset and pass its uri)", field="train.inline")
         spec = TrainSpec.from_dict(spec_dict(request))
         # What can be checked without the data files is checked now, so a bad request
         # fails at submit instead of in a worker minutes later.
         check_against_base(spec, linear_names(core.loaded.model), core.cache_cfg.max_lora_rank, core.loaded.device.type == "cuda")
+        policy = opts.data_policy()
         for name in ("train", "validation"):
             src = getattr(spec, name)
-            if src and src.get("inline"):
+            if src and src.get("uri"):
+                src["uri"] = policy.check(src["uri"], f"{name}.uri")
+            elif src:
                 detect_format(src["inline"], name)
-        job = self.store.create(spec.adapter_name, spec.method, spec.to_dict())
-        return tuner_pb2.TrainAdapterResponse(job=job_proto(job))
+        written: list[dict] = []
+        try:
+            for name in ("train", "validation"):
+                src = getattr(spec, name)
+                if src and "inline" in src:
+                    setattr(spec, name, write_inline(opts.uploads_dir, src["inline"], name))
+                    written.append(getattr(spec, name))
+            return self.store.create(spec.adapter_name, spec.method, spec.to_dict())
+        except BaseException:
+            for src in written:
+                Path(src["uri"]).unlink(missing_ok=True)
+            raise
 
     async def GetTrainingJob(self, request: tuner_pb2.GetTrainingJobRequest, context: grpc.aio.ServicerContext) -> tuner_pb2.GetTrainingJobResponse:
-        return tuner_pb2.GetTrainingJobResponse(job=job_proto(self.store.get(request.job_id)))
+        return tuner_pb2.GetTrainingJobResponse(job=job_proto(await off_loop(self.store.get, request.job_id)))
 
     async def ListTrainingJobs(self, request: tuner_pb2.ListTrainingJobsRequest, context: grpc.aio.ServicerContext) -> tuner_pb2.ListTrainingJobsResponse:
-        jobs, token = self.store.list(request.page_size, request.page_token, STATE_NAME.get(request.state, ""))
+        jobs, token = await off_loop(self.store.list, request.page_size, request.page_token, STATE_NAME.get(request.state, ""))
         return tuner_pb2.ListTrainingJobsResponse(jobs=[job_proto(j) for j in jobs], next_page_token=token)
 
     async def WatchTrainingJob(self, request: tuner_pb2.WatchTrainingJobRequest, context: grpc.aio.ServicerContext):
-        self.store.get(request.job_id)  # NOT_FOUND before streaming anything
+        await off_loop(self.store.get, request.job_id)  # NOT_FOUND before streaming anything
         seq = -1
         while True:
-            job = self.store.get(request.job_id)  # read before the events: a final state implies its event is stored
-            events = self.store.events(request.job_id, seq)
+            # the job is read before the events: a final state implies its event is stored
+            job, events = await off_loop(lambda after=seq: (self.store.get(request.job_id), self.store.events(request.job_id, after)))
             for e in events:
                 yield event_proto(e, job)
                 seq = e.seq
@@ -165,7 +195,13 @@ class TunerService(tuner_pb2_grpc.TunerServiceServicer):
                 await asyncio.sleep(WATCH_POLL_SECONDS)
 
     async def CancelTrainingJob(self, request: tuner_pb2.CancelTrainingJobRequest, context: grpc.aio.ServicerContext) -> tuner_pb2.CancelTrainingJobResponse:
-        return tuner_pb2.CancelTrainingJobResponse(job=job_proto(self.store.request_cancel(request.job_id)))
+        def cancel() -> Job:
+            job = self.store.request_cancel(request.job_id)
+            if job.state == "cancelled" and not job.worker:  # never claimed: no worker will clean up after it
+                release(job.spec, None)
+            return job
+
+        return tuner_pb2.CancelTrainingJobResponse(job=job_proto(await off_loop(cancel)))
 
     async def UploadDataset(self, request_iterator, context: grpc.aio.ServicerContext) -> tuner_pb2.UploadDatasetResponse:
         opts = self.state.opts
@@ -180,13 +216,17 @@ class TunerService(tuner_pb2_grpc.TunerServiceServicer):
                         raise InvalidArgument(f"file type {shown(suffix or '(none)', 40)} is not .jsonl, .json, .csv or .parquet", field="filename")
                     if len(msg.filename.encode()) > MAX_FILENAME_BYTES:
                         raise InvalidArgument(f"the file name has {len(msg.filename.encode())} bytes; at most {MAX_FILENAME_BYTES}", field="filename")
-                    opts.uploads_dir.mkdir(parents=True, exist_ok=True)
+                    room = opts.max_uploads_total_mb * 2**20 - await off_loop(uploads_bytes, opts.uploads_dir)
+                    limit = min(limit, room)
                     path = opts.uploads_dir / f"{uuid.uuid4().hex[:12]}-{name}"
-                    f = path.open("wb")
+                    f = await off_loop(_create, path)
                 size += len(msg.chunk)
                 if size > limit:
+                    if limit < opts.max_upload_mb * 2**20:
+                        raise ResourceExhausted(f"uploads would exceed the server's total of {opts.max_uploads_total_mb} MiB; "
+                                                "delete uploads no longer needed (DeleteUpload)", field="max_uploads_total_mb")
                     raise ResourceExhausted(f"the upload is larger than {opts.max_upload_mb} MiB", field="max_upload_mb")
-                f.write(msg.chunk)
+                await off_loop(f.write, msg.chunk)
         except BaseException:
             if f is not None:
                 f.close()
@@ -196,3 +236,31 @@ class TunerService(tuner_pb2_grpc.TunerServiceServicer):
             raise InvalidArgument("the upload was empty: send the filename and the file's bytes", field="filename")
         f.close()
         return tuner_pb2.UploadDatasetResponse(uri=str(path.resolve()), size_bytes=size)
+
+    async def DeleteUpload(self, request: tuner_pb2.DeleteUploadRequest, context: grpc.aio.ServicerContext) -> tuner_pb2.DeleteUploadResponse:
+        return tuner_pb2.DeleteUploadResponse(size_bytes=await off_loop(self._delete_upload, request.uri))
+
+    def _delete_upload(self, uri: str) -> int:
+        uploads = self.state.opts.uploads_dir.resolve()
+        path = Path(uri.removeprefix("file://"))
+        # Only a file UploadDataset made: directly in the uploads folder, not a job's own inline data.
+        if not uri or path.parent.resolve() != uploads or path.name.startswith(INLINE_PREFIX) or not path.is_file():
+            raise NotFound("no upload at this uri (give the uri UploadDataset returned)", field="uri")
+        if str(path.resolve()) in uris_in_use(self.store.unfinished_specs()):
+            raise FailedPrecondition("a queued or running training job reads this upload; cancel it or wait for it to end", field="uri")
+        size = path.stat().st_size
+        path.unlink(missing_ok=True)
+        return size
+
+
+def _create(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("wb")
+
+
+def uploads_bytes(folder: Path) -> int:
+    """Bytes held in the uploads folder (uploads and jobs' inline datasets)."""
+    try:
+        return sum(e.stat().st_size for e in os.scandir(folder) if e.is_file(follow_symlinks=False))
+    except FileNotFoundError:
+        return 0
