@@ -118,12 +118,12 @@ class KVBlockManager:
         return keys[:full_blocks]
 
     def cached_prefix(self, row: Row) -> list[int]:
-        """Cached blocks holding the row's leading positions. At least one position is
-        always left to compute, so the step that finishes the prompt yields logits."""
+        """Cached blocks holding the row's leading positions, up to the first position whose
+        outputs the row reads (row.compute_from): that one and all after it are computed."""
         if not self.caching:
             return []
         hits = []
-        for key in self._keys(row, (row.num_tokens - 1) // self.block_size):
+        for key in self._keys(row, row.compute_from // self.block_size):
             block = self.pool.lookup(key)
             if block is None:
                 break
