@@ -35,8 +35,8 @@ def setup(tiny_checkpoints, tmp_path_factory):
     return ckpt, cls, lora
 
 
-def classify_reference(ckpt, path, prompt: list[int]) -> torch.Tensor:
-    model = AutoModelForSequenceClassification.from_pretrained(ckpt, dtype=torch.float32, num_labels=3)
+def classify_reference(ckpt, path, prompt: list[int], num_labels: int = 3) -> torch.Tensor:
+    model = AutoModelForSequenceClassification.from_pretrained(ckpt, dtype=torch.float32, num_labels=num_labels)
     peft = PeftModel.from_pretrained(model, path).eval()
     with torch.inference_mode():
         x = torch.tensor([prompt])
