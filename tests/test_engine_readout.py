@@ -126,3 +126,41 @@ def test_tasks_refuse_the_wrong_adapter_without_harming_the_batch(setup):
             r = s.result(timeout=60)
             assert isinstance(r.error, AdapterIncompatible) and r.error.field == "adapter_id", r.error
         assert ok.result(timeout=60).error is None and len(ok.result().token_ids) == 4
+
+
+def test_seq_cls_adapters_are_checked_at_registration(setup, tmp_path):
+    """A head that is missing or misshapen, or label names that do not name the head, are refused naming the field."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from hotswap.server.errors import HotswapError
+
+    ckpt, cls, _ = setup
+
+    def variant(name: str, tensors=None, labels=None):
+        out = tmp_path / name
+        shutil.copytree(cls["prefix"], out)
+        if tensors is not None:
+            save_file(tensors(load_file(out / "adapter_model.safetensors")), out / "adapter_model.safetensors")
+        if labels is not None:
+            (out / "config.json").write_text(json.dumps({"id2label": labels}))
+        return out
+
+    cases = [
+        (variant("no-head", tensors=lambda t: {k: v for k, v in t.items() if "score" not in k}), "modules_to_save"),
+        (variant("wide-head", tensors=lambda t: {**t, "base_model.score.weight": torch.zeros(3, 65)}), "hidden_size"),
+        (variant("two-labels", labels={"0": "a", "1": "b"}), "id2label"),
+        (variant("bad-labels", labels={"0": "a", "x": "b", "2": "c"}), "id2label"),
+    ]
+    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
+    with ServingCore(loaded, EngineConfig(max_batch_size=2, max_seq_len=64)) as core:
+        for path, field in cases:
+            with pytest.raises(HotswapError) as e:
+                core.register_adapter("bad", path)
+            assert e.value.field == field, (path.name, e.value)
+        placeholder = variant("placeholder", labels={"0": "LABEL_0", "1": "LABEL_1"})  # a base model's config.json
+        core.register_adapter("ok", placeholder)
+        r = core.submit(GenerateRequest(prompt_ids=[5, 6, 7], adapter_id="ok", task=Task.CLASSIFY)).result(timeout=60)
+        assert r.error is None and r.readout.labels == ["LABEL_0", "LABEL_1", "LABEL_2"]

@@ -88,6 +88,8 @@ def read_label_names(folder: Path, num_labels: int) -> list[str] | None:
             raise InvalidArgument(f"entry {shown(k, 40)}: {shown(v, 80)} must be a label id and a name of 1 to "
                                   f"{MAX_LABEL_CHARS} characters", field="id2label")
         names[int(k)] = v
+    if all(v == f"LABEL_{k}" for k, v in names.items()):
+        return None  # transformers' placeholder names (e.g. a base model's config.json): they name no head
     if sorted(names) != list(range(num_labels)):
         raise AdapterIncompatible(f"names labels {sorted(names)[:8]}, but the score head has {num_labels} labels "
                                   f"(ids 0..{num_labels - 1})", field="id2label")
