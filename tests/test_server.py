@@ -484,6 +484,14 @@ def test_classify_and_score_sdk_cli_and_errors(server, registered, adapters, tin
     ar, as_ = asyncio.run(both())
     assert ar.logits == r.logits and [x.token_logprobs for x in as_.candidates] == [x.token_logprobs for x in s.candidates]
 
+    before = metric(scrape(server), "hotswap_requests_finished_total", '{finish_reason="cancelled"}')
+    with Client(server.target) as c, pytest.raises(DeadlineExceeded):  # 64 long candidates cannot finish in 0.3 s
+        c.score(prompt, [f"{i} " + "ab " * 1200 for i in range(64)], timeout=0.3)
+    deadline = time.monotonic() + 30
+    while metric(m := scrape(server), "hotswap_requests_running") or metric(m, "hotswap_requests_finished_total", '{finish_reason="cancelled"}') <= before:
+        assert time.monotonic() < deadline, "the expired Score call's rows were not freed"
+        time.sleep(0.2)
+
     out = hotswap_cli(server, "classify", text, "--adapter", "sentiment")
     assert out.returncode == 0 and out.stdout.splitlines()[0].startswith(r.label) and "yes" in out.stdout and "no" in out.stdout
     assert json.loads(hotswap_cli(server, "--json", "classify", text, "-a", "sentiment").stdout)["logits"] == r.logits
