@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import grpc
 
@@ -22,6 +22,9 @@ from ..errors import DeadlineExceeded, HotswapError, Unavailable
 from . import convert
 from .events import StepEventPump
 from .state import ServerState
+
+if TYPE_CHECKING:
+    from ..serving import ServingCore
 
 ADAPTER_METADATA_KEY = "hotswap-adapter-id"
 TOKENIZER_POOL = ThreadPoolExecutor(1, thread_name_prefix="hotswap-tokenize")
@@ -182,7 +185,8 @@ def _renamed(error: HotswapError, fields: dict[str, str]) -> HotswapError:
     return error
 
 
-def _submit_all(core, requests: list[GenerateRequest], notify, fields: dict[str, str]) -> list[RequestStream]:
+def _submit_all(core: ServingCore, requests: list[GenerateRequest], notify: Callable[[StreamEvent], None],
+                fields: dict[str, str]) -> list[RequestStream]:
     """Tokenizer thread: submit every row or none (a refused one cancels those already queued)."""
     streams: list[RequestStream] = []
     try:
