@@ -25,14 +25,15 @@ def ids(n: int, seed: int) -> list[int]:
     return torch.randint(3, 400, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_checkpoints, tmp_path_factory):
-    ckpt = tiny_checkpoints["llama"]
-    root = tmp_path_factory.mktemp("readout-adapters")
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def setup(request, tiny_checkpoints, tmp_path_factory):
+    ckpt = tiny_checkpoints[request.param]  # qwen2: tied embeddings, a head with no bias on a model with qkv biases
+    root = tmp_path_factory.mktemp(f"readout-adapters-{request.param}")
     cls = {k: save_cls_adapter(ckpt, k, root / f"cls-{k}", seed=i, id2label=LABELS if k == "lora" else None)
            for i, k in enumerate(CLS_KINDS)}
-    lora = save_adapter(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), "lora", root / "lora", seed=7)
-    return ckpt, cls, lora
+    causal = {k: save_adapter(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), k, root / k, seed=7 + i)
+              for i, k in enumerate(("lora", "prompt_random", "prefix"))}
+    return ckpt, cls, causal
 
 
 def classify_reference(ckpt, path, prompt: list[int], num_labels: int = 3) -> torch.Tensor:
@@ -48,13 +49,14 @@ def score_reference(ckpt, path, prompt: list[int], cont: list[int]) -> tuple[tor
     if path is not None:
         model = PeftModel.from_pretrained(model, path).eval()
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([prompt + cont])).logits[0, len(prompt) - 1: -1]  # [len(cont), vocab]
+        # from the end: a prompt-tuning PeftModel's logits also cover its virtual tokens
+        logits = model(input_ids=torch.tensor([prompt + cont])).logits[0, -len(cont) - 1: -1]  # [len(cont), vocab]
     lp = torch.log_softmax(logits.float(), -1)
     return lp[torch.arange(len(cont)), torch.tensor(cont)], bool((lp.argmax(-1) == torch.tensor(cont)).all())
 
 
 def test_classify_and_score_rows_in_a_generating_batch_match_peft(setup):
-    ckpt, cls, lora = setup
+    ckpt, cls, causal = setup
     loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
     # a small step budget and block size: prompts are chunked over steps and share cached blocks
     cfg = EngineConfig(max_batch_size=16, max_tokens_per_step=24, max_seq_len=128, block_size=4)
@@ -64,9 +66,10 @@ def test_classify_and_score_rows_in_a_generating_batch_match_peft(setup):
     cls_jobs.append(("lora", ids(11, 30) + [pad, pad]))  # transformers pools the last non-pad token
     prompt = ids(13, 40)
     candidates = [ids(1, 41), ids(6, 42), ids(30, 43)]
-    score_jobs = [(a, prompt, c) for a in ("", "lora") for c in candidates]
+    score_jobs = [(a, prompt, c) for a in ("", *causal) for c in candidates]
     with ServingCore(loaded, cfg) as core:
-        core.register_adapter("lora", lora)
+        for k, path in causal.items():
+            core.register_adapter(k, path)
         for k, path in cls.items():
             core.register_adapter(f"cls-{k}", path)
         gen = [core.submit(GenerateRequest(prompt_ids=p, adapter_id=a, params=SamplingParams(max_new_tokens=NEW, ignore_eos=True)))
@@ -82,7 +85,7 @@ def test_classify_and_score_rows_in_a_generating_batch_match_peft(setup):
         gen_results = [s.result(timeout=120) for s in gen]
 
     for (a, p), r in zip(gen_jobs, gen_results):
-        assert r.error is None and r.token_ids == reference(ckpt, lora if a else None, p, NEW)[0], a
+        assert r.error is None and r.token_ids == reference(ckpt, causal.get(a), p, NEW)[0], a
     for (k, p), r in zip(cls_jobs, results):
         assert r.error is None, (k, r.error)
         want = classify_reference(ckpt, cls[k], p)
@@ -94,7 +97,7 @@ def test_classify_and_score_rows_in_a_generating_batch_match_peft(setup):
         assert r.finish_reason == FinishReason.LENGTH and r.token_ids == []
     assert hits > 0
     for (a, p, c), r, r2 in zip(score_jobs, results[len(cls_jobs):], again):
-        want, greedy = score_reference(ckpt, lora if a else None, p, c)
+        want, greedy = score_reference(ckpt, causal.get(a), p, c)
         for res in (r, r2):
             assert res.error is None, res.error
             assert res.readout.token_ids == c
@@ -104,10 +107,10 @@ def test_classify_and_score_rows_in_a_generating_batch_match_peft(setup):
 
 
 def test_tasks_refuse_the_wrong_adapter_without_harming_the_batch(setup):
-    ckpt, cls, lora = setup
+    ckpt, cls, causal = setup
     loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
     with ServingCore(loaded, EngineConfig(max_batch_size=4, max_seq_len=128)) as core:
-        core.register_adapter("lora", lora)
+        core.register_adapter("lora", causal["lora"])
         core.register_adapter("cls", cls["lora"])
         with pytest.raises(InvalidArgument) as e:
             core.submit(GenerateRequest(prompt_ids=[5, 6], task=Task.CLASSIFY))

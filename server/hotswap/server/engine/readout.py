@@ -16,6 +16,10 @@ from torch import nn
 from .request import Task
 from .scheduler import ScheduledRow
 
+SLICE = 256
+"""Scored positions per LM-head call: a whole prompt chunk at once would hold [chunk, vocab] float32
+logits twice over (2048 × 49k ≈ 400 MB each for SmolLM2)."""
+
 
 @dataclass
 class ForwardOutput:
@@ -49,7 +53,14 @@ def read(scheduled: list[ScheduledRow], first: list[int], hidden: torch.Tensor, 
         elif task is Task.SCORE and (span := scored_positions(s)):
             at = torch.arange(span.start, span.stop, device=hidden.device) - s.start + q  # [n] packed indices
             targets = torch.tensor(s.row.tokens(span.start + 1, span.stop + 1), device=hidden.device)  # [n]
-            logprobs = torch.log_softmax(head(hidden[at]).float(), -1)  # [n, vocab]
-            picked = logprobs.gather(1, targets[:, None])[:, 0]
-            out[s.row.key] = torch.stack([picked, (logprobs.argmax(-1) == targets).float()], 1)  # [n, 2]
+            out[s.row.key] = torch.cat([_token_logprobs(hidden[at[i: i + SLICE]], targets[i: i + SLICE], head)
+                                        for i in range(0, len(at), SLICE)])  # [n, 2]
     return out
+
+
+
+def _token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """hidden [n, hidden], targets [n] → [n, 2]: log p(target), and whether target was the argmax."""
+    logprobs = torch.log_softmax(head(hidden).float(), -1)  # [n, vocab]
+    picked = logprobs.gather(1, targets[:, None])[:, 0]
+    return torch.stack([picked, (logprobs.argmax(-1) == targets).float()], 1)
