@@ -167,3 +167,27 @@ def test_seq_cls_adapters_are_checked_at_registration(setup, tmp_path):
         core.register_adapter("ok", placeholder)
         r = core.submit(GenerateRequest(prompt_ids=[5, 6, 7], adapter_id="ok", task=Task.CLASSIFY)).result(timeout=60)
         assert r.error is None and r.readout.labels == ["LABEL_0", "LABEL_1", "LABEL_2"]
+
+
+def test_a_preempted_score_row_recomputes_to_the_same_answer(setup):
+    """A pool of 7 KV blocks (4 positions each), a generating row growing to 6 of them and a scoring row
+    of 5 whose prompt moves at most 3 positions a step beside it: the pool runs dry while the scoring row
+    is part-way through, so it (the newer) is preempted and recomputed later."""
+    ckpt, _, causal = setup
+    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
+    text = loaded.model.config
+    head_dim = text.hidden_size // text.num_attention_heads
+    per_block = 2 * text.num_hidden_layers * 4 * text.num_key_value_heads * head_dim * 4  # K and V, fp32, 4 positions
+    cfg = EngineConfig(max_batch_size=2, max_tokens_per_step=4, max_seq_len=64, block_size=4, kv_cache_bytes=7 * per_block)
+    prompt, cont = ids(4, 50), ids(16, 51)
+    with ServingCore(loaded, cfg) as core:
+        assert core.engine.kv.num_blocks == 7
+        core.register_adapter("lora", causal["lora"])
+        gen = core.submit(GenerateRequest(prompt_ids=ids(4, 52), params=SamplingParams(max_new_tokens=20, ignore_eos=True)))
+        r = core.submit(GenerateRequest(prompt_ids=prompt, adapter_id="lora", task=Task.SCORE, continuation=cont)).result(timeout=60)
+        assert gen.result(timeout=60).error is None
+        assert core.engine.scheduler.num_preemptions >= 1
+    want, greedy = score_reference(ckpt, causal["lora"], prompt, cont)
+    assert r.error is None, r.error
+    torch.testing.assert_close(torch.tensor(r.readout.logprobs), want, atol=2e-4, rtol=1e-4)
+    assert r.readout.greedy == greedy
