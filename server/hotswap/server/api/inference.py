@@ -94,14 +94,13 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             submitted.add_done_callback(lambda f: None if f.cancelled() or f.exception() else [core.cancel(s) for s in f.result()])
             raise
         self.state.inflight += 1
-        left = len(streams)
+        left, failure = len(streams), None
         try:
             async with asyncio.timeout(context.time_remaining()):
-                while left:
+                while left and failure is None:  # one row failed: the call fails, the rest need not finish
                     event = await events.get()
                     left -= event.finished
-                    if event.error is not None:
-                        break  # one row failed: the call fails, the rest need not finish
+                    failure = event.error
         except TimeoutError:
             raise DeadlineExceeded("the call's deadline passed before the request finished", field="deadline") from None
         finally:
@@ -109,11 +108,10 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             if left:
                 for s in streams:
                     core.cancel(s)
-        results = [s.result(0) for s in streams if s.finish_reason is not None]
-        for r in results:
-            if r.error is not None:
-                raise _renamed(r.error, fields) if isinstance(r.error, HotswapError) else Unavailable(f"the request failed: {r.error}")
-        return results, streams[0].request.adapter_id
+        if failure is not None:
+            raise _renamed(failure, fields) if isinstance(failure, HotswapError) else Unavailable(f"the request failed: {failure}")
+        # every row's last event reached its stream before this queue: results are complete
+        return [s.result(0) for s in streams], streams[0].request.adapter_id
 
     async def Classify(self, request: inference_pb2.ClassifyRequest, context: grpc.aio.ServicerContext) -> inference_pb2.ClassifyResponse:
         req = convert.classify_request(request, metadata_adapter_id(context))

@@ -79,8 +79,10 @@ class Engine:
         if req.task is Task.CLASSIFY and self.pad_id is not None:
             # transformers pools the last non-pad token; trailing pads cannot change a causal model's
             # state there, so dropping them makes that token the row's last
-            while ids and ids[-1] == self.pad_id:
-                ids = ids[:-1]
+            end = len(ids)
+            while end and ids[end - 1] == self.pad_id:
+                end -= 1
+            ids = ids[:end]
         if not ids:
             raise InvalidArgument("the prompt is empty" + (" (or only padding)" if req.task is Task.CLASSIFY else ""), field=field)
         score_from = len(ids)
