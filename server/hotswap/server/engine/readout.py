@@ -9,9 +9,9 @@ reads the ones its chunk computed."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
-from torch import nn
 
 from .request import Task
 from .scheduler import ScheduledRow
@@ -40,8 +40,10 @@ def scored_positions(s: ScheduledRow) -> range:
     return range(max(s.start, row.first_scored - 1), min(s.end, row.num_tokens - 1))
 
 
-def read(scheduled: list[ScheduledRow], first: list[int], hidden: torch.Tensor, head: nn.Module) -> dict[int, torch.Tensor]:
-    """hidden [num_tokens, hidden] of the packed forward; first: each row's first packed index."""
+def read(scheduled: list[ScheduledRow], first: list[int], hidden: torch.Tensor,
+         logits: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, torch.Tensor]:
+    """hidden [num_tokens, hidden] of the packed forward; first: each row's first packed index;
+    logits: the runner's hidden → next-token logits (float32)."""
     out: dict[int, torch.Tensor] = {}
     for s, q in zip(scheduled, first):
         task = s.row.request.task
@@ -53,14 +55,14 @@ def read(scheduled: list[ScheduledRow], first: list[int], hidden: torch.Tensor, 
         elif task is Task.SCORE and (span := scored_positions(s)):
             at = torch.arange(span.start, span.stop, device=hidden.device) - s.start + q  # [n] packed indices
             targets = torch.tensor(s.row.tokens(span.start + 1, span.stop + 1), device=hidden.device)  # [n]
-            out[s.row.key] = torch.cat([_token_logprobs(hidden[at[i: i + SLICE]], targets[i: i + SLICE], head)
+            out[s.row.key] = torch.cat([_token_logprobs(hidden[at[i: i + SLICE]], targets[i: i + SLICE], logits)
                                         for i in range(0, len(at), SLICE)])  # [n, 2]
     return out
 
 
 
-def _token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+def _token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """hidden [n, hidden], targets [n] → [n, 2]: log p(target), and whether target was the argmax."""
-    logprobs = torch.log_softmax(head(hidden).float(), -1)  # [n, vocab]
+    logprobs = torch.log_softmax(logits(hidden), -1)  # [n, vocab]
     picked = logprobs.gather(1, targets[:, None])[:, 0]
     return torch.stack([picked, (logprobs.argmax(-1) == targets).float()], 1)

@@ -88,8 +88,12 @@ class ModelRunner:
                                   **{BATCH_KWARG: batch}).last_hidden_state[0]  # [num_tokens, hidden]
         finally:
             self.lora.step = None
-        logits = self.head(hidden[step.sample_at.to(dev)]).float()  # [sampling rows, vocab]
-        return ForwardOutput(logits, readout.read(scheduled, step.first, hidden, self.head))
+        logits = self.logits(hidden[step.sample_at.to(dev)])  # [sampling rows, vocab]
+        return ForwardOutput(logits, readout.read(scheduled, step.first, hidden, self.logits))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [n, hidden] → next-token logits [n, vocab] float32 (sampling and scoring alike)."""
+        return self.head(hidden).float()
 
     def _embeddings(self, scheduled: list[ScheduledRow], ids: torch.Tensor, first: list[int]) -> torch.Tensor:
         """Token embeddings; prompt-tuning positions take the adapter's virtual-token embeddings."""
