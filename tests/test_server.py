@@ -467,11 +467,12 @@ def test_classify_and_score_sdk_cli_and_errors(server, registered, adapters, tin
             (InvalidArgument, "candidates", lambda: c.score(prompt, ["x"] * 65)),
             (InvalidArgument, "candidates[1]", lambda: c.score(prompt, ["a", ""])),
             (InvalidArgument, "candidates[0]", lambda: c.score(prompt, ["ab " * 3000])),
+            (InvalidArgument, "prompt", lambda: c.score("ab " * 5000, ["a", "b"])),  # no room left for any candidate
         ]
         for exc, field, call in errors:
             with pytest.raises(exc) as e:
                 call()
-            assert field in str(e.value), (field, e.value)
+            assert e.value.details.startswith(f"{field}: "), (field, e.value)
     with grpc.insecure_channel(server.target) as ch:  # the SDK insists on an adapter; the server refuses its absence too
         with pytest.raises(grpc.RpcError) as e:
             inference_pb2_grpc.InferenceServiceStub(ch).Classify(inference_pb2.ClassifyRequest(text="hi"), timeout=30)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
@@ -187,6 +188,15 @@ def _submit_all(core: ServingCore, requests: list[GenerateRequest], notify: Call
                 fields: dict[str, str]) -> list[RequestStream]:
     """Tokenizer thread: submit every row or none (a refused one cancels those already queued)."""
     streams: list[RequestStream] = []
+    if len(requests) > 1 and requests[0].prompt_ids is None:  # Score: the prompt is tokenised once for all candidates
+        try:
+            ids = core.engine.prompt_tokens(requests[0])
+        except HotswapError as e:
+            if e.field == "continuation":  # its size is checked with the prompt's
+                e.field = "candidates[0]"
+            raise _renamed(e, fields) from None
+        fields = {**fields, "prompt_ids": "messages" if requests[0].messages is not None else "prompt"}
+        requests = [dataclasses.replace(r, prompt=None, messages=None, prompt_ids=ids) for r in requests]
     try:
         for i, req in enumerate(requests):
             try:

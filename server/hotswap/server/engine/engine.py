@@ -60,8 +60,8 @@ class Engine:
         """The row's token ids (a SCORE row's prompt and continuation), checked to fit."""
         return self._tokens(req)[0]
 
-    def _tokens(self, req: GenerateRequest) -> tuple[list[int], int]:
-        """(token ids, where a SCORE row's continuation starts in them)."""
+    def prompt_tokens(self, req: GenerateRequest) -> list[int]:
+        """The prompt's token ids alone (what a SCORE row's continuation is appended to)."""
         self._check_text_size(req)
         if req.task is Task.CLASSIFY and not req.adapter_id:
             raise InvalidArgument("Classify needs a sequence-classification adapter; the base model has no classification head", field="adapter_id")
@@ -85,6 +85,12 @@ class Engine:
             ids = ids[:end]
         if not ids:
             raise InvalidArgument("the prompt is empty" + (" (or only padding)" if req.task is Task.CLASSIFY else ""), field=field)
+        return ids
+
+    def _tokens(self, req: GenerateRequest) -> tuple[list[int], int]:
+        """(token ids, where a SCORE row's continuation starts in them)."""
+        ids = self.prompt_tokens(req)
+        field = "prompt_ids" if req.prompt_ids is not None else "messages" if req.messages is not None else "prompt"
         score_from = len(ids)
         if req.task is Task.SCORE:
             cont = req.continuation
@@ -93,6 +99,8 @@ class Engine:
                 raise InvalidArgument("the continuation is empty", field="continuation")
             ids = ids + more
         if not req.generates:
+            if req.task is Task.SCORE and score_from >= self.max_seq_len:
+                raise InvalidArgument(f"the prompt has {score_from} tokens; max_seq_len {self.max_seq_len} leaves no room for a continuation", field=field)
             if len(ids) > self.max_seq_len:
                 what = f"{score_from} prompt + {len(ids) - score_from} continuation tokens" if req.task is Task.SCORE else f"{len(ids)} tokens"
                 raise InvalidArgument(f"{what} exceed max_seq_len {self.max_seq_len}", field="continuation" if req.task is Task.SCORE else field)
