@@ -191,3 +191,31 @@ def test_a_preempted_score_row_recomputes_to_the_same_answer(setup):
     assert r.error is None, r.error
     torch.testing.assert_close(torch.tensor(r.readout.logprobs), want, atol=2e-4, rtol=1e-4)
     assert r.readout.greedy == greedy
+
+
+def test_candidates_of_one_score_call_share_the_prompt_through_the_prefix_cache():
+    """Scheduler only: candidate rows arriving together wait one step for the first to compute the
+    prompt's full blocks, then start after them (not from position 0, as they would if admitted at once)."""
+    from hotswap.server.engine.detokenize import IncrementalDetokenizer, StopMatcher
+    from hotswap.server.engine.kv_blocks import KVBlockManager
+    from hotswap.server.engine.row import Row
+    from hotswap.server.engine.scheduler import Scheduler
+
+    s = Scheduler(EngineConfig(max_batch_size=8, max_tokens_per_step=64, block_size=4, max_decode_slowdown=0), KVBlockManager(64, 4), 256)
+    prompt = list(range(1, 14))  # 13 tokens: 3 full blocks of 4
+    rows = []
+    for cont in ([20, 21], [30], [40, 41, 42]):
+        ids = prompt + cont
+        r = Row(GenerateRequest(prompt_ids=prompt, task=Task.SCORE, continuation=cont), ids, lambda e: None,
+                IncrementalDetokenizer(None, ids), StopMatcher([]), score_from=len(prompt))
+        rows.append(r)
+        s.add(r)
+    out = s.schedule()
+    assert [(x.row, x.start) for x in out.scheduled] == [(rows[0], 0)]
+    for x in out.scheduled:
+        x.row.num_computed = x.end
+        s.kv.commit(x.row)
+        s.finish(x.row)
+    out = s.schedule()
+    assert [(x.row, x.start) for x in out.scheduled] == [(rows[1], 12), (rows[2], 12)]
+    assert s.kv.stats.hits == 24

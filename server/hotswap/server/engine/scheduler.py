@@ -133,6 +133,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.cfg.max_tokens_per_step
+        computing: set[bytes] = set()  # prefix-cache keys of the full blocks this step completes
         decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed == 1)
         prompts = PromptBudget(self.pacer, self.pacer.spare(decoding))  # paced so decoding rows are spared
         i = 0
@@ -145,11 +146,12 @@ class Scheduler:
                 continue
             if not self._grow_or_preempt(row, row.num_computed + n, out):
                 break  # the row preempted itself: nothing newer is left to run
+            computing.update(self.kv.new_block_keys(row, row.num_computed + n))
             out.scheduled.append(ScheduledRow(row, row.num_computed, n, row.num_computed))
             budget -= n
             i += 1
         if not out.preempted:  # the pool is dry: admitting now would only preempt again
-            self._admit(out, budget, prompts)
+            self._admit(out, budget, prompts, computing)
         return out
 
     def observe(self, out: SchedulerOutput, seconds: float) -> None:
@@ -174,7 +176,7 @@ class Scheduler:
         self.waiting.appendleft(row)
         out.preempted.append(row)
 
-    def _admit(self, out: SchedulerOutput, budget: int, prompts: "PromptBudget") -> None:
+    def _admit(self, out: SchedulerOutput, budget: int, prompts: "PromptBudget", computing: set[bytes]) -> None:
         skipped: list[Row] = []  # waiting on their own resource (adapter load, LoRA slot); later rows may pass
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_batch_size:
             row = self.waiting.popleft()
@@ -187,6 +189,11 @@ class Scheduler:
                 skipped.append(row)
                 continue
             hits = self.kv.cached_prefix(row)
+            if row.request.task is Task.SCORE and self.kv.first_missing_key(row, hits) in computing:
+                # the candidates of one Score call arrive together: one computes the shared prompt's
+                # blocks, the others wait a step and read them from the prefix cache
+                skipped.append(row)
+                continue
             copy_from = len(hits) * self.kv.block_size
             start = max(copy_from, row.num_virtual) if row.prefix is not None else copy_from
             n = prompts.peek(start, min(row.num_tokens - start, budget))
@@ -202,6 +209,7 @@ class Scheduler:
             prompts.take(start, n)
             self.kv.admit(row, hits)
             self.kv.grow(row, start + n)
+            computing.update(self.kv.new_block_keys(row, start + n))
             row.mark_admitted()
             self.running.append(row)
             out.scheduled.append(ScheduledRow(row, start, n, copy_from))
