@@ -20,30 +20,31 @@ CAUSAL = TaskType.CAUSAL_LM
 
 
 def _config(kind: str, model, **kw):
+    task = kw.get("task", CAUSAL)  # SEQ_CLS for classification adapters
     if kind == "lora":
-        return LoraConfig(task_type=CAUSAL, r=kw.get("r", 4), lora_alpha=kw.get("alpha", 8), target_modules=kw.get("targets", ["q_proj", "k_proj", "v_proj", "o_proj"]))
+        return LoraConfig(task_type=task, r=kw.get("r", 4), lora_alpha=kw.get("alpha", 8), target_modules=kw.get("targets", ["q_proj", "k_proj", "v_proj", "o_proj"]))
     if kind == "lora_mlp":
         # Different ranks and alphas per module exercise rank_pattern / alpha_pattern.
-        return LoraConfig(task_type=CAUSAL, r=6, lora_alpha=12, target_modules=["gate_proj", "up_proj", "down_proj", "v_proj"],
+        return LoraConfig(task_type=task, r=6, lora_alpha=12, target_modules=["gate_proj", "up_proj", "down_proj", "v_proj"],
                           rank_pattern={"down_proj": 2}, alpha_pattern={"up_proj": 3})
     if kind == "rslora":
-        return LoraConfig(task_type=CAUSAL, r=8, lora_alpha=4, use_rslora=True, target_modules="all-linear")
+        return LoraConfig(task_type=task, r=8, lora_alpha=4, use_rslora=True, target_modules="all-linear")
     if kind == "adalora":
-        return AdaLoraConfig(task_type=CAUSAL, init_r=6, target_r=3, lora_alpha=10, total_step=10, target_modules=["q_proj", "v_proj", "down_proj"])
+        return AdaLoraConfig(task_type=task, init_r=6, target_r=3, lora_alpha=10, total_step=10, target_modules=["q_proj", "v_proj", "down_proj"])
     if kind == "adalora_pruned":
-        return AdaLoraConfig(task_type=CAUSAL, init_r=6, target_r=2, lora_alpha=10, tinit=1, tfinal=1, deltaT=1,
+        return AdaLoraConfig(task_type=task, init_r=6, target_r=2, lora_alpha=10, tinit=1, tfinal=1, deltaT=1,
                              total_step=6, target_modules=["q_proj", "v_proj", "down_proj"])
     if kind == "prompt_random":
-        return PromptTuningConfig(task_type=CAUSAL, num_virtual_tokens=5)
+        return PromptTuningConfig(task_type=task, num_virtual_tokens=5)
     if kind == "prompt_text":
-        return PromptTuningConfig(task_type=CAUSAL, num_virtual_tokens=6, prompt_tuning_init=PromptTuningInit.TEXT,
+        return PromptTuningConfig(task_type=task, num_virtual_tokens=6, prompt_tuning_init=PromptTuningInit.TEXT,
                                   prompt_tuning_init_text="Who are you? I am a model.", tokenizer_name_or_path=kw["tokenizer"])
     if kind == "ptuning":
-        return PromptEncoderConfig(task_type=CAUSAL, num_virtual_tokens=4, encoder_hidden_size=32)
+        return PromptEncoderConfig(task_type=task, num_virtual_tokens=4, encoder_hidden_size=32)
     if kind == "prefix":
-        return PrefixTuningConfig(task_type=CAUSAL, num_virtual_tokens=3)
+        return PrefixTuningConfig(task_type=task, num_virtual_tokens=3)
     if kind == "prefix_proj":
-        return PrefixTuningConfig(task_type=CAUSAL, num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32)
+        return PrefixTuningConfig(task_type=task, num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32)
     raise ValueError(kind)
 
 
@@ -92,3 +93,18 @@ def save_adapters(checkpoint: Path, kinds: dict[str, str], root: Path) -> dict[s
 
     return {name: save_adapter(AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32), kind, root / name, seed=i)
             for i, (name, kind) in enumerate(kinds.items())}
+
+
+def save_cls_adapter(checkpoint: Path, kind: str, out: Path, seed: int = 0, num_labels: int = 3,
+                     id2label: dict[int, str] | None = None) -> Path:
+    """A SEQ_CLS adapter of `kind` over AutoModelForSequenceClassification (its score head in
+    modules_to_save, perturbed like every trainable weight); with `id2label`, the model's
+    config.json is saved beside it, carrying the label names."""
+    from transformers import AutoModelForSequenceClassification
+
+    extra = {"id2label": id2label} if id2label is not None else {}
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=torch.float32, num_labels=num_labels, **extra)
+    save_adapter(model, kind, out, seed=seed, scale=1.0, task=TaskType.SEQ_CLS)
+    if id2label is not None:
+        model.config.save_pretrained(out)
+    return Path(out)

@@ -26,10 +26,11 @@ from hotswap.client import (
     AsyncClient, Client, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
 )
 from hotswap.v1 import inference_pb2, inference_pb2_grpc, tuner_pb2, tuner_pb2_grpc
-from peft_fixtures import save_adapter
+from peft_fixtures import save_adapter, save_cls_adapter
 from s3_server import MotoS3
 from server_process import ServerProcess
 from test_engine_fidelity import reference
+from test_engine_readout import classify_reference, score_reference
 from tools import ROOT, node_modules, promtool
 
 NEW = 6
@@ -478,3 +479,73 @@ def test_cli_tables_json_streaming_and_errors(server, registered, adapters):
     assert "deleted cli-made@1" in hotswap_cli(server, "adapters", "delete", "cli-made").stdout
     r = hotswap_cli(server, "generate", "hi", "--adapter", "cli-made")
     assert r.returncode == 1 and "NOT_FOUND" in r.stderr and "cli-made" in r.stderr
+
+
+def test_classify_and_score_sdk_cli_and_errors(server, registered, adapters, tiny_checkpoints, tmp_path_factory):
+    ckpt = tiny_checkpoints["llama"]
+    cls_path = save_cls_adapter(ckpt, "lora", tmp_path_factory.mktemp("cls") / "sentiment", seed=3, num_labels=2, id2label={0: "no", 1: "yes"})
+    text, prompt, candidates = "the quick brown fox", "once upon a", [" time", " lazy dog jumps"]
+    with Client(server.target) as c:
+        cls_id = c.register_adapter("sentiment", str(cls_path)).id
+        ids = c.tokenize(text).token_ids
+        r = c.classify(text, adapter="sentiment")
+        want = classify_reference(ckpt, cls_path, ids, num_labels=2)
+        assert r.labels == ["no", "yes"] and r.label == r.labels[int(want.argmax())] and r.adapter_id == cls_id
+        torch.testing.assert_close(torch.tensor(r.logits), want, atol=1e-4, rtol=1e-4)
+        assert abs(sum(r.probabilities) - 1) < 1e-5 and r.prompt_tokens == len(ids)
+        chat = c.classify(messages=[{"role": "user", "content": text}], adapter="sentiment")
+        assert chat.labels == r.labels and chat.prompt_tokens > len(ids)
+        s = c.score(prompt, candidates, adapter="lora")
+        prompt_ids = c.tokenize(prompt).token_ids
+        assert s.adapter_id == registered["lora"] and s.prompt_tokens == len(prompt_ids) and [x.text for x in s.candidates] == candidates
+        for cand in s.candidates:
+            lp, greedy = score_reference(ckpt, adapters["lora"], prompt_ids, cand.token_ids)
+            torch.testing.assert_close(torch.tensor(cand.token_logprobs), lp, atol=2e-4, rtol=1e-4)
+            assert cand.is_greedy == greedy and abs(cand.logprob - float(lp.sum())) < 1e-3 and "".join(cand.tokens) == cand.text
+        assert c.score(prompt, candidates).adapter_id == ""
+
+        errors = [
+            (FailedPrecondition, "adapter_id", lambda: c.classify(text, adapter="lora")),  # a causal adapter has no head
+            (FailedPrecondition, "adapter_id", lambda: c.score(prompt, candidates, adapter="sentiment")),
+            (FailedPrecondition, "adapter_id", lambda: c.generate(prompt, adapter="sentiment")),
+            (NotFound, "adapter_id", lambda: c.classify(text, adapter="nope")),
+            (InvalidArgument, "text", lambda: c.classify("", adapter="sentiment")),
+            (InvalidArgument, "candidates", lambda: c.score(prompt, [])),
+            (InvalidArgument, "candidates", lambda: c.score(prompt, ["x"] * 65)),
+            (InvalidArgument, "candidates[1]", lambda: c.score(prompt, ["a", ""])),
+            (InvalidArgument, "candidates[0]", lambda: c.score(prompt, ["ab " * 3000])),
+            (InvalidArgument, "prompt", lambda: c.score("ab " * 5000, ["a", "b"])),  # no room left for any candidate
+        ]
+        for exc, field, call in errors:
+            with pytest.raises(exc) as e:
+                call()
+            assert e.value.details.startswith(f"{field}: "), (field, e.value)
+    with grpc.insecure_channel(server.target) as ch:  # the SDK insists on an adapter; the server refuses its absence too
+        with pytest.raises(grpc.RpcError) as e:
+            inference_pb2_grpc.InferenceServiceStub(ch).Classify(inference_pb2.ClassifyRequest(text="hi"), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "adapter_id" in e.value.details()
+
+    async def both():
+        async with AsyncClient(server.target) as ac:
+            return await asyncio.gather(ac.classify(text, adapter="sentiment"), ac.score(prompt, candidates, adapter="lora"))
+
+    ar, as_ = asyncio.run(both())
+    assert ar.logits == r.logits and [x.token_logprobs for x in as_.candidates] == [x.token_logprobs for x in s.candidates]
+
+    before = metric(scrape(server), "hotswap_requests_finished_total", '{finish_reason="cancelled"}')
+    with Client(server.target) as c, pytest.raises(DeadlineExceeded):  # 64 long candidates cannot finish in 0.3 s
+        c.score(prompt, [f"{i} " + "ab " * 1200 for i in range(64)], timeout=0.3)
+    deadline = time.monotonic() + 30
+    while metric(m := scrape(server), "hotswap_requests_running") or metric(m, "hotswap_requests_finished_total", '{finish_reason="cancelled"}') <= before:
+        assert time.monotonic() < deadline, "the expired Score call's rows were not freed"
+        time.sleep(0.2)
+
+    out = hotswap_cli(server, "classify", text, "--adapter", "sentiment")
+    assert out.returncode == 0 and out.stdout.splitlines()[0].startswith(r.label) and "yes" in out.stdout and "no" in out.stdout
+    assert json.loads(hotswap_cli(server, "--json", "classify", text, "-a", "sentiment").stdout)["logits"] == r.logits
+    out = hotswap_cli(server, "score", prompt, *candidates, "-a", "lora")
+    assert out.returncode == 0 and len(out.stdout.splitlines()) == 2 and "*" in out.stdout
+    out = hotswap_cli(server, "classify", text, "-a", "lora")
+    assert out.returncode == 1 and "adapter_id" in out.stderr
+    text = scrape(server)
+    assert metric(text, "hotswap_requests_total", '{task="classify"}') >= 3 and metric(text, "hotswap_requests_total", '{task="score"}') >= 6

@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from .engine.request import Task
+
 if TYPE_CHECKING:
     from .engine.loop import RequestStream
     from .engine.scheduler import SchedulerOutput
@@ -40,11 +42,14 @@ class Metrics:
         self.prompt_tokens = Counter("hotswap_prompt_tokens", "Prompt tokens prefilled.", registry=r)
         self.generation_tokens = Counter("hotswap_generation_tokens", "Tokens generated.", registry=r)
         self.finished = Counter("hotswap_requests_finished", "Requests finished, by finish reason.", ["finish_reason"], registry=r)
+        self.requests = Counter("hotswap_requests", "Requests finished, by task: generate, classify, score (one per candidate).", ["task"], registry=r)
         self.failures = Counter("hotswap_request_failures", "RPCs that ended with an error status, by gRPC status code.", ["code"], registry=r)
         self.batch_size = Histogram("hotswap_batch_size", "Rows in one engine step (decoding plus newly prefilled).", buckets=BATCH_BUCKETS, registry=r)
         self._engine: EngineCollector | None = None
         for reason in ("length", "stop", "eos", "cancelled", "error"):
             self.finished.labels(reason)
+        for task in Task:
+            self.requests.labels(task.value)
 
     def attach(self, core: ServingCore) -> None:
         """Start exporting engine and adapter-cache state (once the model is loaded)."""
@@ -66,6 +71,7 @@ class Metrics:
         self.prompt_tokens.inc(stream.prompt_tokens)
         self.generation_tokens.inc(n)
         self.finished.labels(stream.finish_reason.value).inc()
+        self.requests.labels(stream.request.task.value).inc()
         self.queue.observe(stream.queue_time)
         self.e2e.observe(stream.finished_at - start)
         if n and stream.first_token_at is not None:

@@ -10,10 +10,11 @@ from .errors import (
     PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable, Unimplemented,
 )
 from .sync import Client
-from .types import Adapter, Generation, JobEvent, ModelInfo, StreamChunk, Timing, TokenLogprob, Tokens, TrainingJob
+from .types import Adapter, CandidateScore, Classification, Generation, JobEvent, ModelInfo, Scores, StreamChunk, Timing, TokenLogprob, Tokens, TrainingJob
 
 __all__ = [
-    "Adapter", "AsyncClient", "JobEvent", "TrainingJob", "Cancelled", "Client", "DeadlineExceeded", "FailedPrecondition", "Generation",
-    "HotswapError", "Internal", "InvalidArgument", "ModelInfo", "NotFound", "PermissionDenied", "ResourceExhausted", "StreamChunk",
+    "Adapter", "AsyncClient", "CandidateScore", "Classification", "Scores", "JobEvent", "TrainingJob", "Cancelled", "Client", "DeadlineExceeded",
+    "FailedPrecondition", "Generation", "HotswapError", "Internal", "InvalidArgument", "ModelInfo", "NotFound", "PermissionDenied",
+    "ResourceExhausted", "StreamChunk",
     "Timing", "TokenLogprob", "Tokens", "Unauthenticated", "Unavailable", "Unimplemented",
 ]

@@ -8,7 +8,7 @@ import grpc
 
 from hotswap.v1 import adapters_pb2, inference_pb2
 
-from .types import Adapter, Generation, ModelInfo, StreamChunk, Timing, TokenLogprob, Tokens
+from .types import Adapter, CandidateScore, Classification, Generation, ModelInfo, Scores, StreamChunk, Timing, TokenLogprob, Tokens
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds; a generation on a busy CPU server can take minutes."""
@@ -100,6 +100,35 @@ def generation(r: inference_pb2.GenerateResponse) -> Generation:
     return Generation(text=r.text, token_ids=list(r.token_ids), finish_reason=FINISH.get(r.finish_reason, ""),
                       prompt_tokens=r.prompt_tokens, generated_tokens=r.generated_tokens, timing=timing(r.timing),
                       request_id=r.request_id, adapter_id=r.adapter_id, logprobs=logprobs(r.logprobs))
+
+
+def classify_request(text: str | None, messages: list[dict] | None, adapter: str, request_id: str) -> inference_pb2.ClassifyRequest:
+    if (text is None) == (messages is None):
+        raise ValueError("give exactly one of text or messages")
+    if not adapter:
+        raise ValueError("classify needs a sequence-classification adapter")
+    if text is not None:
+        return inference_pb2.ClassifyRequest(adapter_id=adapter, text=text, request_id=request_id or "")
+    return inference_pb2.ClassifyRequest(adapter_id=adapter, messages=chat(messages), request_id=request_id or "")
+
+
+def classification(r: inference_pb2.ClassifyResponse) -> Classification:
+    return Classification(labels=list(r.labels), logits=list(r.logits), probabilities=list(r.probabilities), label=r.label,
+                          prompt_tokens=r.prompt_tokens, timing=timing(r.timing), request_id=r.request_id, adapter_id=r.adapter_id)
+
+
+def score_request(prompt: str | None, candidates: list[str], messages: list[dict] | None, adapter: str, request_id: str) -> inference_pb2.ScoreRequest:
+    if isinstance(candidates, str):
+        raise TypeError("candidates must be a list of strings, not one string")
+    fields = tokenize_fields(prompt, messages)
+    return inference_pb2.ScoreRequest(**fields, candidates=list(candidates), adapter_id=adapter or "", request_id=request_id or "")
+
+
+def scores(r: inference_pb2.ScoreResponse, candidates: list[str]) -> Scores:
+    return Scores(
+        candidates=[CandidateScore(text=t, logprob=c.logprob, token_ids=list(c.token_ids), tokens=list(c.tokens),
+                                   token_logprobs=list(c.token_logprobs), is_greedy=c.is_greedy) for t, c in zip(candidates, r.candidates)],
+        prompt_tokens=r.prompt_tokens, timing=timing(r.timing), request_id=r.request_id, adapter_id=r.adapter_id)
 
 
 def chunk(r: inference_pb2.GenerateStreamResponse) -> StreamChunk:

@@ -83,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--no-stream", action="store_true", help="wait for the whole text")
 
+    cl = sub.add_parser("classify", help="label a text with a sequence-classification adapter")
+    cl.add_argument("text", help="the text; with --chat, the user message")
+    cl.add_argument("--adapter", "-a", required=True, help="a SEQ_CLS adapter id (name or name@version)")
+    cl.add_argument("--chat", action="store_true", help="send the text as a user chat message (model's chat template)")
+    cl.add_argument("--system", help="with --chat: a system message first")
+
+    sc = sub.add_parser("score", help="log-likelihood of each candidate completion of a prompt")
+    sc.add_argument("prompt")
+    sc.add_argument("candidates", nargs="+", help="completions, each tokenized on its own after the prompt")
+    sc.add_argument("--adapter", "-a", default="", help="adapter id (name or name@version); default: the base model")
+
     sub.add_parser("info", help="the server's base model and limits")
 
     ad = sub.add_parser("adapters", help="manage registered adapters").add_subparsers(dest="action", required=True)
@@ -281,10 +292,39 @@ def _generate(c: Client, args: argparse.Namespace) -> None:
               f"total {last.timing.total_seconds:.2f}s{', adapter ' + last.adapter_id if last.adapter_id else ''}]", file=sys.stderr)
 
 
+def _classify(c: Client, args: argparse.Namespace) -> None:
+    if args.chat:
+        msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.text}]
+        r = c.classify(messages=msgs, adapter=args.adapter)
+    else:
+        r = c.classify(args.text, adapter=args.adapter)
+    if args.json:
+        return print(json.dumps(_jsonable(r)))
+    rows = sorted(zip(r.labels, r.probabilities, r.logits), key=lambda x: -x[1])
+    width = max(len(label) for label in r.labels)
+    for label, p, logit in rows:
+        print(f"{label:<{width}}  {p:.4f}  (logit {logit:+.4f})")
+    print(f"[{r.label}, {r.prompt_tokens} tokens, {r.timing.total_seconds:.2f}s, adapter {r.adapter_id}]", file=sys.stderr)
+
+
+def _score(c: Client, args: argparse.Namespace) -> None:
+    r = c.score(args.prompt, args.candidates, adapter=args.adapter)
+    if args.json:
+        return print(json.dumps(_jsonable(r)))
+    best = r.best
+    for cand in r.candidates:
+        mark = "*" if cand is best else " "
+        print(f"{mark} {cand.logprob:10.4f}  {len(cand.token_ids):3d} tokens{'  greedy' if cand.is_greedy else '        '}  {cand.text!r}")
+
+
 def run(args: argparse.Namespace) -> None:
     with _client(args) as c:
         if args.command == "generate":
             return _generate(c, args)
+        if args.command == "classify":
+            return _classify(c, args)
+        if args.command == "score":
+            return _score(c, args)
         if args.command == "train":
             result = _train(c, args)
             if result is None:

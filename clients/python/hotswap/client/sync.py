@@ -11,7 +11,7 @@ from hotswap.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference
 
 from . import _wire
 from .errors import from_rpc_error
-from .types import Adapter, Generation, JobEvent, ModelInfo, StreamChunk, Tokens, TrainingJob
+from .types import Adapter, Classification, Generation, JobEvent, ModelInfo, Scores, StreamChunk, Tokens, TrainingJob
 
 
 class Client:
@@ -69,6 +69,19 @@ class Client:
             raise from_rpc_error(e) from None
         finally:
             call.cancel()
+
+    def classify(self, text: str | None = None, *, messages: list[dict] | None = None, adapter: str,
+                 request_id: str = "", timeout: float | None = None) -> Classification:
+        """Labels, logits and probabilities of a sequence-classification adapter (PEFT SEQ_CLS) for a text or chat."""
+        req = _wire.classify_request(text, messages, adapter, request_id)
+        return _wire.classification(self._call(self._inference.Classify, req, timeout, adapter))
+
+    def score(self, prompt: str | None = None, candidates: list[str] = (), *, messages: list[dict] | None = None,
+              adapter: str = "", request_id: str = "", timeout: float | None = None) -> Scores:
+        """Log-likelihood of each candidate completion of the prompt (multiple-choice evaluation).
+        Each candidate is tokenized on its own and appended to the prompt's tokens."""
+        req = _wire.score_request(prompt, candidates, messages, adapter, request_id)
+        return _wire.scores(self._call(self._inference.Score, req, timeout, adapter), list(candidates))
 
     def tokenize(self, prompt: str | None = None, *, messages: list[dict] | None = None, timeout: float | None = None) -> Tokens:
         return _wire.tokens(self._call(self._inference.Tokenize, inference_pb2.TokenizeRequest(**_wire.tokenize_fields(prompt, messages)), timeout))

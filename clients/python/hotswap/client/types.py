@@ -52,6 +52,48 @@ class StreamChunk:
 
 
 @dataclass
+class Classification:
+    """Classify's answer: one entry per label, in the adapter's label order."""
+
+    labels: list[str]
+    logits: list[float]
+    probabilities: list[float]
+    label: str
+    """The most likely label."""
+    prompt_tokens: int
+    timing: Timing
+    request_id: str
+    adapter_id: str
+
+
+@dataclass
+class CandidateScore:
+    text: str
+    logprob: float
+    """Total log-likelihood of the candidate given the prompt (natural log)."""
+    token_ids: list[int]
+    tokens: list[str]
+    token_logprobs: list[float]
+    is_greedy: bool
+    """Greedy decoding from the prompt would produce exactly these tokens."""
+
+
+@dataclass
+class Scores:
+    """Score's answer: `candidates` in the order given; `best` has the highest total log-likelihood."""
+
+    candidates: list[CandidateScore]
+    prompt_tokens: int
+    timing: Timing
+    request_id: str
+    adapter_id: str
+
+    @property
+    def best(self) -> CandidateScore:
+        return max(self.candidates, key=lambda c: c.logprob)
+
+
+@dataclass
 class Adapter:
     id: str
     name: str

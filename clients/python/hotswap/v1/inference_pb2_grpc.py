@@ -59,6 +59,16 @@ class InferenceServiceStub:
                 request_serializer=hotswap_dot_v1_dot_inference__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=hotswap_dot_v1_dot_inference__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/hotswap.v1.InferenceService/Classify',
+                request_serializer=hotswap_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=hotswap_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/hotswap.v1.InferenceService/Score',
+                request_serializer=hotswap_dot_v1_dot_inference__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=hotswap_dot_v1_dot_inference__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -99,6 +109,24 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Classify(self, request, context):
+        """Classifies a text or chat with a sequence-classification adapter (PEFT
+        task_type SEQ_CLS: LoRA, prompt tuning, P-tuning or prefix tuning with its
+        score head), in the same batch as generation: per-label logits and
+        probabilities.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Score(self, request, context):
+        """Log-likelihood of each candidate completion of a prompt under the base
+        model or a causal adapter (multiple-choice evaluation without a head).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +149,16 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=hotswap_dot_v1_dot_inference__pb2.ModelInfoRequest.FromString,
                     response_serializer=hotswap_dot_v1_dot_inference__pb2.ModelInfoResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=hotswap_dot_v1_dot_inference__pb2.ClassifyRequest.FromString,
+                    response_serializer=hotswap_dot_v1_dot_inference__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=hotswap_dot_v1_dot_inference__pb2.ScoreRequest.FromString,
+                    response_serializer=hotswap_dot_v1_dot_inference__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -236,6 +274,60 @@ class InferenceService:
             '/hotswap.v1.InferenceService/ModelInfo',
             hotswap_dot_v1_dot_inference__pb2.ModelInfoRequest.SerializeToString,
             hotswap_dot_v1_dot_inference__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotswap.v1.InferenceService/Classify',
+            hotswap_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
+            hotswap_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotswap.v1.InferenceService/Score',
+            hotswap_dot_v1_dot_inference__pb2.ScoreRequest.SerializeToString,
+            hotswap_dot_v1_dot_inference__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

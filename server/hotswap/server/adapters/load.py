@@ -12,10 +12,13 @@ from .lora import adalora_weights, lora_weights
 from .peft_files import read_adapter_dir
 from .prefix import prefix_weights
 from .prompt import prompt_weights
+from .score_head import split_score_head
 from .validate import BaseShape, check_prefix_config, check_weights
 from .weights import Adapter
 
 SUPPORTED = ("LORA", "ADALORA", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+TASKS = ("CAUSAL_LM", "SEQ_CLS")
+"""CAUSAL_LM adapters serve Generate and Score; SEQ_CLS adapters (with their score head) serve Classify."""
 
 
 def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_lora_rank: int) -> Adapter:
@@ -26,11 +29,14 @@ def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_l
         raise AdapterIncompatible(f"unknown or unsupported peft_type {config.get('peft_type')!r}; hotswap serves {', '.join(SUPPORTED)}", field="peft_type")
     check_config(config, peft_type)
     task = config.get("task_type")
-    if task not in (None, "CAUSAL_LM"):
-        raise AdapterIncompatible(f"task_type {task!r}: hotswap serves causal language models (CAUSAL_LM)", field="task_type")
+    if task not in (None, *TASKS):
+        raise AdapterIncompatible(f"task_type {task!r}: hotswap serves {' and '.join(TASKS)} adapters", field="task_type")
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise InvalidArgument(f"adapter weights contain NaN or inf (tensor {bad[0]!r})", field="path")
+    head, saved = None, config
+    if task == "SEQ_CLS":  # the head is served apart; the rest loads like any adapter of its type
+        config, tensors, head = split_score_head(config, tensors, shape.hidden_size, Path(path))
     if peft_type == "LORA":
         weights = lora_weights(config, tensors)
     elif peft_type == "ADALORA":
@@ -45,4 +51,4 @@ def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_l
     for module, w in getattr(weights, "modules", {}).items():
         check_scale(module, w.scale)
     check_weights(weights, shape, max_lora_rank)
-    return Adapter(adapter_id, peft_type, weights, config)
+    return Adapter(adapter_id, peft_type, weights, saved, head)

@@ -67,6 +67,23 @@ AdapterWeights = LoraWeights | PromptWeights | PrefixWeights
 
 
 @dataclass
+class ScoreHead:
+    """A sequence-classification adapter's classifier: logits = weight · h (+ bias), h the final
+    (normed) hidden state of the row's last token, as transformers' *ForSequenceClassification."""
+
+    weight: torch.Tensor  # [num_labels, hidden_size]
+    bias: torch.Tensor | None  # [num_labels]
+    labels: list[str]
+    """Label names, in the head's order."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "ScoreHead":
+        return ScoreHead(self.weight.to(device, dtype), None if self.bias is None else self.bias.to(device, dtype), self.labels)
+
+
+@dataclass
 class Adapter:
     """One loaded adapter: identity, what PEFT called it, and weights in one of the three shapes."""
 
@@ -77,6 +94,8 @@ class Adapter:
     weights: AdapterWeights
     config: dict = field(default_factory=dict)
     """adapter_config.json as saved by PEFT."""
+    score_head: ScoreHead | None = None
+    """Sequence-classification adapters (task_type SEQ_CLS) only; such an adapter serves Classify, nothing else."""
 
     @property
     def kind(self) -> str:
@@ -92,7 +111,9 @@ class Adapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.weights.tensors())
+        head = self.score_head.tensors() if self.score_head is not None else []
+        return sum(t.numel() * t.element_size() for t in self.weights.tensors() + head)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "Adapter":
-        return replace(self, weights=self.weights.to(device, dtype))
+        head = self.score_head.to(device, dtype) if self.score_head is not None else None
+        return replace(self, weights=self.weights.to(device, dtype), score_head=head)

@@ -7,13 +7,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from hotswap.v1 import adapters_pb2, inference_pb2
 
-from ..engine.request import FinishReason, GenerateRequest, GenerateResult, SamplingParams, TokenLogprob
+from ..engine.request import FinishReason, GenerateRequest, GenerateResult, SamplingParams, Task, TokenLogprob
 from ..errors import InvalidArgument
 
 if TYPE_CHECKING:
     from ..adapters.registry import AdapterRecord
 
 DEFAULT_MAX_NEW_TOKENS = 64
+MAX_CANDIDATES = 64
+"""Score: one batch row per candidate."""
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 FINISH_REASONS = {
@@ -74,6 +76,54 @@ def generate_request(msg, metadata_adapter_id: str = "") -> GenerateRequest:
         params=sampling_params(msg.sampling),
         request_id=msg.request_id,
     )
+
+
+def classify_request(msg: inference_pb2.ClassifyRequest, metadata_adapter_id: str = "") -> GenerateRequest:
+    which = msg.WhichOneof("input")
+    if which is None:
+        raise InvalidArgument("give a text or chat messages", field="text")
+    adapter_id = msg.adapter_id or metadata_adapter_id
+    if not adapter_id:
+        raise InvalidArgument("Classify needs a sequence-classification adapter (PEFT task_type SEQ_CLS)", field="adapter_id")
+    text = {"prompt": msg.text} if which == "text" else {"messages": chat_messages(msg.messages)}
+    return GenerateRequest(**text, adapter_id=adapter_id, request_id=msg.request_id, task=Task.CLASSIFY)
+
+
+def score_requests(msg: inference_pb2.ScoreRequest, metadata_adapter_id: str = "") -> list[GenerateRequest]:
+    """One prefill-only row per candidate (the prefix cache shares the prompt's full blocks)."""
+    prompt = prompt_input(msg)
+    if not msg.candidates:
+        raise InvalidArgument("give at least one candidate completion", field="candidates")
+    if len(msg.candidates) > MAX_CANDIDATES:
+        raise InvalidArgument(f"{len(msg.candidates)} candidates; at most {MAX_CANDIDATES}", field="candidates")
+    for i, c in enumerate(msg.candidates):
+        if not c:
+            raise InvalidArgument("the candidate is empty", field=f"candidates[{i}]")
+    return [GenerateRequest(**prompt, adapter_id=msg.adapter_id or metadata_adapter_id, request_id=msg.request_id,
+                            task=Task.SCORE, continuation=c) for c in msg.candidates]
+
+
+def classify_response(result: GenerateResult, adapter_id: str) -> inference_pb2.ClassifyResponse:
+    c = result.readout
+    best = max(range(len(c.logits)), key=c.logits.__getitem__)
+    return inference_pb2.ClassifyResponse(
+        labels=c.labels, logits=c.logits, probabilities=c.probabilities, label=c.labels[best], prompt_tokens=result.prompt_tokens,
+        timing=timing(result), request_id=result.request_id, adapter_id=adapter_id,
+    )
+
+
+def score_response(results: list[GenerateResult], adapter_id: str, tokenizer) -> inference_pb2.ScoreResponse:
+    """Timing spans all candidates: the longest wait and the last to finish."""
+    candidates = [
+        inference_pb2.CandidateScore(logprob=r.readout.total, token_ids=r.readout.token_ids, token_logprobs=r.readout.logprobs,
+                                     tokens=[tokenizer.decode([t]) for t in r.readout.token_ids], is_greedy=r.readout.greedy)
+        for r in results
+    ]
+    last = max(results, key=lambda r: r.total_time)
+    span = inference_pb2.Timing(queue_seconds=max(r.queue_time for r in results), time_to_first_token_seconds=last.total_time,
+                                total_seconds=last.total_time)
+    return inference_pb2.ScoreResponse(candidates=candidates, prompt_tokens=results[0].prompt_tokens - len(results[0].readout.token_ids),
+                                       timing=span, request_id=results[0].request_id, adapter_id=adapter_id)
 
 
 def logprobs(lps: list[TokenLogprob], tokenizer) -> list[inference_pb2.TokenLogprob]:

@@ -1,4 +1,4 @@
-"""InferenceService: Generate, GenerateStream, Tokenize, ModelInfo.
+"""InferenceService: Generate, GenerateStream, Classify, Score, Tokenize, ModelInfo.
 
 Handlers never touch tensors: they hand a GenerateRequest to the serving core and
 read its events through an asyncio queue the engine thread feeds. When the call
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import grpc
 
@@ -17,11 +18,14 @@ from hotswap.v1 import inference_pb2, inference_pb2_grpc
 
 from ..adapters.load import SUPPORTED
 from ..engine.loop import RequestStream
-from ..engine.request import GenerateRequest, SamplingParams, StreamEvent
+from ..engine.request import GenerateRequest, GenerateResult, SamplingParams, StreamEvent
 from ..errors import DeadlineExceeded, HotswapError, Unavailable
 from . import convert
 from .events import StepEventPump
 from .state import ServerState
+
+if TYPE_CHECKING:
+    from ..serving import ServingCore
 
 ADAPTER_METADATA_KEY = "hotswap-adapter-id"
 TOKENIZER_POOL = ThreadPoolExecutor(1, thread_name_prefix="hotswap-tokenize")
@@ -76,6 +80,51 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             if not finished:
                 core.cancel(stream)
 
+    async def _results(self, requests: list[GenerateRequest], context: grpc.aio.ServicerContext,
+                       fields: dict[str, str]) -> tuple[list[GenerateResult], str]:
+        """Submit prefill-only rows together and wait for all: (their results, the versioned adapter
+        id that served them). Any failure fails the call (the others are cancelled). `fields`
+        renames the engine's field names to the RPC's."""
+        core = self.state.ready()
+        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        notify = self._event_pump(core).notifier(events)
+        submitted = asyncio.get_running_loop().run_in_executor(TOKENIZER_POOL, _submit_all, core, requests, notify, fields)
+        try:
+            streams = await asyncio.shield(submitted)
+        except asyncio.CancelledError:
+            submitted.add_done_callback(lambda f: None if f.cancelled() or f.exception() else [core.cancel(s) for s in f.result()])
+            raise
+        self.state.inflight += 1
+        left, failure = len(streams), None
+        try:
+            async with asyncio.timeout(context.time_remaining()):
+                while left and failure is None:  # one row failed: the call fails, the rest need not finish
+                    event = await events.get()
+                    left -= event.finished
+                    failure = event.error
+        except TimeoutError:
+            raise DeadlineExceeded("the call's deadline passed before the request finished", field="deadline") from None
+        finally:
+            self.state.inflight -= 1
+            if left:
+                for s in streams:
+                    core.cancel(s)
+        if failure is not None:
+            raise _renamed(failure, fields) if isinstance(failure, HotswapError) else Unavailable(f"the request failed: {failure}")
+        # every row's last event reached its stream before this queue: results are complete
+        return [s.result(0) for s in streams], streams[0].request.adapter_id
+
+    async def Classify(self, request: inference_pb2.ClassifyRequest, context: grpc.aio.ServicerContext) -> inference_pb2.ClassifyResponse:
+        req = convert.classify_request(request, metadata_adapter_id(context))
+        (result,), adapter_id = await self._results([req], context, {"prompt": "text"})
+        return convert.classify_response(result, adapter_id)
+
+    async def Score(self, request: inference_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> inference_pb2.ScoreResponse:
+        reqs = convert.score_requests(request, metadata_adapter_id(context))
+        results, adapter_id = await self._results(reqs, context, {})
+        tokenizer = self.state.core.loaded.tokenizer  # decoding every candidate token stays off the event loop too
+        return await asyncio.get_running_loop().run_in_executor(TOKENIZER_POOL, convert.score_response, results, adapter_id, tokenizer)
+
     @staticmethod
     def _raise_if_failed(event: StreamEvent) -> None:
         if event.finished and event.error is not None:
@@ -128,3 +177,37 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             max_batch_size=core.engine.cfg.max_batch_size, max_lora_rank=core.cache_cfg.max_lora_rank,
             adapter_types=list(SUPPORTED),
         )
+
+
+def _renamed(error: HotswapError, fields: dict[str, str]) -> HotswapError:
+    error.field = fields.get(error.field, error.field)
+    return error
+
+
+def _submit_all(core: ServingCore, requests: list[GenerateRequest], notify: Callable[[StreamEvent], None],
+                fields: dict[str, str]) -> list[RequestStream]:
+    """Tokenizer thread: submit every row or none (a refused one cancels those already queued)."""
+    streams: list[RequestStream] = []
+    if len(requests) > 1 and requests[0].prompt_ids is None:  # Score: the prompt is tokenised once for all candidates
+        try:
+            ids = core.engine.prompt_tokens(requests[0])
+        except HotswapError as e:
+            if e.field == "continuation":  # its size is checked with the prompt's
+                e.field = "candidates[0]"
+            raise _renamed(e, fields) from None
+        fields = {**fields, "prompt_ids": "messages" if requests[0].messages is not None else "prompt"}
+        requests = [dataclasses.replace(r, prompt=None, messages=None, prompt_ids=ids) for r in requests]
+    try:
+        for i, req in enumerate(requests):
+            try:
+                streams.append(core.submit(req, notify))
+            except HotswapError as e:
+                if e.field == "continuation":  # the i-th candidate of a Score call
+                    e.field = f"candidates[{i}]"
+                raise _renamed(e, fields) from None
+    except BaseException:
+        for s in streams:
+            core.cancel(s)
+        raise
+    return streams
+

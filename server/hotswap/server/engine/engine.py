@@ -4,6 +4,7 @@
 KV cache and the scheduler. `loop.EngineLoop` runs it on its own thread."""
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from typing import TYPE_CHECKING, Callable
@@ -14,7 +15,8 @@ from ..config import EngineConfig
 from ..errors import Cancelled, HotswapError, InvalidArgument, ResourceExhausted
 from .detokenize import IncrementalDetokenizer, StopMatcher
 from .kv_blocks import KVBlockManager
-from .request import FinishReason, GenerateRequest, StreamEvent, TokenLogprob
+from .readout import ForwardOutput
+from .request import Classification, ContinuationScore, FinishReason, GenerateRequest, StreamEvent, Task, TokenLogprob
 from .row import Row
 from .runner import ModelRunner
 from .sampling import apply_repetition_penalty, sample_step
@@ -45,6 +47,8 @@ class Engine:
         self.kv = KVBlockManager(num_blocks, self.cfg.block_size, self.cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.cfg, self.kv, self.max_seq_len, adapters)
         self.eos_ids = _eos_ids(loaded)
+        self.pad_id = getattr(loaded.model.config.get_text_config(), "pad_token_id", None)
+        """What transformers' sequence classifiers skip when they pool the last token."""
         self.vocab_size = self.runner.head.out_features
         self.rng = torch.Generator(device=self.runner.device).manual_seed(secrets.randbits(63))
         """Draws for rows without a seed; the process-wide RNG is never touched."""
@@ -53,31 +57,73 @@ class Engine:
 
     # -- intake ----------------------------------------------------------------
     def tokenize(self, req: GenerateRequest) -> list[int]:
+        """The row's token ids (a SCORE row's prompt and continuation), checked to fit."""
+        return self._tokens(req)[0]
+
+    def prompt_tokens(self, req: GenerateRequest) -> list[int]:
+        """The prompt's token ids alone (what a SCORE row's continuation is appended to)."""
         self._check_text_size(req)
+        if req.task is Task.CLASSIFY and not req.adapter_id:
+            raise InvalidArgument("Classify needs a sequence-classification adapter; the base model has no classification head", field="adapter_id")
+        field = "prompt_ids" if req.prompt_ids is not None else "messages" if req.messages is not None else "prompt"
         if req.prompt_ids is not None:
-            ids = list(req.prompt_ids)
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise InvalidArgument(f"token ids outside the vocabulary (size {self.vocab_size}): {bad[:5]}", field="prompt_ids")
+            ids = self._check_ids(req.prompt_ids, "prompt_ids")
         elif req.messages is not None:
             if not self.tokenizer.chat_template:
                 raise InvalidArgument("this model has no chat template; send a plain prompt", field="messages")
-            text = self.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+            # a classifier reads the conversation as it stands; generation and scoring continue it as the assistant
+            text = self.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=req.task is not Task.CLASSIFY)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = self.tokenizer(req.prompt)["input_ids"]
+        if req.task is Task.CLASSIFY and self.pad_id is not None:
+            # transformers pools the last non-pad token; trailing pads cannot change a causal model's
+            # state there, so dropping them makes that token the row's last
+            end = len(ids)
+            while end and ids[end - 1] == self.pad_id:
+                end -= 1
+            ids = ids[:end]
         if not ids:
-            raise InvalidArgument("the prompt is empty", field="prompt")
+            raise InvalidArgument("the prompt is empty" + (" (or only padding)" if req.task is Task.CLASSIFY else ""), field=field)
+        return ids
+
+    def _tokens(self, req: GenerateRequest) -> tuple[list[int], int]:
+        """(token ids, where a SCORE row's continuation starts in them)."""
+        ids = self.prompt_tokens(req)
+        field = "prompt_ids" if req.prompt_ids is not None else "messages" if req.messages is not None else "prompt"
+        score_from = len(ids)
+        if req.task is Task.SCORE:
+            cont = req.continuation
+            more = self._check_ids(cont, "continuation") if isinstance(cont, list) else self.tokenizer(cont, add_special_tokens=False)["input_ids"]
+            if not more:
+                raise InvalidArgument("the continuation is empty", field="continuation")
+            ids = ids + more
+        if not req.generates:
+            if req.task is Task.SCORE and score_from >= self.max_seq_len:
+                raise InvalidArgument(f"the prompt has {score_from} tokens; max_seq_len {self.max_seq_len} leaves no room for a continuation", field=field)
+            if len(ids) > self.max_seq_len:
+                what = f"{score_from} prompt + {len(ids) - score_from} continuation tokens" if req.task is Task.SCORE else f"{len(ids)} tokens"
+                raise InvalidArgument(f"{what} exceed max_seq_len {self.max_seq_len}", field="continuation" if req.task is Task.SCORE else field)
+            if self.kv.blocks_for(len(ids)) > self.kv.num_blocks:
+                raise ResourceExhausted(f"{len(ids)} positions need {self.kv.blocks_for(len(ids))} KV blocks; the whole KV cache "
+                                        f"holds {self.kv.num_blocks} (raise kv_cache_mb)", field=field)
+            return ids, score_from
         total = len(ids) + req.params.max_new_tokens
         if len(ids) >= self.max_seq_len:
-            raise InvalidArgument(f"the prompt has {len(ids)} tokens; max_seq_len {self.max_seq_len} leaves no room for a new token",
-                                  field="prompt_ids" if req.prompt_ids is not None else "messages" if req.messages is not None else "prompt")
+            raise InvalidArgument(f"the prompt has {len(ids)} tokens; max_seq_len {self.max_seq_len} leaves no room for a new token", field=field)
         if total > self.max_seq_len:
             raise InvalidArgument(f"{len(ids)} prompt tokens + {req.params.max_new_tokens} new tokens exceed max_seq_len {self.max_seq_len}: "
                                   f"ask for at most {self.max_seq_len - len(ids)} new tokens", field="max_new_tokens")
         if self.kv.blocks_for(total) > self.kv.num_blocks:
             raise ResourceExhausted(f"{total} positions need {self.kv.blocks_for(total)} KV blocks; the whole KV cache holds "
                                     f"{self.kv.num_blocks} (raise kv_cache_mb, or lower max_new_tokens)", field="max_new_tokens")
+        return ids, score_from
+
+    def _check_ids(self, ids: list[int], field: str) -> list[int]:
+        ids = list(ids)
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidArgument(f"token ids outside the vocabulary (size {self.vocab_size}): {bad[:5]}", field=field)
         return ids
 
     def _check_text_size(self, req: GenerateRequest) -> None:
@@ -91,16 +137,25 @@ class Engine:
             size, field = sum(len(str(m.get("content") or "")) for m in req.messages), "messages"
         else:
             size, field = len(req.prompt or ""), "prompt"
+        if req.task is Task.SCORE:
+            cont = req.continuation
+            cap = self.max_seq_len if isinstance(cont, list) else self.max_seq_len * MAX_CHARS_PER_TOKEN
+            if len(cont) > cap:
+                unit = "token ids" if isinstance(cont, list) else "characters"
+                raise InvalidArgument(f"{len(cont)} {unit} cannot fit in max_seq_len {self.max_seq_len} (at most {cap} {unit})", field="continuation")
         if size > limit:
             unit = "token ids" if field == "prompt_ids" else "characters"
             raise InvalidArgument(f"{size} {unit} cannot fit in max_seq_len {self.max_seq_len} (at most {limit} {unit})", field=field)
 
     def make_row(self, req: GenerateRequest, sink: Callable[[StreamEvent], None]) -> Row:
-        ids = self.tokenize(req)
+        ids, score_from = self._tokens(req)
         gen = None
         if req.params.temperature > 0 and req.params.seed is not None:
             gen = torch.Generator(device=self.runner.device).manual_seed(req.params.seed)
-        return Row(req, ids, sink, IncrementalDetokenizer(self.tokenizer, ids), StopMatcher(list(req.params.stop)), generator=gen)
+        row = Row(req, ids, sink, IncrementalDetokenizer(self.tokenizer, ids), StopMatcher(list(req.params.stop)), generator=gen)
+        if req.task is Task.SCORE:
+            row.score_from, row.scored = score_from, [None] * (len(ids) - score_from)
+        return row
 
     def add_row(self, row: Row) -> None:
         self.scheduler.add(row)
@@ -129,15 +184,15 @@ class Engine:
         out = self.scheduler.schedule()
         for row, error in out.failed:
             self._finish(row, FinishReason.ERROR, error)
-        logits = self._execute(out)
-        self._update(out, logits)
+        result = self._execute(out)
+        self._update(out, result)
         if out.scheduled:
             self.scheduler.observe(out, time.perf_counter() - start)
         return out
 
-    def _execute(self, out: SchedulerOutput) -> torch.Tensor | None:
-        """One packed forward → logits [rows that sample, vocab]. A LoRA slot that fails to
-        load, or a forward that raises, costs only the rows it concerns (NaN logits)."""
+    def _execute(self, out: SchedulerOutput) -> ForwardOutput | None:
+        """One packed forward → logits [rows that sample, vocab] and the prefill-only rows' readouts.
+        A LoRA slot that fails to load, or a forward that raises, costs only the rows it concerns (NaN logits)."""
         if not out.scheduled:
             return None
         for slot, weights in out.lora_loads:
@@ -153,24 +208,26 @@ class Engine:
             return self._guarded(good)
         logits = torch.full((sum(s.samples for s in out.scheduled), self.vocab_size), float("nan"), device=self.runner.device)
         at = [i for i, s in enumerate(s for s in out.scheduled if s.samples) if s.row.error is None]
-        if good:
-            logits[torch.tensor(at, dtype=torch.long, device=logits.device)] = self._guarded(good)
-        return logits
+        if not good:
+            return ForwardOutput(logits)
+        ran = self._guarded(good)
+        logits[torch.tensor(at, dtype=torch.long, device=logits.device)] = ran.logits
+        return ForwardOutput(logits, ran.readouts)
 
-    def _guarded(self, scheduled: list[ScheduledRow]) -> torch.Tensor:
+    def _guarded(self, scheduled: list[ScheduledRow]) -> ForwardOutput:
         try:
             return self.runner.execute(scheduled)
         except Exception as e:  # noqa: BLE001 - isolate the failing row(s)
             if len(scheduled) > 1:
-                return torch.cat([self._guarded([s]) for s in scheduled])
+                return ForwardOutput.concat([self._guarded([s]) for s in scheduled])
             row = scheduled[0].row
             if isinstance(e, torch.OutOfMemoryError):  # the batch was retried row by row: this row alone does not fit
                 row.error = ResourceExhausted(f"out of device memory running this request: {e}", field="prompt")
             else:
                 row.error = HotswapError(f"request failed in the model forward: {type(e).__name__}: {e}")
-            return torch.full((int(scheduled[0].samples), self.vocab_size), float("nan"), device=self.runner.device)
+            return ForwardOutput(torch.full((int(scheduled[0].samples), self.vocab_size), float("nan"), device=self.runner.device))
 
-    def _update(self, out: SchedulerOutput, logits: torch.Tensor | None) -> None:
+    def _update(self, out: SchedulerOutput, fwd: ForwardOutput | None) -> None:
         sampling: list[Row] = []
         for s in out.scheduled:
             s.row.num_computed = s.end
@@ -178,8 +235,10 @@ class Engine:
                 self.kv.commit(s.row)
             if s.samples:
                 sampling.append(s.row)
+            elif not s.row.generates and s.row.error is None:
+                self._read_out(s, fwd.readouts.get(s.row.key))
         if sampling:
-            result = self._sample(sampling, logits[:, : self.vocab_size])
+            result = self._sample(sampling, fwd.logits[:, : self.vocab_size])
             now = time.monotonic()
             for i, row in enumerate(sampling):
                 if row.error is not None or not result.finite[i]:
@@ -196,6 +255,30 @@ class Engine:
         for s in out.scheduled:  # a row that failed mid-prompt (no logits this step) ends too
             if s.row.error is not None and s.row.finish_reason is None:
                 self._finish(s.row, FinishReason.ERROR, s.row.error)
+
+    def _read_out(self, s: ScheduledRow, values: torch.Tensor | None) -> None:
+        """A prefill-only row's share of this step; its answer once its last chunk is computed."""
+        row = s.row
+        if values is not None:
+            values = values.tolist()  # one copy to the host per row and step
+        if row.request.task is Task.SCORE and values is not None:
+            first = max(s.start, row.first_scored - 1) - (row.first_scored - 1)
+            for i, (logprob, greedy) in enumerate(values):
+                row.scored[first + i] = (logprob, bool(greedy))
+        if not s.last:
+            return
+        if row.request.task is Task.CLASSIFY:
+            if values is None or not all(math.isfinite(v) for v in values):
+                row.error = HotswapError("the model produced non-finite classification logits for this request")
+                return
+            probs = torch.softmax(torch.tensor(values, dtype=torch.float64), 0).tolist()
+            answer = Classification(list(row.score_head.labels), values, probs)
+        else:
+            if any(x is None or not math.isfinite(x[0]) for x in row.scored):
+                row.error = HotswapError("the model produced non-finite log-probabilities for this request")
+                return
+            answer = ContinuationScore(row.prompt_ids[row.score_from:], [x[0] for x in row.scored], all(x[1] for x in row.scored))
+        self._finish(row, FinishReason.LENGTH, None, readout=answer)  # "length": every position it asked for is computed
 
     def _sample(self, rows: list[Row], logits: torch.Tensor):
         params = [r.request.params for r in rows]
@@ -231,7 +314,7 @@ class Engine:
         return apply_repetition_penalty(logits, seen.to(dev), mask.to(dev), pen.to(dev))
 
     def _finish(self, row: Row, reason: FinishReason, error: Exception | None, token_ids: list[int] | None = None,
-                lps: list[TokenLogprob] | None = None, text: str = "") -> None:
+                lps: list[TokenLogprob] | None = None, text: str = "", readout: Classification | ContinuationScore | None = None) -> None:
         """The row's last event; its blocks, LoRA slot and adapter reference go back."""
         if row.finish_reason is not None:
             return
@@ -240,7 +323,7 @@ class Engine:
         self.scheduler.finish(row)
         if row.adapter is not None and self.adapters is not None:
             self.adapters.release(row.request.adapter_id)
-        self.outbox.append((row, StreamEvent(row.request_id, token_ids or [], text, lps or [], reason, error)))
+        self.outbox.append((row, StreamEvent(row.request_id, token_ids or [], text, lps or [], reason, error, readout)))
 
     def fail_all(self, error: HotswapError, reason: FinishReason = FinishReason.ERROR) -> None:
         """End every waiting and running row (an engine bug, or shutdown)."""

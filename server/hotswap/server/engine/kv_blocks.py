@@ -117,13 +117,26 @@ class KVBlockManager:
             keys.append(block_key(parent, row.tokens(i * bs, (i + 1) * bs)))
         return keys[:full_blocks]
 
+    def new_block_keys(self, row: Row, end: int) -> list[bytes]:
+        """Keys of the full blocks that computing the row's positions up to `end` completes
+        (those not yet offered to the prefix cache); none when caching is off."""
+        if not self.caching:
+            return []
+        return self._keys(row, end // self.block_size)[row.num_cached_blocks:]
+
+    def first_missing_key(self, row: Row, hits: list[int]) -> bytes | None:
+        """Key of the first block after `hits` that the prefix cache could still serve the row."""
+        if not self.caching or len(hits) >= row.compute_from // self.block_size:
+            return None
+        return self._keys(row, len(hits) + 1)[len(hits)]
+
     def cached_prefix(self, row: Row) -> list[int]:
-        """Cached blocks holding the row's leading positions. At least one position is
-        always left to compute, so the step that finishes the prompt yields logits."""
+        """Cached blocks holding the row's leading positions, up to the first position whose
+        outputs the row reads (row.compute_from): that one and all after it are computed."""
         if not self.caching:
             return []
         hits = []
-        for key in self._keys(row, (row.num_tokens - 1) // self.block_size):
+        for key in self._keys(row, row.compute_from // self.block_size):
             block = self.pool.lookup(key)
             if block is None:
                 break

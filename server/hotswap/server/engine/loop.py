@@ -88,6 +88,7 @@ class RequestStream:
             time_to_first_token=(self.first_token_at or self.finished_at) - start,
             total_time=self.finished_at - start,
             error=last.error,
+            readout=last.readout,
         )
 
 

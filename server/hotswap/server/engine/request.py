@@ -18,6 +18,14 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"
 
 
+class Task(str, enum.Enum):
+    GENERATE = "generate"
+    CLASSIFY = "classify"
+    """Prefill only: the adapter's score head reads the final hidden state of the prompt's last token."""
+    SCORE = "score"
+    """Prefill only: the log-probability of each token of `continuation` after the prompt."""
+
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 """Stop strings are matched against every row's new text on the engine thread: bounded, like OpenAI's 4."""
@@ -66,7 +74,9 @@ _ids = itertools.count()
 
 @dataclass
 class GenerateRequest:
-    """One generation request. Exactly one of prompt, messages, prompt_ids."""
+    """One request to the engine: a generation, or a prefill-only row (`task` CLASSIFY or SCORE)
+    that shares the batch with generating rows and ends once its prompt is computed.
+    Exactly one of prompt, messages, prompt_ids."""
 
     prompt: str | None = None
     messages: list[dict] | None = None
@@ -77,6 +87,10 @@ class GenerateRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     arrival_time: float = field(default_factory=time.monotonic)
+    task: Task = Task.GENERATE
+    continuation: str | list[int] | None = None
+    """SCORE only: the text (or token ids) scored after the prompt. Tokenised on its own and appended
+    to the prompt's tokens, as lm-evaluation-harness does for loglikelihood requests."""
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -84,6 +98,12 @@ class GenerateRequest:
         given = [x is not None for x in (self.prompt, self.messages, self.prompt_ids)]
         if sum(given) != 1:
             raise InvalidArgument("give exactly one of prompt, messages, prompt_ids", field="prompt")
+        if (self.task is Task.SCORE) != (self.continuation is not None):
+            raise InvalidArgument("a continuation is given with (and only with) a score request", field="continuation")
+
+    @property
+    def generates(self) -> bool:
+        return self.task is Task.GENERATE
 
 
 @dataclass
@@ -92,6 +112,30 @@ class TokenLogprob:
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
     """(token_id, logprob) of the most likely alternatives, best first."""
+
+
+@dataclass
+class Classification:
+    """A CLASSIFY row's answer: per label, in the score head's order."""
+
+    labels: list[str]
+    logits: list[float]
+    probabilities: list[float]
+
+
+@dataclass
+class ContinuationScore:
+    """A SCORE row's answer: the continuation's tokens and the log-probability of each given
+    everything before it (natural log, no temperature)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    greedy: bool
+    """Every token was the most likely one at its position (lm-evaluation-harness' is_greedy)."""
+
+    @property
+    def total(self) -> float:
+        return sum(self.logprobs)
 
 
 @dataclass
@@ -105,6 +149,8 @@ class StreamEvent:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: Exception | None = None
+    readout: Classification | ContinuationScore | None = None
+    """The last event of a CLASSIFY or SCORE row that succeeded."""
 
     @property
     def finished(self) -> bool:
@@ -124,3 +170,5 @@ class GenerateResult:
     time_to_first_token: float
     total_time: float
     error: Exception | None = None
+    readout: Classification | ContinuationScore | None = None
+    """CLASSIFY and SCORE requests: their answer."""

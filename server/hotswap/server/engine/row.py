@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch
 
-from ..adapters.weights import Adapter, LoraWeights, PrefixWeights, PromptWeights
+from ..adapters.weights import Adapter, LoraWeights, PrefixWeights, PromptWeights, ScoreHead
 from .detokenize import IncrementalDetokenizer, StopMatcher
-from .request import FinishReason, GenerateRequest, StreamEvent, TokenLogprob
+from .request import FinishReason, GenerateRequest, StreamEvent, Task, TokenLogprob
 
 _keys = itertools.count(1)
 
@@ -52,6 +52,11 @@ class Row:
     error: Exception | None = None
     cancelled: bool = False
     """Set from any thread by cancel(); the engine retires the row at its next step."""
+    score_from: int = 0
+    """SCORE rows: prompt_ids[score_from:] is the scored continuation."""
+    scored: list[tuple[float, bool] | None] = field(default_factory=list)
+    """SCORE rows: (log-prob, is the argmax) of each continuation token, filled as chunks are computed
+    (indexed by token, so a preempted row's recomputation overwrites rather than appends)."""
 
     @property
     def request_id(self) -> str:
@@ -79,6 +84,27 @@ class Row:
         return w if isinstance(w, PrefixWeights) else None
 
     @property
+    def score_head(self) -> ScoreHead | None:
+        return self.adapter.score_head if self.adapter else None
+
+    @property
+    def generates(self) -> bool:
+        return self.request.task is Task.GENERATE
+
+    @property
+    def first_scored(self) -> int:
+        """SCORE rows: the position of the continuation's first token."""
+        return self.num_virtual + self.score_from
+
+    @property
+    def compute_from(self) -> int:
+        """The first position whose outputs the row reads, so never taken from the prefix cache: the
+        last known one for generating and classifying rows, the one before the continuation for scoring."""
+        if self.request.task is Task.SCORE:
+            return self.first_scored - 1
+        return self.num_tokens - 1
+
+    @property
     def num_virtual(self) -> int:
         return self.adapter.num_virtual_tokens if self.adapter else 0
 
@@ -90,7 +116,7 @@ class Row:
     @property
     def max_len(self) -> int:
         """Positions the row can ever hold: virtual + prompt + every token it may generate."""
-        return self.num_virtual + len(self.prompt_ids) + self.request.params.max_new_tokens
+        return self.num_virtual + len(self.prompt_ids) + (self.request.params.max_new_tokens if self.generates else 0)
 
     def tokens(self, start: int, end: int) -> list[int]:
         """Token ids at positions start..end-1; virtual position i reads as -1 - i, so the

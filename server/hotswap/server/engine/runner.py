@@ -1,7 +1,8 @@
 """One packed forward: the new tokens of every scheduled row flattened into one
 sequence with per-token positions, no padding. Builds the inputs (embeddings,
 cache slots, block tables, per-token LoRA slots), runs the model once, and
-returns the next-token logits of the rows that sample. Owns the model, the
+returns the next-token logits of the rows that sample (and, for prefill-only
+rows, what readout.py reads from the same hidden states). Owns the model, the
 paged KV cache tensors and the LoRA slots; knows nothing of requests."""
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import torch
 from ..adapters.weights import LoraWeights
 from ..config import EngineConfig
 from ..errors import ModelLoadError
-from . import kernels
+from . import kernels, readout
 from .attention import ATTENTION_NAME, BATCH_KWARG, AttentionBatch
 from .inputs import build_inputs
 from .kv_cache import PagedKVCache, default_kv_cache_bytes
 from .lora import LoraStep, attach_lora
+from .readout import ForwardOutput
 from .scheduler import ScheduledRow
 
 if TYPE_CHECKING:
@@ -69,8 +71,9 @@ class ModelRunner:
 
     # -- the forward -------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledRow]) -> torch.Tensor:
-        """Logits [rows that sample, vocab] (float32), in scheduled order."""
+    def execute(self, scheduled: list[ScheduledRow]) -> ForwardOutput:
+        """Logits [rows that sample, vocab] (float32) in scheduled order, and what the
+        prefill-only rows read from the same forward (readout.read)."""
         dev = self.device
         step = build_inputs(scheduled, self.block_size, dense_chunks=self.backend == "torch")
         positions = step.positions.to(dev)
@@ -85,7 +88,12 @@ class ModelRunner:
                                   **{BATCH_KWARG: batch}).last_hidden_state[0]  # [num_tokens, hidden]
         finally:
             self.lora.step = None
-        return self.head(hidden[step.sample_at.to(dev)]).float()  # [sampling rows, vocab]
+        logits = self.logits(hidden[step.sample_at.to(dev)])  # [sampling rows, vocab]
+        return ForwardOutput(logits, readout.read(scheduled, step.first, hidden, self.logits))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [n, hidden] → next-token logits [n, vocab] float32 (sampling and scoring alike)."""
+        return self.head(hidden).float()
 
     def _embeddings(self, scheduled: list[ScheduledRow], ids: torch.Tensor, first: list[int]) -> torch.Tensor:
         """Token embeddings; prompt-tuning positions take the adapter's virtual-token embeddings."""

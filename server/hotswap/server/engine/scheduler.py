@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 
 from ..adapters.weights import LoraWeights
 from ..config import EngineConfig
-from ..errors import HotswapError, InvalidArgument, NotFound, ResourceExhausted
+from ..errors import AdapterIncompatible, HotswapError, InvalidArgument, NotFound, ResourceExhausted
 from .kv_blocks import KVBlockManager
 from .lora_slots import LoraSlotTable
 from .pacing import PrefillPacer
+from .request import Task
 from .row import Row
 
 if TYPE_CHECKING:
@@ -37,12 +38,15 @@ class ScheduledRow:
     """Prefix-tuning rows: positions copy_from..start-1 take the adapter's key/values without
     any compute (copy_from == start: nothing to copy)."""
     samples: bool = False
-    """The chunk reaches the row's last known position, so its logits give the next token."""
+    """The chunk reaches a generating row's last known position, so its logits give the next token."""
+    last: bool = False
+    """The chunk reaches the row's last known position (a prefill-only row ends with it)."""
     decode: bool = False
     """The row feeds back one token it generated (it is not part-way through a prompt)."""
 
     def __post_init__(self) -> None:
-        self.samples = self.end == self.row.num_tokens
+        self.last = self.end == self.row.num_tokens
+        self.samples = self.last and self.row.generates
         self.decode = self.num_tokens == 1 and self.start >= self.row.num_virtual + len(self.row.prompt_ids)
 
     @property
@@ -129,6 +133,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.cfg.max_tokens_per_step
+        computing: set[bytes] = set()  # prefix-cache keys of the full blocks this step completes
         decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed == 1)
         prompts = PromptBudget(self.pacer, self.pacer.spare(decoding))  # paced so decoding rows are spared
         i = 0
@@ -141,11 +146,12 @@ class Scheduler:
                 continue
             if not self._grow_or_preempt(row, row.num_computed + n, out):
                 break  # the row preempted itself: nothing newer is left to run
+            computing.update(self.kv.new_block_keys(row, row.num_computed + n))
             out.scheduled.append(ScheduledRow(row, row.num_computed, n, row.num_computed))
             budget -= n
             i += 1
         if not out.preempted:  # the pool is dry: admitting now would only preempt again
-            self._admit(out, budget, prompts)
+            self._admit(out, budget, prompts, computing)
         return out
 
     def observe(self, out: SchedulerOutput, seconds: float) -> None:
@@ -170,18 +176,24 @@ class Scheduler:
         self.waiting.appendleft(row)
         out.preempted.append(row)
 
-    def _admit(self, out: SchedulerOutput, budget: int, prompts: "PromptBudget") -> None:
+    def _admit(self, out: SchedulerOutput, budget: int, prompts: "PromptBudget", computing: set[bytes]) -> None:
         skipped: list[Row] = []  # waiting on their own resource (adapter load, LoRA slot); later rows may pass
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_batch_size:
             row = self.waiting.popleft()
             ready = self._resolve_adapter(row)
-            if isinstance(ready, HotswapError) or (ready and (ready := self._check_fits(row)) is not True):
+            if isinstance(ready, HotswapError) or (ready and (ready := self._check_fits(row)) is not True) \
+                    or (ready and (ready := check_task(row)) is not True):
                 out.failed.append((row, ready))
                 continue
             if not ready:
                 skipped.append(row)
                 continue
             hits = self.kv.cached_prefix(row)
+            if row.request.task is Task.SCORE and self.kv.first_missing_key(row, hits) in computing:
+                # the candidates of one Score call arrive together: one computes the shared prompt's
+                # blocks, the others wait a step and read them from the prefix cache
+                skipped.append(row)
+                continue
             copy_from = len(hits) * self.kv.block_size
             start = max(copy_from, row.num_virtual) if row.prefix is not None else copy_from
             n = prompts.peek(start, min(row.num_tokens - start, budget))
@@ -197,6 +209,7 @@ class Scheduler:
             prompts.take(start, n)
             self.kv.admit(row, hits)
             self.kv.grow(row, start + n)
+            computing.update(self.kv.new_block_keys(row, start + n))
             row.mark_admitted()
             self.running.append(row)
             out.scheduled.append(ScheduledRow(row, start, n, copy_from))
@@ -219,15 +232,17 @@ class Scheduler:
         return row.adapter is not None
 
     def _check_fits(self, row: Row) -> HotswapError | bool:
+        new = row.max_len - row.num_virtual - len(row.prompt_ids)
+        field = "max_new_tokens" if row.generates else "prompt"
         if row.max_len > self.max_seq_len:
             return InvalidArgument(
-                f"{row.num_virtual} virtual + {len(row.prompt_ids)} prompt + {row.request.params.max_new_tokens} "
-                f"new tokens exceed max_seq_len {self.max_seq_len}", field="max_new_tokens")
+                f"{row.num_virtual} virtual + {len(row.prompt_ids)} prompt + {new} "
+                f"new tokens exceed max_seq_len {self.max_seq_len}", field=field)
         need = self.kv.blocks_for(row.max_len)
         if need > self.kv.num_blocks:
             return ResourceExhausted(
                 f"{row.max_len} positions need {need} KV blocks; the whole KV cache holds {self.kv.num_blocks} "
-                f"(raise kv_cache_mb, or lower max_new_tokens)", field="max_new_tokens")
+                f"(raise kv_cache_mb{', or lower max_new_tokens' if row.generates else ''})", field=field)
         return True
 
     def _acquire_slot(self, row: Row, out: SchedulerOutput) -> bool:
@@ -245,3 +260,14 @@ class Scheduler:
         if row.lora_slot >= 0:
             self.lora_slots.release(row.lora_slot)
             row.lora_slot = -1
+
+
+def check_task(row: Row) -> HotswapError | bool:
+    """A classification adapter serves Classify only, and Classify needs one (known once the adapter is loaded)."""
+    if row.request.task is Task.CLASSIFY and row.score_head is None:
+        return AdapterIncompatible(f"adapter {row.request.adapter_id!r} has no classification head: Classify needs a "
+                                   "sequence-classification adapter (PEFT task_type SEQ_CLS)", field="adapter_id")
+    if row.request.task is not Task.CLASSIFY and row.score_head is not None:
+        return AdapterIncompatible(f"adapter {row.request.adapter_id!r} is a sequence-classification adapter (task_type "
+                                   f"SEQ_CLS): it serves Classify, not {row.request.task.value}", field="adapter_id")
+    return True
