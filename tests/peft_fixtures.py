@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from peft import (
     AdaLoraConfig,
+    IA3Config,
     LoraConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -33,6 +34,12 @@ def _config(kind: str, model, **kw):
     if kind == "adalora_pruned":
         return AdaLoraConfig(task_type=CAUSAL, init_r=6, target_r=2, lora_alpha=10, tinit=1, tfinal=1, deltaT=1,
                              total_step=6, target_modules=["q_proj", "v_proj", "down_proj"])
+    if kind == "dora":
+        return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    if kind == "lora_bias":  # lora_B gets a bias: PEFT allows it only on linears that have one (Qwen2's q/k/v)
+        return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "k_proj", "v_proj"])
+    if kind == "ia3":  # down_proj scales its input, the others their outputs
+        return IA3Config(task_type=CAUSAL, target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
     if kind == "prompt_random":
         return PromptTuningConfig(task_type=CAUSAL, num_virtual_tokens=5)
     if kind == "prompt_text":
@@ -48,6 +55,8 @@ def _config(kind: str, model, **kw):
 
 
 KINDS = ("lora", "lora_mlp", "rslora", "adalora", "adalora_pruned", "prompt_random", "prompt_text", "ptuning", "prefix", "prefix_proj")
+MORE_KINDS = ("dora", "lora_bias", "ia3")
+"""LoRA variants and IA3; lora_bias needs a base whose targeted linears have biases (Qwen2)."""
 
 
 def save_adapter(model, kind: str, out: Path, seed: int = 0, scale: float = 0.3, **kw) -> Path:

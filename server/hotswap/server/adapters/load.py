@@ -8,6 +8,7 @@ from torch import nn
 
 from ..errors import AdapterIncompatible, InvalidArgument
 from .config_check import check_config, check_scale
+from .ia3 import ia3_weights
 from .lora import adalora_weights, lora_weights
 from .peft_files import read_adapter_dir
 from .prefix import prefix_weights
@@ -15,7 +16,7 @@ from .prompt import prompt_weights
 from .validate import BaseShape, check_prefix_config, check_weights
 from .weights import Adapter
 
-SUPPORTED = ("LORA", "ADALORA", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+SUPPORTED = ("LORA", "ADALORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 
 
 def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_lora_rank: int) -> Adapter:
@@ -35,6 +36,8 @@ def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_l
         weights = lora_weights(config, tensors)
     elif peft_type == "ADALORA":
         weights = adalora_weights(config, tensors)
+    elif peft_type == "IA3":
+        weights = ia3_weights(config, tensors, shape)
     elif peft_type in ("PROMPT_TUNING", "P_TUNING"):
         if config.get("token_dim") not in (None, shape.hidden_size):
             raise AdapterIncompatible(f"hidden size: adapter token_dim {config['token_dim']}, base model hidden size {shape.hidden_size}", field="hidden_size")

@@ -90,3 +90,7 @@ def _check_lora(weights: LoraWeights, base: BaseShape, max_lora_rank: int) -> No
             )
         if m.b.shape[1] != m.rank:
             raise AdapterIncompatible(f"{name!r}: lora_A rank {m.rank} != lora_B rank {m.b.shape[1]}", field="r")
+        for vec, width, field in ((m.bias, fan_out, "lora_bias"), (m.magnitude, fan_out, "use_dora"),
+                                  (m.in_scale, fan_in, "feedforward_modules"), (m.out_scale, fan_out, "target_modules")):
+            if vec is not None and tuple(vec.shape) != (width,):
+                raise AdapterIncompatible(f"{name!r}: {field} vector has shape {tuple(vec.shape)}, the linear needs ({width},)", field=field)

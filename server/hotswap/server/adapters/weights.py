@@ -3,7 +3,8 @@
 Whatever PEFT type an adapter was saved as, loading turns it into one of three
 shapes the engine knows how to apply per row:
 
-- ``LoraWeights``   — a low-rank delta inside target linears (LoRA, rsLoRA, AdaLoRA)
+- ``LoraWeights``   — a per-linear change inside target linears: a low-rank delta (LoRA, rsLoRA,
+  AdaLoRA; with DoRA's magnitude or lora_B's bias) or IA3's scaling vectors
 - ``PromptWeights`` — virtual-token embeddings prepended at prefill (prompt tuning, P-tuning)
 - ``PrefixWeights`` — per-layer key/value prefix written into the KV cache (prefix tuning, P-tuning v2)
 """
@@ -16,14 +17,30 @@ import torch
 
 @dataclass
 class LoraModuleWeights:
-    a: torch.Tensor  # [r, in_features]
+    a: torch.Tensor  # [r, in_features]; r may be 0 (IA3: only the scaling vectors below)
     b: torch.Tensor  # [out_features, r]
     scale: float
     """Multiplies B(A x): alpha/r, alpha/sqrt(r) for rsLoRA, alpha/(r+1e-5) for AdaLoRA (E folded into A)."""
+    bias: torch.Tensor | None = None
+    """[out_features] lora_B's bias (LoRA with lora_bias): added as scale * bias."""
+    magnitude: torch.Tensor | None = None
+    """[out_features] DoRA's magnitude m: the output becomes m / ||W + scale B A||_row times (W x + scale B A x)."""
+    in_scale: torch.Tensor | None = None
+    """[in_features] IA3 on a feedforward module: multiplies the linear's input."""
+    out_scale: torch.Tensor | None = None
+    """[out_features] IA3 on any other module: multiplies the linear's output (its bias included)."""
 
     @property
     def rank(self) -> int:
         return self.a.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.a, self.b, self.bias, self.magnitude, self.in_scale, self.out_scale) if t is not None]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "LoraModuleWeights":
+        move = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
+        return replace(self, a=move(self.a), b=move(self.b), bias=move(self.bias), magnitude=move(self.magnitude),
+                       in_scale=move(self.in_scale), out_scale=move(self.out_scale))
 
 
 @dataclass
@@ -32,12 +49,17 @@ class LoraWeights:
     """Keyed by the module's path in the base model, e.g. "model.layers.0.self_attn.q_proj"."""
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for m in self.modules.values() for t in (m.a, m.b)]
+        return [t for m in self.modules.values() for t in m.tensors()]
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "LoraWeights":
-        return LoraWeights(
-            {k: replace(m, a=m.a.to(device, dtype), b=m.b.to(device, dtype)) for k, m in self.modules.items()}
-        )
+        return LoraWeights({k: m.to(device, dtype) for k, m in self.modules.items()})
+
+    @property
+    def plain(self) -> bool:
+        """Only low-rank deltas (no DoRA magnitude, IA3 vector or bias): its output is
+        linear in its scale, so a request may rescale it or combine it with others."""
+        return all(m.bias is None and m.magnitude is None and m.in_scale is None and m.out_scale is None
+                   for m in self.modules.values())
 
 
 @dataclass
@@ -73,7 +95,7 @@ class Adapter:
     id: str
     """Registry id, e.g. "support-bot@3"; also the key for prefix caching."""
     peft_type: str
-    """PEFT's own name: LORA, ADALORA, PROMPT_TUNING, P_TUNING, PREFIX_TUNING."""
+    """PEFT's own name: LORA, ADALORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING."""
     weights: AdapterWeights
     config: dict = field(default_factory=dict)
     """adapter_config.json as saved by PEFT."""

@@ -58,9 +58,25 @@ class Row:
         return self.request.request_id
 
     @property
-    def adapter_key(self) -> str:
-        """What the row's key/values depend on besides its tokens: the versioned adapter id ("" = base)."""
+    def adapter_ids(self) -> list[str]:
+        """The versioned adapters the row holds a reference to: its one adapter, or every adapter it combines."""
+        if self.request.adapters is not None:
+            return [a for a, _ in self.request.adapters]
+        return [self.request.adapter_id] if self.request.adapter_id else []
+
+    @property
+    def lora_key(self) -> str:
+        """What the row's LoRA slot holds: the versioned adapter id, or its weighted combination."""
+        if self.request.adapters is not None:
+            return "combine(" + ",".join(f"{a}*{w!r}" for a, w in self.request.adapters) + ")"
         return self.request.adapter_id
+
+    @property
+    def adapter_key(self) -> str:
+        """What the row's key/values depend on besides its tokens: the versioned adapter id ("" = base),
+        or its combination, and the request's LoRA scale."""
+        scale = self.request.lora_scale
+        return self.lora_key if scale == 1.0 else f"{self.lora_key}*scale={scale!r}"
 
     @property
     def lora(self) -> LoraWeights | None:

@@ -79,7 +79,8 @@ class ModelRunner:
         paged_tokens = len(step.ids) - sum(d.num_tokens for d in step.dense)
         batch = AttentionBatch(self.cache, step.slots.to(dev), step.block_tables.to(dev), step.token_rows.to(dev),
                                positions.to(torch.int32), step.dense, paged_tokens, self.backend)
-        self.lora.step = LoraStep(step.lora_slots.to(dev), self.backend) if step.lora_slots is not None else None
+        self.lora.step = None if step.lora_slots is None else LoraStep.of(
+            step.lora_slots.to(dev), None if step.lora_scales is None else step.lora_scales.to(dev), self.lora.slots.max_loras, self.backend)
         try:
             hidden = self.decoder(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
                                   **{BATCH_KWARG: batch}).last_hidden_state[0]  # [num_tokens, hidden]

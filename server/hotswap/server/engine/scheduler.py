@@ -14,9 +14,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..adapters.weights import LoraWeights
+from ..adapters.combine import combine
+from ..adapters.weights import Adapter, LoraWeights
 from ..config import EngineConfig
-from ..errors import HotswapError, InvalidArgument, NotFound, ResourceExhausted
+from ..errors import AdapterIncompatible, HotswapError, InvalidArgument, NotFound, ResourceExhausted
 from .kv_blocks import KVBlockManager
 from .lora_slots import LoraSlotTable
 from .pacing import PrefillPacer
@@ -205,18 +206,40 @@ class Scheduler:
 
     # -- per-row resources ---------------------------------------------------------------
     def _resolve_adapter(self, row: Row) -> HotswapError | bool:
-        """True when the row's adapter is on the device (or it needs none), False while
-        it loads, or the error that makes the row unservable."""
-        adapter_id = row.request.adapter_id
-        if not adapter_id or row.adapter is not None:
+        """True when the row's adapter(s) are on the device (or it needs none), False while
+        one loads, or the error that makes the row unservable."""
+        ids = row.adapter_ids
+        if not ids or row.adapter is not None:
             return True
         if self.adapters is None:
-            return NotFound(f"unknown adapter {adapter_id!r}: this engine has no adapter store", field="adapter_id")
+            return NotFound(f"unknown adapter {ids[0]!r}: this engine has no adapter store", field="adapter_id")
+        got: list[Adapter | None] = []
         try:
-            row.adapter = self.adapters.acquire(adapter_id)
+            for adapter_id in ids:  # acquire them all, so every cold one starts loading now
+                got.append(self.adapters.acquire(adapter_id))
         except HotswapError as error:
+            self._release(ids[: len(got)], got)
             return error
-        return row.adapter is not None
+        if any(a is None for a in got):
+            self._release(ids, got)
+            return False
+        try:
+            adapter = got[0] if row.request.adapters is None else combine(
+                [(a, w) for a, (_, w) in zip(got, row.request.adapters)], row.lora_key)
+            if row.request.lora_scale != 1.0 and not (isinstance(adapter.weights, LoraWeights) and adapter.weights.plain):
+                raise AdapterIncompatible(f"adapter {adapter.id!r} ({adapter.peft_type}) is not a plain LoRA: a per-request "
+                                          "scale applies only to plain LoRA / AdaLoRA deltas (not DoRA, lora_bias, IA3 or virtual tokens)",
+                                          field="lora_scale")
+        except HotswapError as error:
+            self._release(ids, got)
+            return error
+        row.adapter = adapter
+        return True
+
+    def _release(self, ids: list[str], got: list[Adapter | None]) -> None:
+        for adapter_id, adapter in zip(ids, got):
+            if adapter is not None:
+                self.adapters.release(adapter_id)
 
     def _check_fits(self, row: Row) -> HotswapError | bool:
         if row.max_len > self.max_seq_len:
@@ -233,7 +256,7 @@ class Scheduler:
     def _acquire_slot(self, row: Row, out: SchedulerOutput) -> bool:
         if row.lora is None or row.lora_slot >= 0:
             return True
-        got = self.lora_slots.acquire(row.adapter_key)
+        got = self.lora_slots.acquire(row.lora_key)
         if got is None:
             return False  # every slot serves a running row: wait for one to finish
         row.lora_slot, needs_load = got

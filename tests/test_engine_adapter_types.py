@@ -1,0 +1,115 @@
+"""DoRA, LoRA with lora_B bias, IA3, a per-request LoRA scale and a weighted combination of
+LoRA adapters, all in one continuous batch with plain LoRA, prompt tuning, prefix tuning and
+base rows: each row gets the greedy tokens (fp32) PEFT's PeftModel gives running it alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from transformers import AutoModelForCausalLM
+
+from hotswap.server.config import EngineConfig, ModelConfig
+from hotswap.server.engine.request import FinishReason, GenerateRequest, SamplingParams
+from hotswap.server.errors import AdapterIncompatible, InvalidArgument
+from hotswap.server.model.loader import load_base_model
+from hotswap.server.serving import ServingCore
+from peft_fixtures import save_adapter
+from test_engine_fidelity import NEW, prompts, reference
+
+KINDS = ["dora", "lora_bias", "ia3", "lora", "lora_mlp", "prompt_random", "prefix"]
+SCALE = 0.5
+WEIGHTS = (0.7, -0.4)  # combination of "lora" and "lora_mlp"
+
+
+def _peft(ckpt, paths, adapter: str, scale: float = 1.0, combine: tuple[float, float] | None = None):
+    """PeftModel on a fresh fp32 base: one adapter (rescaled like PEFT's set_scale) or
+    add_weighted_adapter(["lora", "lora_mlp"], WEIGHTS, combination_type="cat")."""
+    base = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    if combine is None:
+        model = PeftModel.from_pretrained(base, paths[adapter], adapter_name="chosen")
+        for layer in model.modules():
+            if isinstance(layer, LoraLayer):
+                layer.set_scale("chosen", scale)  # PEFT's per-layer scaling = scale * alpha / r
+        return model.eval()
+    model = PeftModel.from_pretrained(base, paths["lora"], adapter_name="lora")
+    model.load_adapter(paths["lora_mlp"], adapter_name="lora_mlp")
+    model.add_weighted_adapter(["lora", "lora_mlp"], list(combine), "mix", combination_type="cat")
+    model.set_adapter("mix")
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoints, tmp_path_factory):
+    ckpt = tiny_checkpoints["qwen2"]  # Qwen2's q/k/v have biases, which lora_bias needs
+    root = tmp_path_factory.mktemp("adapter-types")
+    paths = {kind: save_adapter(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), kind, root / kind, seed=20 + i)
+             for i, kind in enumerate(KINDS)}
+    # (adapter_id, lora_scale, combination) per row
+    jobs = [(k, 1.0, None) for k in KINDS] + [("", 1.0, None), ("lora", SCALE, None), ("lora_mlp", 3.0, None),
+                                              ("", 1.0, [("lora", WEIGHTS[0]), ("lora_mlp", WEIGHTS[1])])]
+    ids = prompts(len(jobs))
+    refs = []
+    for (adapter, scale, combo), p in zip(jobs, ids):
+        if combo is not None:
+            model = _peft(ckpt, paths, "", combine=WEIGHTS)
+        elif adapter:
+            model = _peft(ckpt, paths, adapter, scale)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        refs.append(reference(ckpt, None, p, model=model))
+    base_lp = [reference(ckpt, None, p)[1] for p in ids]
+    for (adapter, _, combo), (_, lp), blp in zip(jobs, refs, base_lp):
+        if adapter or combo:  # each adapter really changes the model, so matching PEFT means applying it
+            assert (lp - blp).abs().max() > 1e-2, adapter
+    return ckpt, paths, jobs, ids, refs
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_new_adapter_types_mixed_in_one_batch_match_peft_alone(setup, backend):
+    ckpt, paths, jobs, ids, refs = setup
+    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
+    cfg = EngineConfig(max_batch_size=16, max_tokens_per_step=256, max_seq_len=128, max_loras=8, attention_backend=backend)
+    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True, logprobs=0)
+    with ServingCore(loaded, cfg) as core:
+        for kind, path in paths.items():
+            core.register_adapter(kind, path)
+        streams = [core.submit(GenerateRequest(prompt_ids=p, adapter_id=a, lora_scale=s, adapters=c, params=params))
+                   for (a, s, c), p in zip(jobs, ids)]
+        results = [s.result(timeout=120) for s in streams]
+    for (adapter, scale, combo), res, (ref_tokens, ref_lp) in zip(jobs, results, refs):
+        name = f"{adapter or ('combination' if combo else 'base')} scale={scale}"
+        assert res.error is None, (name, res.error)
+        assert res.finish_reason == FinishReason.LENGTH
+        assert res.token_ids == ref_tokens, name
+        ours = torch.tensor([lp.logprob for lp in res.logprobs])
+        torch.testing.assert_close(ours, ref_lp[torch.arange(NEW), torch.tensor(ref_tokens)], atol=2e-4, rtol=1e-4, msg=name)
+
+
+def test_per_request_controls_refuse_what_they_cannot_express(setup):
+    ckpt, paths, _, ids, _ = setup
+    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
+    params = SamplingParams(max_new_tokens=2)
+    with ServingCore(loaded, EngineConfig(max_seq_len=64)) as core:
+        for kind in ("dora", "ia3", "lora", "prefix"):
+            core.register_adapter(kind, paths[kind])
+        for adapter in ("dora", "ia3", "prefix"):  # not linear in a scale
+            res = core.generate(GenerateRequest(prompt_ids=ids[0], adapter_id=adapter, lora_scale=2.0, params=params), timeout=60)
+            assert isinstance(res.error, AdapterIncompatible) and res.error.field == "lora_scale", (adapter, res.error)
+        for other in ("dora", "ia3", "prefix"):
+            res = core.generate(GenerateRequest(prompt_ids=ids[0], adapters=[("lora", 0.5), (other, 0.5)], params=params), timeout=60)
+            assert isinstance(res.error, AdapterIncompatible) and res.error.field == "adapters", (other, res.error)
+        ok = core.generate(GenerateRequest(prompt_ids=ids[0], adapter_id="lora", lora_scale=0.0, params=params), timeout=60)
+        base = core.generate(GenerateRequest(prompt_ids=ids[0], params=params), timeout=60)
+        assert ok.error is None and ok.token_ids == base.token_ids  # scale 0 is the base model
+        with pytest.raises(InvalidArgument) as e:  # "lora" and "lora@1" are one version
+            core.submit(GenerateRequest(prompt_ids=ids[0], adapters=[("lora", 0.5), ("lora@1", 0.5)], params=params))
+        assert e.value.field == "adapters"
+    bad = [dict(lora_scale=float("nan"), adapter_id="lora"), dict(lora_scale=-1.0, adapter_id="lora"), dict(lora_scale=11.0, adapter_id="lora"),
+           dict(lora_scale=2.0), dict(adapters=[]), dict(adapters=[("lora", float("inf"))]), dict(adapters=[("", 1.0)]),
+           dict(adapters=[("a", 1.0)] * 2), dict(adapters=[("lora", 1.0)], adapter_id="lora"),
+           dict(adapters=[(f"a{i}", 0.1) for i in range(9)])]
+    for kw in bad:
+        with pytest.raises(InvalidArgument) as e:
+            GenerateRequest(prompt_ids=[1, 2], **kw)
+        assert e.value.field in ("lora_scale", "adapters"), kw
