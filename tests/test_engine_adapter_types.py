@@ -113,3 +113,42 @@ def test_per_request_controls_refuse_what_they_cannot_express(setup):
         with pytest.raises(InvalidArgument) as e:
             GenerateRequest(prompt_ids=[1, 2], **kw)
         assert e.value.field in ("lora_scale", "adapters"), kw
+
+
+def _edit(src, dst, config: dict | None = None, tensors=None):
+    """A copy of a saved adapter with config fields replaced and/or tensors rewritten."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**cfg, **(config or {})}))
+    if tensors is not None:
+        save_file(tensors(load_file(dst / "adapter_model.safetensors")), dst / "adapter_model.safetensors")
+    return dst
+
+
+def test_malformed_dora_bias_and_ia3_checkpoints_are_refused_naming_the_field(setup, tmp_path):
+    from hotswap.server.adapters.load import load_adapter
+
+    ckpt, paths, *_ = setup
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    first = lambda t, part: next(k for k in t if part in k)  # noqa: E731
+    cases = [
+        ("dora", {"use_dora": "yes"}, None, InvalidArgument, "use_dora"),
+        ("dora", {"lora_bias": True}, None, InvalidArgument, "lora_bias"),  # PEFT refuses DoRA + lora_bias too
+        ("dora", {"use_dora": False}, None, AdapterIncompatible, "use_dora"),  # magnitudes the config does not announce
+        ("dora", None, lambda t: {**t, first(t, "magnitude"): t[first(t, "magnitude")][:5]}, AdapterIncompatible, "use_dora"),
+        ("lora_bias", None, lambda t: {k: v for k, v in t.items() if not k.endswith("lora_B.bias")}, AdapterIncompatible, "lora_bias"),
+        ("lora_bias", None, lambda t: {**t, first(t, "lora_B.bias"): t[first(t, "lora_B.bias")][None]}, AdapterIncompatible, "lora_bias"),
+        ("ia3", {"feedforward_modules": 3}, None, InvalidArgument, "feedforward_modules"),
+        ("ia3", None, lambda t: {**t, first(t, "down_proj"): t[first(t, "down_proj")].T}, AdapterIncompatible, "feedforward_modules"),
+        ("ia3", None, lambda t: {**t, "base_model.model.model.embed_tokens.ia3_l": torch.ones(1, 64)}, AdapterIncompatible, "target_modules"),
+        ("ia3", {"modules_to_save": ["lm_head"]}, None, AdapterIncompatible, "modules_to_save"),
+    ]
+    for i, (kind, config, tensors, error, field) in enumerate(cases):
+        with pytest.raises(error) as e:
+            load_adapter(_edit(paths[kind], tmp_path / str(i), config, tensors), "x", model, 64)
+        assert e.value.field == field, (i, e.value)
