@@ -8,6 +8,7 @@ import torch
 from peft import (
     AdaLoraConfig,
     IA3Config,
+    TrainableTokensConfig,
     LoraConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -40,6 +41,14 @@ def _config(kind: str, model, **kw):
         return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "k_proj", "v_proj"])
     if kind == "ia3":  # down_proj scales its input, the others their outputs
         return IA3Config(task_type=CAUSAL, target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    if kind == "lora_heads":  # fully trained copies of the embedding and the output head, applied per row
+        return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "embed_tokens"])
+    if kind == "lora_embed":  # LoRA on the embedding itself (lora_embedding_A/B)
+        return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"])
+    if kind == "lora_tokens":  # trainable tokens: rows of the embedding (and a tied head) replaced
+        return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=list(range(3, 400, 5)))
+    if kind == "tokens":
+        return TrainableTokensConfig(task_type=CAUSAL, token_indices=list(range(4, 400, 6)))
     if kind == "prompt_random":
         return PromptTuningConfig(task_type=CAUSAL, num_virtual_tokens=5)
     if kind == "prompt_text":
@@ -55,7 +64,7 @@ def _config(kind: str, model, **kw):
 
 
 KINDS = ("lora", "lora_mlp", "rslora", "adalora", "adalora_pruned", "prompt_random", "prompt_text", "ptuning", "prefix", "prefix_proj")
-MORE_KINDS = ("dora", "lora_bias", "ia3")
+MORE_KINDS = ("dora", "lora_bias", "ia3", "lora_heads", "lora_embed", "lora_tokens", "tokens")
 """LoRA variants and IA3; lora_bias needs a base whose targeted linears have biases (Qwen2)."""
 
 

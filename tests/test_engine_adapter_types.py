@@ -17,7 +17,7 @@ from hotswap.server.serving import ServingCore
 from peft_fixtures import save_adapter
 from test_engine_fidelity import NEW, prompts, reference
 
-KINDS = ["dora", "lora_bias", "ia3", "lora", "lora_mlp", "prompt_random", "prefix"]
+KINDS = ["dora", "lora_bias", "ia3", "lora_heads", "lora_embed", "lora_tokens", "tokens", "lora", "lora_mlp", "prompt_random", "prefix"]
 SCALE = 0.5
 WEIGHTS = (0.7, -0.4)  # combination of "lora" and "lora_mlp"
 
@@ -146,7 +146,7 @@ def test_malformed_dora_bias_and_ia3_checkpoints_are_refused_naming_the_field(se
         ("ia3", {"feedforward_modules": 3}, None, InvalidArgument, "feedforward_modules"),
         ("ia3", None, lambda t: {**t, first(t, "down_proj"): t[first(t, "down_proj")].T}, AdapterIncompatible, "feedforward_modules"),
         ("ia3", None, lambda t: {**t, "base_model.model.model.embed_tokens.ia3_l": torch.ones(1, 64)}, AdapterIncompatible, "target_modules"),
-        ("ia3", {"modules_to_save": ["lm_head"]}, None, AdapterIncompatible, "modules_to_save"),
+        ("ia3", {"modules_to_save": ["norm"]}, None, AdapterIncompatible, "modules_to_save"),
     ]
     for i, (kind, config, tensors, error, field) in enumerate(cases):
         with pytest.raises(error) as e:

@@ -19,8 +19,6 @@ _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.ia3_l(\.weight)?$")
 def ia3_weights(config: dict, tensors: dict[str, torch.Tensor], shape: BaseShape) -> LoraWeights:
     if config.get("fan_in_fan_out"):
         raise AdapterIncompatible("fan_in_fan_out (Conv1D targets) is not supported for IA3", field="fan_in_fan_out")
-    if config.get("modules_to_save"):
-        raise AdapterIncompatible("modules_to_save (fully trained modules) is not supported", field="modules_to_save")
     modules = {}
     for key, t in tensors.items():
         m = _KEY.match(key)

@@ -14,9 +14,11 @@ from .peft_files import read_adapter_dir
 from .prefix import prefix_weights
 from .prompt import prompt_weights
 from .validate import BaseShape, check_prefix_config, check_weights
-from .weights import Adapter
+from .token_tables import split as token_split
+from .token_tables import token_tables
+from .weights import Adapter, LoraWeights
 
-SUPPORTED = ("LORA", "ADALORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+SUPPORTED = ("LORA", "ADALORA", "IA3", "TRAINABLE_TOKENS", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 
 
 def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_lora_rank: int) -> Adapter:
@@ -32,12 +34,19 @@ def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_l
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise InvalidArgument(f"adapter weights contain NaN or inf (tensor {bad[0]!r})", field="path")
-    if peft_type == "LORA":
-        weights = lora_weights(config, tensors)
+    if peft_type in ("LORA", "IA3", "TRAINABLE_TOKENS"):  # these may also change the embedding / output head
+        _check_modules_to_save(config, shape)
+        tensors, parts = token_split(tensors, shape)
+        tables = token_tables(config, parts, shape, None if isinstance(base, BaseShape) else base.get_input_embeddings().weight)
+        if peft_type == "TRAINABLE_TOKENS":
+            if tensors:
+                raise AdapterIncompatible(f"unexpected tensor {next(iter(tensors))!r} in a trainable-tokens checkpoint", field="target_modules")
+            weights = LoraWeights({})
+        else:
+            weights = lora_weights(config, tensors) if peft_type == "LORA" else ia3_weights(config, tensors, shape)
+        weights.tables = tables
     elif peft_type == "ADALORA":
         weights = adalora_weights(config, tensors)
-    elif peft_type == "IA3":
-        weights = ia3_weights(config, tensors, shape)
     elif peft_type in ("PROMPT_TUNING", "P_TUNING"):
         if config.get("token_dim") not in (None, shape.hidden_size):
             raise AdapterIncompatible(f"hidden size: adapter token_dim {config['token_dim']}, base model hidden size {shape.hidden_size}", field="hidden_size")
@@ -49,3 +58,15 @@ def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_l
         check_scale(module, w.scale)
     check_weights(weights, shape, max_lora_rank)
     return Adapter(adapter_id, peft_type, weights, config)
+
+
+def _check_modules_to_save(config: dict, shape: BaseShape) -> None:
+    """Fully trained copies are served for the input embedding and the output head only."""
+    names = config.get("modules_to_save") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InvalidArgument(f"must be a list of module names, got {names!r:.80}", field="modules_to_save")
+    ends = {p.rsplit(".", 1)[-1] for p in (shape.embed_path, shape.head_path) if p}
+    other = [n for n in names if n.rsplit(".", 1)[-1] not in ends]
+    if other:
+        raise AdapterIncompatible(f"modules_to_save {other[:3]}: hotswap serves fully trained copies of the input embedding and "
+                                  f"output head ({', '.join(sorted(ends))}) only", field="modules_to_save")

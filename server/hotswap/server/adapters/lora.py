@@ -16,8 +16,6 @@ _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B|l
 # LoraConfig options that change the math in ways these weights do not express.
 _UNSUPPORTED = {
     "fan_in_fan_out": "fan_in_fan_out (Conv1D targets)",
-    "modules_to_save": "modules_to_save (fully trained modules)",
-    "trainable_token_indices": "trainable_token_indices",
     "target_parameters": "target_parameters",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "use_qalora": "QALoRA (use_qalora)",
@@ -30,6 +28,12 @@ def _pattern_value(patterns: dict, module: str, default):
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+def module_scale(config: dict, module: str, r: int) -> float:
+    """alpha / r (alpha / sqrt(r) for rsLoRA), alpha from alpha_pattern where one matches."""
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+    return float(alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
 
 
 def _check_options(config: dict) -> None:
@@ -58,9 +62,7 @@ def lora_weights(config: dict, tensors: dict[str, torch.Tensor]) -> LoraWeights:
     for module, p in _group(tensors).items():
         if "lora_A" not in p or "lora_B" not in p:
             raise AdapterIncompatible(f"module {module!r} has only {sorted(p)}", field="target_modules")
-        r = p["lora_A"].shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        scale = module_scale(config, module, p["lora_A"].shape[0])
         modules[module] = LoraModuleWeights(p["lora_A"].float(), p["lora_B"].float(), float(scale),
                                             bias=_extra(p, "lora_B.bias", config, "lora_bias", module),
                                             magnitude=_extra(p, "lora_magnitude_vector", config, "use_dora", module))

@@ -44,22 +44,60 @@ class LoraModuleWeights:
 
 
 @dataclass
+class TokenTables:
+    """An adapter's own view of the input embedding and the output head, applied per row:
+    full copies (modules_to_save, or a saved embedding base layer), LoRA on the embedding,
+    and replaced rows of chosen tokens (trainable tokens; PEFT index_copy semantics)."""
+
+    embed: torch.Tensor | None = None
+    """[vocab, hidden] the row's embedding table instead of the base's."""
+    head: torch.Tensor | None = None
+    """[vocab, hidden] the row's output head instead of the base's."""
+    embed_a: torch.Tensor | None = None
+    """[r, vocab] lora_embedding_A: the embedding of token t gains scale * embed_b @ embed_a[:, t]."""
+    embed_b: torch.Tensor | None = None
+    """[hidden, r] lora_embedding_B."""
+    embed_scale: float = 1.0
+    token_ids: torch.Tensor | None = None
+    """[k] int64 tokens whose embedding rows are replaced by `token_rows`."""
+    token_rows: torch.Tensor | None = None
+    """[k, hidden]."""
+    head_ids: torch.Tensor | None = None
+    """[j] int64 tokens whose output-head rows are replaced by `head_rows` (tied or targeted lm_head)."""
+    head_rows: torch.Tensor | None = None
+    """[j, hidden]."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.embed, self.head, self.embed_a, self.embed_b, self.token_rows, self.head_rows) if t is not None]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "TokenTables":
+        move = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
+        ids = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, embed=move(self.embed), head=move(self.head), embed_a=move(self.embed_a), embed_b=move(self.embed_b),
+                       token_ids=ids(self.token_ids), token_rows=move(self.token_rows), head_ids=ids(self.head_ids),
+                       head_rows=move(self.head_rows))
+
+
+@dataclass
 class LoraWeights:
     modules: dict[str, LoraModuleWeights]
     """Keyed by the module's path in the base model, e.g. "model.layers.0.self_attn.q_proj"."""
+    tables: TokenTables | None = None
+    """Changes to the input embedding / output head (modules_to_save, embedding LoRA, trainable tokens)."""
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for m in self.modules.values() for t in m.tensors()]
+        return [t for m in self.modules.values() for t in m.tensors()] + (self.tables.tensors() if self.tables else [])
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "LoraWeights":
-        return LoraWeights({k: m.to(device, dtype) for k, m in self.modules.items()})
+        return LoraWeights({k: m.to(device, dtype) for k, m in self.modules.items()},
+                           None if self.tables is None else self.tables.to(device, dtype))
 
     @property
     def plain(self) -> bool:
         """Only low-rank deltas (no DoRA magnitude, IA3 vector or bias): its output is
         linear in its scale, so a request may rescale it or combine it with others."""
-        return all(m.bias is None and m.magnitude is None and m.in_scale is None and m.out_scale is None
-                   for m in self.modules.values())
+        return self.tables is None and all(m.bias is None and m.magnitude is None and m.in_scale is None and m.out_scale is None
+                                           for m in self.modules.values())
 
 
 @dataclass

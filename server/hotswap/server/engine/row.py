@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..adapters.weights import Adapter, LoraWeights, PrefixWeights, PromptWeights
+from ..adapters.weights import Adapter, LoraWeights, PrefixWeights, PromptWeights, TokenTables
 from .detokenize import IncrementalDetokenizer, StopMatcher
 from .request import FinishReason, GenerateRequest, StreamEvent, TokenLogprob
 
@@ -80,8 +80,15 @@ class Row:
 
     @property
     def lora(self) -> LoraWeights | None:
+        """The weights to put in a LoRA slot: None when the adapter changes no linear."""
         w = self.adapter.weights if self.adapter else None
-        return w if isinstance(w, LoraWeights) else None
+        return w if isinstance(w, LoraWeights) and w.modules else None
+
+    @property
+    def token_tables(self) -> TokenTables | None:
+        """The adapter's own embedding / output head changes, if any."""
+        w = self.adapter.weights if self.adapter else None
+        return w.tables if isinstance(w, LoraWeights) else None
 
     @property
     def prompt_embeddings(self) -> torch.Tensor | None:

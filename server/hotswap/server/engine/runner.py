@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..adapters.weights import LoraWeights
+from ..adapters.weights import LoraWeights, TokenTables
 from ..config import EngineConfig
 from ..errors import ModelLoadError
 from . import kernels
@@ -18,6 +18,7 @@ from .inputs import build_inputs
 from .kv_cache import PagedKVCache, default_kv_cache_bytes
 from .lora import LoraStep, attach_lora
 from .scheduler import ScheduledRow
+from .token_tables import embed_rows, head_logits
 
 if TYPE_CHECKING:
     from ..model.loader import LoadedModel
@@ -86,11 +87,30 @@ class ModelRunner:
                                   **{BATCH_KWARG: batch}).last_hidden_state[0]  # [num_tokens, hidden]
         finally:
             self.lora.step = None
-        return self.head(hidden[step.sample_at.to(dev)]).float()  # [sampling rows, vocab]
+        return self._logits(scheduled, hidden[step.sample_at.to(dev)])  # [sampling rows, vocab]
+
+    def _logits(self, scheduled: list[ScheduledRow], hidden: torch.Tensor) -> torch.Tensor:
+        """The head's logits of the sampling rows [rows, vocab]; rows whose adapter has its own
+        head (or head rows) get theirs, computed once per distinct adapter in the step."""
+        logits = self.head(hidden)
+        groups: dict[int, tuple[TokenTables, list[int]]] = {}
+        for i, s in enumerate(s for s in scheduled if s.samples):
+            t = s.row.token_tables
+            if t is not None and (t.head is not None or t.head_ids is not None):
+                groups.setdefault(id(t), (t, []))[1].append(i)
+        for t, rows in groups.values():
+            idx = torch.tensor(rows, device=hidden.device)
+            logits[idx] = head_logits(t, hidden[idx], logits[idx], self.head.bias)
+        return logits.float()
 
     def _embeddings(self, scheduled: list[ScheduledRow], ids: torch.Tensor, first: list[int]) -> torch.Tensor:
-        """Token embeddings; prompt-tuning positions take the adapter's virtual-token embeddings."""
+        """Token embeddings; prompt-tuning positions take the adapter's virtual-token embeddings,
+        rows of adapters with their own embedding changes (`TokenTables`) theirs."""
         embeds = self.embed(ids.clamp(min=0))
+        for s, q in zip(scheduled, first):
+            tables = s.row.token_tables
+            if tables is not None:
+                embeds[q: q + s.num_tokens] = embed_rows(tables, ids[q: q + s.num_tokens], embeds[q: q + s.num_tokens])
         for s, q in zip(scheduled, first):
             table = s.row.prompt_embeddings  # [num_virtual, hidden]
             if table is not None and s.start < len(table):
