@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from peft import (
     AdaLoraConfig,
+    AdaptionPromptConfig,
     IA3Config,
     TrainableTokensConfig,
     LoraConfig,
@@ -49,6 +50,8 @@ def _config(kind: str, model, **kw):
         return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=list(range(3, 400, 5)))
     if kind == "tokens":
         return TrainableTokensConfig(task_type=CAUSAL, token_indices=list(range(4, 400, 6)))
+    if kind == "adaption":  # LLaMA-Adapter: gated prompts in the top two layers (Llama / Mistral only)
+        return AdaptionPromptConfig(task_type=CAUSAL, adapter_len=4, adapter_layers=2)
     if kind == "prompt_random":
         return PromptTuningConfig(task_type=CAUSAL, num_virtual_tokens=5)
     if kind == "prompt_text":
@@ -64,7 +67,7 @@ def _config(kind: str, model, **kw):
 
 
 KINDS = ("lora", "lora_mlp", "rslora", "adalora", "adalora_pruned", "prompt_random", "prompt_text", "ptuning", "prefix", "prefix_proj")
-MORE_KINDS = ("dora", "lora_bias", "ia3", "lora_heads", "lora_embed", "lora_tokens", "tokens")
+MORE_KINDS = ("dora", "lora_bias", "ia3", "lora_heads", "lora_embed", "lora_tokens", "tokens", "adaption")
 """LoRA variants and IA3; lora_bias needs a base whose targeted linears have biases (Qwen2)."""
 
 

@@ -17,7 +17,11 @@ from hotswap.server.serving import ServingCore
 from peft_fixtures import save_adapter
 from test_engine_fidelity import NEW, prompts, reference
 
-KINDS = ["dora", "lora_bias", "ia3", "lora_heads", "lora_embed", "lora_tokens", "tokens", "lora", "lora_mlp", "prompt_random", "prefix"]
+KINDS = {  # Qwen2: q/k/v have biases (lora_bias needs them), the head is tied to the embedding
+    "qwen2": ["dora", "lora_bias", "ia3", "lora_heads", "lora_embed", "lora_tokens", "tokens", "lora", "lora_mlp", "prompt_random", "prefix"],
+    # Llama: untied head; LLaMA-Adapter runs on Llama / Mistral only
+    "llama": ["adaption", "dora", "ia3", "lora_heads", "lora_tokens", "tokens", "lora", "lora_mlp", "prompt_random", "prefix"],
+}
 SCALE = 0.5
 WEIGHTS = (0.7, -0.4)  # combination of "lora" and "lora_mlp"
 
@@ -39,14 +43,13 @@ def _peft(ckpt, paths, adapter: str, scale: float = 1.0, combine: tuple[float, f
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_checkpoints, tmp_path_factory):
-    ckpt = tiny_checkpoints["qwen2"]  # Qwen2's q/k/v have biases, which lora_bias needs
-    root = tmp_path_factory.mktemp("adapter-types")
+def _build(tiny_checkpoints, tmp_path_factory, arch: str):
+    ckpt = tiny_checkpoints[arch]
+    root = tmp_path_factory.mktemp(f"adapter-types-{arch}")
     paths = {kind: save_adapter(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), kind, root / kind, seed=20 + i)
-             for i, kind in enumerate(KINDS)}
+             for i, kind in enumerate(KINDS[arch])}
     # (adapter_id, lora_scale, combination) per row
-    jobs = [(k, 1.0, None) for k in KINDS] + [("", 1.0, None), ("lora", SCALE, None), ("lora_mlp", 3.0, None),
+    jobs = [(k, 1.0, None) for k in KINDS[arch]] + [("", 1.0, None), ("lora", SCALE, None), ("lora_mlp", 3.0, None),
                                               ("", 1.0, [("lora", WEIGHTS[0]), ("lora_mlp", WEIGHTS[1])])]
     ids = prompts(len(jobs))
     refs = []
@@ -65,9 +68,20 @@ def setup(tiny_checkpoints, tmp_path_factory):
     return ckpt, paths, jobs, ids, refs
 
 
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoints, tmp_path_factory):
+    return _build(tiny_checkpoints, tmp_path_factory, "qwen2")
+
+
+@pytest.fixture(scope="module")
+def llama_setup(tiny_checkpoints, tmp_path_factory):
+    return _build(tiny_checkpoints, tmp_path_factory, "llama")
+
+
 @pytest.mark.parametrize("backend", ["native", "torch"])
-def test_new_adapter_types_mixed_in_one_batch_match_peft_alone(setup, backend):
-    ckpt, paths, jobs, ids, refs = setup
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_new_adapter_types_mixed_in_one_batch_match_peft_alone(arch, backend, request):
+    ckpt, paths, jobs, ids, refs = request.getfixturevalue("setup" if arch == "qwen2" else "llama_setup")
     loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
     cfg = EngineConfig(max_batch_size=16, max_tokens_per_step=256, max_seq_len=128, max_loras=8, attention_backend=backend)
     params = SamplingParams(max_new_tokens=NEW, ignore_eos=True, logprobs=0)

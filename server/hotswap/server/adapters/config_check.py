@@ -57,6 +57,10 @@ def check_config(config: dict, peft_type: str) -> None:
         ff = config.get("feedforward_modules")
         if ff is not None and not isinstance(ff, str) and not (isinstance(ff, list) and all(isinstance(f, str) for f in ff)):
             raise InvalidArgument(f"must be a module name pattern or a list of names, got {shown(ff, 80)}", field="feedforward_modules")
+    elif peft_type == "ADAPTION_PROMPT":
+        for name in ("adapter_len", "adapter_layers"):
+            if config.get(name) is not None and not _count(config[name]):
+                raise InvalidArgument(f"must be a whole number >= 1, got {shown(config[name], 80)}", field=name)
     else:
         n = config.get("num_virtual_tokens")
         if n is not None and not _count(n):

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..errors import AdapterIncompatible, InvalidArgument
 from .config_check import check_config, check_scale
+from .adaption import adaption_weights
 from .ia3 import ia3_weights
 from .lora import adalora_weights, lora_weights
 from .peft_files import read_adapter_dir
@@ -18,7 +19,7 @@ from .token_tables import split as token_split
 from .token_tables import token_tables
 from .weights import Adapter, LoraWeights
 
-SUPPORTED = ("LORA", "ADALORA", "IA3", "TRAINABLE_TOKENS", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+SUPPORTED = ("LORA", "ADALORA", "IA3", "TRAINABLE_TOKENS", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT")
 
 
 def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_lora_rank: int) -> Adapter:
@@ -47,6 +48,8 @@ def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_l
         weights.tables = tables
     elif peft_type == "ADALORA":
         weights = adalora_weights(config, tensors)
+    elif peft_type == "ADAPTION_PROMPT":
+        weights = adaption_weights(config, tensors, shape, None if isinstance(base, BaseShape) else base)
     elif peft_type in ("PROMPT_TUNING", "P_TUNING"):
         if config.get("token_dim") not in (None, shape.hidden_size):
             raise AdapterIncompatible(f"hidden size: adapter token_dim {config['token_dim']}, base model hidden size {shape.hidden_size}", field="hidden_size")

@@ -1,12 +1,13 @@
 """Device-ready adapter weights, one class per way an adapter changes the model.
 
-Whatever PEFT type an adapter was saved as, loading turns it into one of three
+Whatever PEFT type an adapter was saved as, loading turns it into one of the
 shapes the engine knows how to apply per row:
 
 - ``LoraWeights``   — a per-linear change inside target linears: a low-rank delta (LoRA, rsLoRA,
   AdaLoRA; with DoRA's magnitude or lora_B's bias) or IA3's scaling vectors
 - ``PromptWeights`` — virtual-token embeddings prepended at prefill (prompt tuning, P-tuning)
 - ``PrefixWeights`` — per-layer key/value prefix written into the KV cache (prefix tuning, P-tuning v2)
+- ``AdaptionWeights`` — gated adaption prompts attended separately in the top layers (LLaMA-Adapter)
 """
 from __future__ import annotations
 
@@ -123,7 +124,27 @@ class PrefixWeights:
         return PrefixWeights(self.keys.to(device, dtype), self.values.to(device, dtype))
 
 
-AdapterWeights = LoraWeights | PromptWeights | PrefixWeights
+@dataclass
+class AdaptionWeights:
+    """LLaMA-Adapter (PEFT ADAPTION_PROMPT): per adapted layer, learned prompt tokens whose keys and
+    values (the layer's own k/v projections, no rotary) every query also attends to, in a separate
+    softmax scaled by the layer's gate (peft/tuners/adaption_prompt/layer.py)."""
+
+    attention: list[str]
+    """Attention module path of each adapted layer, e.g. "model.layers.2.self_attn"."""
+    layers: list[int]
+    """Layer index of each adapted layer."""
+    prompts: torch.Tensor  # [adapted layers, adapter_len, hidden]
+    gates: torch.Tensor  # [adapted layers]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.prompts, self.gates]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "AdaptionWeights":
+        return replace(self, prompts=self.prompts.to(device, dtype), gates=self.gates.to(device, dtype))
+
+
+AdapterWeights = LoraWeights | PromptWeights | PrefixWeights | AdaptionWeights
 
 
 @dataclass
@@ -140,7 +161,7 @@ class Adapter:
 
     @property
     def kind(self) -> str:
-        return {LoraWeights: "lora", PromptWeights: "prompt", PrefixWeights: "prefix"}[type(self.weights)]
+        return {LoraWeights: "lora", PromptWeights: "prompt", PrefixWeights: "prefix", AdaptionWeights: "adaption"}[type(self.weights)]
 
     @property
     def num_virtual_tokens(self) -> int:

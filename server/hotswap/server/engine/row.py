@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..adapters.weights import Adapter, LoraWeights, PrefixWeights, PromptWeights, TokenTables
+from ..adapters.weights import Adapter, AdaptionWeights, LoraWeights, PrefixWeights, PromptWeights, TokenTables
 from .detokenize import IncrementalDetokenizer, StopMatcher
 from .request import FinishReason, GenerateRequest, StreamEvent, TokenLogprob
 
@@ -100,6 +100,11 @@ class Row:
     def prefix(self) -> PrefixWeights | None:
         w = self.adapter.weights if self.adapter else None
         return w if isinstance(w, PrefixWeights) else None
+
+    @property
+    def adaption(self) -> AdaptionWeights | None:
+        w = self.adapter.weights if self.adapter else None
+        return w if isinstance(w, AdaptionWeights) else None
 
     @property
     def num_virtual(self) -> int:

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..adapters.weights import LoraWeights, TokenTables
+from ..adapters.weights import AdaptionWeights, LoraWeights, TokenTables
+from .adaption import AdaptionGroup, prompt_kv
 from ..config import EngineConfig
 from ..errors import ModelLoadError
 from . import kernels
@@ -79,7 +80,7 @@ class ModelRunner:
         self._copy_prefixes(scheduled)
         paged_tokens = len(step.ids) - sum(d.num_tokens for d in step.dense)
         batch = AttentionBatch(self.cache, step.slots.to(dev), step.block_tables.to(dev), step.token_rows.to(dev),
-                               positions.to(torch.int32), step.dense, paged_tokens, self.backend)
+                               positions.to(torch.int32), step.dense, paged_tokens, self.backend, self._adaption(scheduled, step.first))
         self.lora.step = None if step.lora_slots is None else LoraStep.of(
             step.lora_slots.to(dev), None if step.lora_scales is None else step.lora_scales.to(dev), self.lora.slots.max_loras, self.backend)
         try:
@@ -117,6 +118,19 @@ class ModelRunner:
                 end = min(s.end, len(table))
                 embeds[q: q + end - s.start] = table[s.start: end].to(embeds.dtype)
         return embeds
+
+    def _adaption(self, scheduled: list[ScheduledRow], first: list[int]) -> list[AdaptionGroup]:
+        """LLaMA-Adapter rows grouped by adapter, with its prompt keys/values (before any LoRA step is set)."""
+        groups: dict[int, tuple[AdaptionWeights, list[torch.Tensor]]] = {}
+        for s, q in zip(scheduled, first):
+            w = s.row.adaption
+            if w is not None:
+                groups.setdefault(id(w), (w, []))[1].append(torch.arange(q, q + s.num_tokens))
+        out = []
+        for w, spans in groups.values():
+            keys, values, gates = prompt_kv(self.model, w, self.kv_heads, self.head_dim)
+            out.append(AdaptionGroup(torch.cat(spans).to(self.device), keys, values, gates))
+        return out
 
     def _copy_prefixes(self, scheduled: list[ScheduledRow]) -> None:
         """Prefix tuning: the adapter's key/values go straight into the row's first positions."""
