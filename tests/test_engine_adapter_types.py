@@ -50,8 +50,12 @@ def _build(tiny_checkpoints, tmp_path_factory, arch: str):
              for i, kind in enumerate(KINDS[arch])}
     # (adapter_id, lora_scale, combination) per row
     jobs = [(k, 1.0, None) for k in KINDS[arch]] + [("", 1.0, None), ("lora", SCALE, None), ("lora_mlp", 3.0, None),
-                                              ("", 1.0, [("lora", WEIGHTS[0]), ("lora_mlp", WEIGHTS[1])])]
+                                                    ("", 1.0, [("lora", WEIGHTS[0]), ("lora_mlp", WEIGHTS[1])]), ("lora", 1.0, None)]
     ids = prompts(len(jobs))
+    same = ids[KINDS[arch].index("lora")] * 3  # a long prompt under "lora", its scale and a combination: each keys its own
+    for i, (adapter, _, combo) in enumerate(jobs):  # prefix-cache blocks (the repeated plain row may hit the first's)
+        if adapter == "lora" or combo:
+            ids[i] = same
     refs = []
     for (adapter, scale, combo), p in zip(jobs, ids):
         if combo is not None:
@@ -83,13 +87,17 @@ def llama_setup(tiny_checkpoints, tmp_path_factory):
 def test_new_adapter_types_mixed_in_one_batch_match_peft_alone(arch, backend, request):
     ckpt, paths, jobs, ids, refs = request.getfixturevalue("setup" if arch == "qwen2" else "llama_setup")
     loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
-    cfg = EngineConfig(max_batch_size=16, max_tokens_per_step=256, max_seq_len=128, max_loras=8, attention_backend=backend)
+    # Small blocks and step budget: prompts are chunked across steps and full blocks reach the prefix cache.
+    cfg = EngineConfig(max_batch_size=16, max_tokens_per_step=16, block_size=4, max_seq_len=128, max_loras=8, attention_backend=backend)
     params = SamplingParams(max_new_tokens=NEW, ignore_eos=True, logprobs=0)
     with ServingCore(loaded, cfg) as core:
         for kind, path in paths.items():
             core.register_adapter(kind, path)
-        streams = [core.submit(GenerateRequest(prompt_ids=p, adapter_id=a, lora_scale=s, adapters=c, params=params))
-                   for (a, s, c), p in zip(jobs, ids)]
+        streams = []
+        for wave in (jobs[:6], jobs[6:12], jobs[12:]):  # each wave lands while the previous one decodes
+            streams += [core.submit(GenerateRequest(prompt_ids=ids[len(streams) + i], adapter_id=a, lora_scale=s, adapters=c, params=params))
+                        for i, (a, s, c) in enumerate(wave)]
+            next(iter(streams[-1]))
         results = [s.result(timeout=120) for s in streams]
     for (adapter, scale, combo), res, (ref_tokens, ref_lp) in zip(jobs, results, refs):
         name = f"{adapter or ('combination' if combo else 'base')} scale={scale}"
