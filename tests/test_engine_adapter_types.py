@@ -17,7 +17,7 @@ from hotswap.server.adapters.adaption import adaption_weights
 from hotswap.server.adapters.load import load_adapter
 from hotswap.server.adapters.validate import BaseShape
 
-from hotswap.server.config import EngineConfig, ModelConfig
+from hotswap.server.config import AdapterCacheConfig, EngineConfig, ModelConfig
 from hotswap.server.engine.request import FinishReason, GenerateRequest, SamplingParams
 from hotswap.server.errors import AdapterIncompatible, InvalidArgument
 from hotswap.server.model.loader import load_base_model
@@ -120,9 +120,11 @@ def test_per_request_controls_refuse_what_they_cannot_express(setup):
     ckpt, paths, _, ids, _ = setup
     loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
     params = SamplingParams(max_new_tokens=2)
-    with ServingCore(loaded, EngineConfig(max_seq_len=64)) as core:
-        for kind in ("dora", "ia3", "lora", "prefix"):
+    with ServingCore(loaded, EngineConfig(max_seq_len=64), AdapterCacheConfig(max_lora_rank=8)) as core:
+        for kind in ("dora", "ia3", "lora", "lora_mlp", "prefix"):
             core.register_adapter(kind, paths[kind])
+        res = core.generate(GenerateRequest(prompt_ids=ids[0], adapters=[("lora", 0.5), ("lora_mlp", 0.5)], params=params), timeout=60)
+        assert isinstance(res.error, AdapterIncompatible) and "max_lora_rank" in str(res.error), res.error  # v_proj: 4 + 6 > 8
         for adapter in ("dora", "ia3", "prefix"):  # not linear in a scale
             res = core.generate(GenerateRequest(prompt_ids=ids[0], adapter_id=adapter, lora_scale=2.0, params=params), timeout=60)
             assert isinstance(res.error, AdapterIncompatible) and res.error.field == "lora_scale", (adapter, res.error)

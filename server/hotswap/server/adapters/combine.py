@@ -14,8 +14,10 @@ from ..errors import AdapterIncompatible
 from .weights import Adapter, LoraModuleWeights, LoraWeights
 
 
-def combine(parts: list[tuple[Adapter, float]], combined_id: str) -> Adapter:
-    """parts: (device adapter, weight) in request order → one LORA adapter (modules = union of targets)."""
+def combine(parts: list[tuple[Adapter, float]], combined_id: str, max_rank: int) -> Adapter:
+    """parts: (device adapter, weight) in request order → one LORA adapter (modules = union of targets).
+    The combined rank (Σ rᵢ per module) is held to `max_rank`, like any adapter: the LoRA slots'
+    rank axis grows to the largest rank ever loaded and never shrinks."""
     for adapter, _ in parts:
         if not isinstance(adapter.weights, LoraWeights) or not adapter.weights.plain:
             kind = adapter.peft_type if not isinstance(adapter.weights, LoraWeights) else "a LoRA with DoRA, lora_bias or IA3 vectors"
@@ -27,5 +29,8 @@ def combine(parts: list[tuple[Adapter, float]], combined_id: str) -> Adapter:
         pieces = [(adapter.weights.modules[name], w) for adapter, w in parts if name in adapter.weights.modules]
         a = torch.cat([m.a * (w * m.scale) for m, w in pieces], dim=0)  # [Σ r_i, in]
         b = torch.cat([m.b for m, _ in pieces], dim=1)  # [out, Σ r_i]
+        if a.shape[0] > max_rank:
+            raise AdapterIncompatible(f"the combination has rank {a.shape[0]} on {name!r} (the sum of its adapters' ranks), above the "
+                                      f"configured maximum {max_rank} (max_lora_rank)", field="adapters")
         modules[name] = LoraModuleWeights(a, b, 1.0)
     return Adapter(combined_id, "LORA", LoraWeights(modules), {"combination_type": "cat", "adapters": [a.id for a, _ in parts]})

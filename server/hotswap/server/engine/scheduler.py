@@ -225,7 +225,7 @@ class Scheduler:
             return False
         try:
             adapter = got[0] if row.request.adapters is None else combine(
-                [(a, w) for a, (_, w) in zip(got, row.request.adapters)], row.lora_key)
+                [(a, w) for a, (_, w) in zip(got, row.request.adapters)], row.lora_key, self.adapters.cfg.max_lora_rank)
             if row.request.lora_scale != 1.0 and not (isinstance(adapter.weights, LoraWeights) and adapter.weights.plain):
                 raise AdapterIncompatible(f"adapter {adapter.id!r} ({adapter.peft_type}) is not a plain LoRA: a per-request "
                                           "scale applies only to plain LoRA / AdaLoRA deltas (not DoRA, lora_bias, IA3 or virtual tokens)",
