@@ -15,12 +15,21 @@ from ..adapters.weights import LoraModuleWeights
 
 
 def dense_weight(linear: nn.Linear) -> torch.Tensor:
-    """[out, in] the linear's weight as plain numbers (bitsandbytes 4/8-bit weights dequantized)."""
-    if type(linear.weight) is nn.Parameter or type(linear.weight) is torch.Tensor:
-        return linear.weight.detach()
-    from peft.utils.integrations import dequantize_module_weight  # bitsandbytes Params4bit / Int8Params
+    """[out, in] the linear's weight as plain numbers, bitsandbytes 4/8-bit weights dequantized
+    without touching the module (PEFT's dequantize_module_weight re-assigns an int8 weight, which
+    drops its scales once the layer has run)."""
+    w = linear.weight
+    kind = type(w).__name__
+    if kind == "Params4bit":
+        import bitsandbytes as bnb
 
-    return dequantize_module_weight(linear).detach()
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state)
+    if kind == "Int8Params":  # int8 rows times their absmax / 127 (bitsandbytes' vector-wise quantization)
+        state = getattr(linear, "state", None)
+        scb = getattr(state, "SCB", None) if state is not None else None
+        scb = scb if scb is not None else w.SCB
+        return w.data.float() * (scb.float()[:, None] / 127)
+    return w.detach()
 
 
 def fold(m: LoraModuleWeights, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
