@@ -59,6 +59,8 @@ def _build(tiny_checkpoints, tmp_path_factory, arch: str):
     # (adapter_id, lora_scale, combination) per row
     jobs = [(k, 1.0, None) for k in KINDS[arch]] + [("", 1.0, None), ("lora", SCALE, None), ("lora_mlp", 3.0, None),
                                                     ("", 1.0, [("lora", WEIGHTS[0]), ("lora_mlp", WEIGHTS[1])]), ("lora", 1.0, None)]
+    if "lora_bias" in paths:  # set_scale scales lora_B's bias with the rest of the delta
+        jobs.append(("lora_bias", 2.0, None))
     ids = prompts(len(jobs))
     same = ids[KINDS[arch].index("lora")] * 3  # a long prompt under "lora", its scale and a combination: each keys its own
     for i, (adapter, _, combo) in enumerate(jobs):  # prefix-cache blocks (the repeated plain row may hit the first's)
@@ -121,14 +123,14 @@ def test_per_request_controls_refuse_what_they_cannot_express(setup):
     loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
     params = SamplingParams(max_new_tokens=2)
     with ServingCore(loaded, EngineConfig(max_seq_len=64), AdapterCacheConfig(max_lora_rank=8)) as core:
-        for kind in ("dora", "ia3", "lora", "lora_mlp", "prefix"):
+        for kind in ("dora", "ia3", "lora", "lora_mlp", "prefix", "lora_heads", "lora_bias"):
             core.register_adapter(kind, paths[kind])
         res = core.generate(GenerateRequest(prompt_ids=ids[0], adapters=[("lora", 0.5), ("lora_mlp", 0.5)], params=params), timeout=60)
         assert isinstance(res.error, AdapterIncompatible) and "max_lora_rank" in str(res.error), res.error  # v_proj: 4 + 6 > 8
-        for adapter in ("dora", "ia3", "prefix"):  # not linear in a scale
+        for adapter in ("dora", "ia3", "prefix", "lora_heads"):  # not linear in a scale
             res = core.generate(GenerateRequest(prompt_ids=ids[0], adapter_id=adapter, lora_scale=2.0, params=params), timeout=60)
             assert isinstance(res.error, AdapterIncompatible) and res.error.field == "lora_scale", (adapter, res.error)
-        for other in ("dora", "ia3", "prefix"):
+        for other in ("dora", "ia3", "prefix", "lora_heads", "lora_bias"):
             res = core.generate(GenerateRequest(prompt_ids=ids[0], adapters=[("lora", 0.5), (other, 0.5)], params=params), timeout=60)
             assert isinstance(res.error, AdapterIncompatible) and res.error.field == "adapters", (other, res.error)
         ok = core.generate(GenerateRequest(prompt_ids=ids[0], adapter_id="lora", lora_scale=0.0, params=params), timeout=60)

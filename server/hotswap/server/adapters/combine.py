@@ -4,8 +4,8 @@ This is exactly PEFT's `add_weighted_adapter(..., combination_type="cat")`: the 
 concatenated, A_i scaled by w_i · s_i, the result's scale 1 (its lora_alpha = its rank).
 It is the one combination that is exact per token: PEFT's "linear" merges A's and B's
 separately, and Σ √w_i A_i × Σ √w_j B_j mixes cross terms of different adapters.
-Only plain low-rank adapters combine: a DoRA magnitude, IA3 vector or lora_B bias is not
-linear in its weight."""
+Only plain low-rank adapters combine: a DoRA magnitude, IA3 vector or embedding / head table
+is not linear in its weight, and PEFT's combination leaves lora_B biases out."""
 from __future__ import annotations
 
 import torch
@@ -20,7 +20,8 @@ def combine(parts: list[tuple[Adapter, float]], combined_id: str, max_rank: int)
     rank axis grows to the largest rank ever loaded and never shrinks."""
     for adapter, _ in parts:
         if not isinstance(adapter.weights, LoraWeights) or not adapter.weights.plain:
-            kind = adapter.peft_type if not isinstance(adapter.weights, LoraWeights) else "a LoRA with DoRA, lora_bias or IA3 vectors"
+            kind = adapter.peft_type if not isinstance(adapter.weights, LoraWeights) else \
+                "a LoRA with DoRA, lora_bias, IA3 vectors or embedding / head tables"
             raise AdapterIncompatible(f"adapter {adapter.id!r} is {kind}: only plain LoRA / AdaLoRA adapters can be combined",
                                       field="adapters")
     names = sorted({name for adapter, _ in parts for name in adapter.weights.modules})

@@ -94,11 +94,16 @@ class LoraWeights:
                            None if self.tables is None else self.tables.to(device, dtype))
 
     @property
-    def plain(self) -> bool:
-        """Only low-rank deltas (no DoRA magnitude, IA3 vector or bias): its output is
-        linear in its scale, so a request may rescale it or combine it with others."""
-        return self.tables is None and all(m.bias is None and m.magnitude is None and m.in_scale is None and m.out_scale is None
+    def scalable(self) -> bool:
+        """Its change is linear in its scale (low-rank deltas, lora_B biases; no DoRA magnitude,
+        IA3 vector or token tables), so a request may rescale it."""
+        return self.tables is None and all(m.magnitude is None and m.in_scale is None and m.out_scale is None
                                            for m in self.modules.values())
+
+    @property
+    def plain(self) -> bool:
+        """Only low-rank deltas: it may also be combined with others (Σ w·ΔW)."""
+        return self.scalable and all(m.bias is None for m in self.modules.values())
 
 
 @dataclass

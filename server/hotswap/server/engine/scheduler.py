@@ -226,10 +226,10 @@ class Scheduler:
         try:
             adapter = got[0] if row.request.adapters is None else combine(
                 [(a, w) for a, (_, w) in zip(got, row.request.adapters)], row.lora_key, self.adapters.cfg.max_lora_rank)
-            if row.request.lora_scale != 1.0 and not (isinstance(adapter.weights, LoraWeights) and adapter.weights.plain):
-                raise AdapterIncompatible(f"adapter {adapter.id!r} ({adapter.peft_type}) is not a plain LoRA: a per-request "
-                                          "scale applies only to plain LoRA / AdaLoRA deltas (not DoRA, lora_bias, IA3 or virtual tokens)",
-                                          field="lora_scale")
+            if row.request.lora_scale != 1.0 and not (isinstance(adapter.weights, LoraWeights) and adapter.weights.scalable):
+                raise AdapterIncompatible(f"adapter {adapter.id!r} ({adapter.peft_type}) does not scale linearly: a per-request scale "
+                                          "applies to LoRA / AdaLoRA deltas and lora_B biases only (not DoRA, IA3, embedding / head "
+                                          "tables or virtual tokens)", field="lora_scale")
         except HotswapError as error:
             self._release(ids, got)
             return error
