@@ -49,7 +49,7 @@ def _config(kind: str, model, **kw):
     if kind == "lora_tokens":  # trainable tokens: rows of the embedding (and a tied head) replaced
         return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=list(range(3, 400, 5)))
     if kind == "tokens":
-        return TrainableTokensConfig(task_type=CAUSAL, token_indices=list(range(4, 400, 6)))
+        return TrainableTokensConfig(task_type=CAUSAL, token_indices=list(range(400, 4, -6)))  # unsorted on purpose
     if kind == "adaption":  # LLaMA-Adapter: gated prompts in the top two layers (Llama / Mistral only)
         return AdaptionPromptConfig(task_type=CAUSAL, adapter_len=4, adapter_layers=2)
     if kind == "prompt_random":

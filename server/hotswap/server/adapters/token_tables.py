@@ -79,10 +79,11 @@ def token_tables(config: dict, parts: dict[str, dict[str, torch.Tensor]], shape:
                     raise AdapterIncompatible(f"trainable tokens of {module!r}: rows of shape {tuple(t.shape)}, hidden size is {shape.hidden_size}",
                                               field="trainable_token_indices")
                 ids = _indices(config, module.rsplit(".", 1)[-1], t.shape[0], shape)
+                order = torch.argsort(ids)  # the engine looks ids up by binary search
                 if which == "head":
-                    out.head_ids, out.head_rows = ids, t
+                    out.head_ids, out.head_rows = ids[order], t[order]
                 else:
-                    out.token_ids, out.token_rows = ids, t
+                    out.token_ids, out.token_rows = ids[order], t[order]
             elif which == "embed" and suffix in ("lora_embedding_A", "lora_embedding_B"):
                 continue
             else:

@@ -60,7 +60,7 @@ class TokenTables:
     """[hidden, r] lora_embedding_B."""
     embed_scale: float = 1.0
     token_ids: torch.Tensor | None = None
-    """[k] int64 tokens whose embedding rows are replaced by `token_rows`."""
+    """[k] int64 tokens, ascending, whose embedding rows are replaced by `token_rows`."""
     token_rows: torch.Tensor | None = None
     """[k, hidden]."""
     head_ids: torch.Tensor | None = None

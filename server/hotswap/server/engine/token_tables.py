@@ -15,10 +15,10 @@ def embed_rows(t: TokenTables, ids: torch.Tensor, rows: torch.Tensor) -> torch.T
     """ids [n] token ids (>= 0), rows [n, hidden] the base's embeddings of them → the adapter's, PEFT's order:
     own table, then replaced token rows (index_copy on the table), then + scale · B A[:, id]."""
     out = rows if t.embed is None else F.embedding(ids, t.embed).to(rows.dtype)
-    if t.token_ids is not None:
-        hit = ids[:, None] == t.token_ids[None, :]  # [n, k]
-        found = hit.any(1)
-        out = torch.where(found[:, None], t.token_rows[hit.float().argmax(1)].to(out.dtype), out)
+    if t.token_ids is not None:  # token_ids sorted at load: a binary search per token, no [n, k] comparison
+        at = torch.searchsorted(t.token_ids, ids).clamp(max=len(t.token_ids) - 1)  # [n]
+        found = t.token_ids[at] == ids
+        out = torch.where(found[:, None], t.token_rows[at].to(out.dtype), out)
     if t.embed_a is not None:
         delta = F.embedding(ids, t.embed_a.T) @ t.embed_b.T  # [n, hidden]
         out = out + (delta * t.embed_scale).to(out.dtype)
