@@ -28,7 +28,7 @@ from test_engine_fidelity import NEW, prompts, reference
 KINDS = {  # Qwen2: q/k/v have biases (lora_bias needs them), the head is tied to the embedding
     "qwen2": ["dora", "lora_bias", "ia3", "lora_heads", "lora_embed", "lora_tokens", "tokens", "lora", "lora_mlp", "prompt_random", "prefix"],
     # Llama: untied head; LLaMA-Adapter runs on Llama / Mistral only
-    "llama": ["adaption", "dora", "ia3", "lora_heads", "lora_tokens", "tokens", "lora", "lora_mlp", "prompt_random", "prefix"],
+    "llama": ["adaption", "dora", "ia3", "lora_heads", "lora_embed", "lora_tokens", "tokens", "lora", "lora_mlp", "prompt_random", "prefix"],
 }
 SCALE = 0.5
 WEIGHTS = (0.7, -0.4)  # combination of "lora" and "lora_mlp"
@@ -182,6 +182,8 @@ def test_malformed_checkpoints_of_the_new_types_are_refused_naming_the_field(set
         ("lora_tokens", {"trainable_token_indices": list(range(10**6, 10**6 + 80))}, None, AdapterIncompatible, "trainable_token_indices"),
         ("tokens", {"token_indices": "3,4"}, None, AdapterIncompatible, "token_indices"),
         ("lora_embed", None, lambda t: {k: v for k, v in t.items() if not k.endswith("lora_embedding_B")}, AdapterIncompatible, "target_modules"),
+        ("lora_embed", None, lambda t: {k: v + 1 if k.endswith("base_layer.weight") else v for k, v in t.items()}, AdapterIncompatible,
+         "target_modules"),  # a different embedding table on a tied base
         ("lora_embed", {"use_dora": True}, lambda t: {**t, **{k.replace("lora_A.weight", "lora_magnitude_vector"): torch.ones(64)
                                                               for k in t if "o_proj.lora_A" in k}}, AdapterIncompatible, "use_dora"),
     ]

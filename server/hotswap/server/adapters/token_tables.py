@@ -70,6 +70,9 @@ def token_tables(config: dict, parts: dict[str, dict[str, torch.Tensor]], shape:
                     raise AdapterIncompatible(f"{module!r} copy has shape {tuple(t.shape)}, the base's is {width}", field="modules_to_save")
                 if suffix == "base_layer.weight" and base_embed is not None and torch.equal(t, base_embed.detach().float().cpu()):
                     continue  # LoRA on the embedding saves the frozen table: the base's own
+                if suffix == "base_layer.weight" and shape.tied:  # PEFT would load it into the weight the head shares
+                    raise AdapterIncompatible(f"the adapter's saved {module!r} table differs from the base's, whose output head "
+                                              "is tied to it", field="target_modules")
                 if which == "head":
                     out.head = t
                 else:
