@@ -7,6 +7,9 @@ from pathlib import Path
 import torch
 from peft import (
     AdaLoraConfig,
+    AdaptionPromptConfig,
+    IA3Config,
+    TrainableTokensConfig,
     LoraConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -34,6 +37,22 @@ def _config(kind: str, model, **kw):
     if kind == "adalora_pruned":
         return AdaLoraConfig(task_type=task, init_r=6, target_r=2, lora_alpha=10, tinit=1, tfinal=1, deltaT=1,
                              total_step=6, target_modules=["q_proj", "v_proj", "down_proj"])
+    if kind == "dora":
+        return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    if kind == "lora_bias":  # lora_B gets a bias: PEFT allows it only on linears that have one (Qwen2's q/k/v)
+        return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "k_proj", "v_proj"])
+    if kind == "ia3":  # down_proj scales its input, the others their outputs
+        return IA3Config(task_type=CAUSAL, target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    if kind == "lora_heads":  # fully trained copies of the embedding and the output head, applied per row
+        return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "embed_tokens"])
+    if kind == "lora_embed":  # LoRA on the embedding itself (lora_embedding_A/B)
+        return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"])
+    if kind == "lora_tokens":  # trainable tokens: rows of the embedding (and a tied head) replaced
+        return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=list(range(3, 400, 5)))
+    if kind == "tokens":
+        return TrainableTokensConfig(task_type=CAUSAL, token_indices=list(range(400, 4, -6)))  # unsorted on purpose
+    if kind == "adaption":  # LLaMA-Adapter: gated prompts in the top two layers (Llama / Mistral only)
+        return AdaptionPromptConfig(task_type=CAUSAL, adapter_len=4, adapter_layers=2)
     if kind == "prompt_random":
         return PromptTuningConfig(task_type=task, num_virtual_tokens=5)
     if kind == "prompt_text":
@@ -49,6 +68,8 @@ def _config(kind: str, model, **kw):
 
 
 KINDS = ("lora", "lora_mlp", "rslora", "adalora", "adalora_pruned", "prompt_random", "prompt_text", "ptuning", "prefix", "prefix_proj")
+MORE_KINDS = ("dora", "lora_bias", "ia3", "lora_heads", "lora_embed", "lora_tokens", "tokens", "adaption")
+"""LoRA variants and IA3; lora_bias needs a base whose targeted linears have biases (Qwen2)."""
 
 
 def save_adapter(model, kind: str, out: Path, seed: int = 0, scale: float = 0.3, **kw) -> Path:

@@ -112,10 +112,11 @@ def test_incompatibilities_name_the_mismatch(base, saved, tmp_path):
     with pytest.raises(AdapterIncompatible, match="rank 4 .* above the configured maximum 2") as e:
         load_adapter(saved["lora"], "x", model, max_lora_rank=2)
     assert e.value.field == "r"
-    dora = _copy(saved["lora"], tmp_path / "dora")
+    dora = _copy(saved["lora"], tmp_path / "dora")  # DoRA serves, but a config promising it needs its magnitudes
     _edit_config(dora, use_dora=True)
-    with pytest.raises(AdapterIncompatible, match="DoRA"):
+    with pytest.raises(AdapterIncompatible, match="use_dora is on but .* lacks a lora_magnitude_vector") as e:
         load_adapter(dora, "x", model, 64)
+    assert e.value.field == "use_dora"
 
     # Adapters made by PEFT on other tiny models: wider hidden size, more layers, other head layout.
     def variant(**changes):

@@ -137,6 +137,32 @@ def test_async_client_and_adapter_named_in_metadata(server, registered):
     assert r.adapter_id == registered["lora"] and list(r.token_ids) == gens[1].token_ids
 
 
+def test_sdk_lora_scale_and_weighted_combination_match_peft(server, registered, adapters, tiny_checkpoints):
+    """lora_scale is PEFT's set_scale; a one-adapter combination with weight w is the same delta
+    as lora_scale w (Σ w·ΔW). Refusals name the field."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    ckpt = tiny_checkpoints["llama"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), adapters["lora"]).eval()
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            layer.set_scale("default", 0.5)
+    with Client(server.target) as c:
+        ids = c.tokenize("the cat sat").token_ids
+        want = reference(ckpt, None, ids, NEW, model=model)[0]
+        scaled = c.generate("the cat sat", adapter="lora", lora_scale=0.5, max_new_tokens=NEW, ignore_eos=True)
+        combined = c.generate("the cat sat", adapter=[("lora", 0.5)], max_new_tokens=NEW, ignore_eos=True)
+        assert scaled.token_ids == want and combined.token_ids == want
+        assert want != c.generate("the cat sat", adapter="lora", max_new_tokens=NEW, ignore_eos=True).token_ids
+        with pytest.raises(InvalidArgument, match="lora_scale"):
+            c.generate("hi", adapter="lora", lora_scale=11.0, max_new_tokens=2)
+        with pytest.raises(FailedPrecondition, match="adapters"):
+            c.generate("hi", adapter=[("lora", 1.0), ("prefix", 1.0)], max_new_tokens=2)
+        with pytest.raises(NotFound):
+            c.generate("hi", adapter=[("lora", 1.0), ("nope", 1.0)], max_new_tokens=2)
+
+
 def test_chat_messages_logprobs_and_adapter_management(server, registered):
     with Client(server.target) as c:
         g = c.generate(messages=[{"role": "user", "content": "hi there"}], max_new_tokens=4, ignore_eos=True, logprobs=2)

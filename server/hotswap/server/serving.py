@@ -14,7 +14,7 @@ from .adapters.weights import Adapter
 from .config import AdapterCacheConfig, EngineConfig, ModelConfig
 from .engine.engine import Engine
 from .engine.loop import EngineLoop, RequestStream
-from .engine.request import GenerateRequest, GenerateResult, StreamEvent
+from .engine.request import GenerateRequest, GenerateResult, StreamEvent, check_lora_controls
 from .errors import InvalidArgument
 from .model.loader import LoadedModel, load_base_model
 
@@ -79,6 +79,10 @@ class ServingCore:
         event, on the engine thread (the gRPC layer wakes its asyncio loop with it)."""
         if request.adapter_id:  # NOT_FOUND now, not after queueing; the cache keys on the versioned id
             request = dataclasses.replace(request, adapter_id=self.resolve(request.adapter_id))
+        if request.adapters is not None:
+            resolved = [(self.resolve(a), w) for a, w in request.adapters]
+            check_lora_controls(request.lora_scale, resolved, "")  # "x" and "x@3" may name one version twice
+            request = dataclasses.replace(request, adapters=resolved)
         return self.loop.submit(request, notify)
 
     def generate(self, request: GenerateRequest, timeout: float | None = None) -> GenerateResult:

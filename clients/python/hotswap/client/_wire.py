@@ -50,19 +50,27 @@ def credentials(tls: bool, ca_cert: bytes | None, client_cert: bytes | None, cli
     return grpc.ssl_channel_credentials(root_certificates=ca_cert, private_key=client_key, certificate_chain=client_cert)
 
 
-def metadata(token: str | None, adapter: str = "") -> tuple[tuple[str, str], ...]:
+def metadata(token: str | None, adapter: str | list = "") -> tuple[tuple[str, str], ...]:
     md = []
     if token:
         md.append(("authorization", f"Bearer {token}"))
-    if adapter and adapter.isascii() and adapter.isprintable():  # lets a router pick a replica without parsing the body
+    if isinstance(adapter, str) and adapter and adapter.isascii() and adapter.isprintable():  # lets a router pick a replica without parsing the body
         md.append(("hotswap-adapter-id", adapter))  # (a value no header can carry is left to the server to refuse, by field)
     return tuple(md)
 
 
-def generate_fields(prompt: str | None, messages: list[dict] | None, adapter: str, request_id: str, **sampling) -> dict:
+def generate_fields(prompt: str | None, messages: list[dict] | None, adapter: str | list[tuple[str, float]], request_id: str,
+                    lora_scale: float | None = None, **sampling) -> dict:
+    """`adapter`: an adapter id, or (adapter id, weight) pairs combined as Σ weight·ΔW (LoRA only)."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt or messages")
-    fields: dict = {"adapter_id": adapter or "", "request_id": request_id or "", "sampling": sampling_params(**sampling)}
+    fields: dict = {"request_id": request_id or "", "sampling": sampling_params(**sampling)}
+    if isinstance(adapter, str):
+        fields["adapter_id"] = adapter
+    else:
+        fields["adapters"] = [inference_pb2.WeightedAdapter(adapter_id=a, weight=w) for a, w in adapter]
+    if lora_scale is not None:
+        fields["lora_scale"] = lora_scale
     if prompt is not None:
         fields["prompt"] = prompt
     else:

@@ -43,12 +43,12 @@ class AsyncClient:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
-    async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None, adapter: str = "",
+    async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None, adapter: str | list[tuple[str, float]] = "",
                        request_id: str = "", timeout: float | None = None, **sampling) -> Generation:
         req = inference_pb2.GenerateRequest(**_wire.generate_fields(prompt, messages, adapter, request_id, **sampling))
         return _wire.generation(await self._call(self._inference.Generate, req, timeout, adapter))
 
-    async def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, adapter: str = "",
+    async def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, adapter: str | list[tuple[str, float]] = "",
                      request_id: str = "", timeout: float | None = None, **sampling) -> AsyncIterator[StreamChunk]:
         req = inference_pb2.GenerateStreamRequest(**_wire.generate_fields(prompt, messages, adapter, request_id, **sampling))
         call = self._inference.GenerateStream(req, timeout=timeout or self.timeout, metadata=_wire.metadata(self.token, adapter))

@@ -49,14 +49,15 @@ class Client:
             raise from_rpc_error(e) from None
 
     # -- inference ------------------------------------------------------------------------
-    def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None, adapter: str = "",
+    def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None, adapter: str | list[tuple[str, float]] = "",
                  request_id: str = "", timeout: float | None = None, **sampling) -> Generation:
         """Sampling keywords: max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-        seed, stop, ignore_eos, logprobs."""
+        seed, stop, ignore_eos, logprobs; lora_scale multiplies a LoRA adapter's delta.
+        `adapter`: an id, or [(id, weight), ...] LoRA adapters combined as Σ weight·ΔW."""
         req = inference_pb2.GenerateRequest(**_wire.generate_fields(prompt, messages, adapter, request_id, **sampling))
         return _wire.generation(self._call(self._inference.Generate, req, timeout, adapter))
 
-    def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, adapter: str = "",
+    def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None, adapter: str | list[tuple[str, float]] = "",
                request_id: str = "", timeout: float | None = None, **sampling) -> Iterator[StreamChunk]:
         """Chunks of new text as they are generated. Leaving the loop early cancels the
         request on the server (its batch row is freed at the next step)."""

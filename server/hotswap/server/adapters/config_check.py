@@ -48,8 +48,19 @@ def check_config(config: dict, peft_type: str) -> None:
             _patterns(config, "rank_pattern", lambda v: isinstance(v, list) and all(isinstance(b, bool) for b in v), "a list of true/false")
         else:
             _patterns(config, "rank_pattern", _count, "a whole number >= 1")
-        if not isinstance(config.get("use_rslora", False), bool):
-            raise InvalidArgument(f"must be true or false, got {shown(config['use_rslora'], 80)}", field="use_rslora")
+        for name in ("use_rslora", "use_dora", "lora_bias"):
+            if not isinstance(config.get(name, False), bool):
+                raise InvalidArgument(f"must be true or false, got {shown(config[name], 80)}", field=name)
+        if config.get("use_dora") and config.get("lora_bias"):  # PEFT refuses this pair too (peft/tuners/lora/config.py)
+            raise InvalidArgument("lora_bias cannot be combined with DoRA (use_dora)", field="lora_bias")
+    elif peft_type == "IA3":
+        ff = config.get("feedforward_modules")
+        if ff is not None and not isinstance(ff, str) and not (isinstance(ff, list) and all(isinstance(f, str) for f in ff)):
+            raise InvalidArgument(f"must be a module name pattern or a list of names, got {shown(ff, 80)}", field="feedforward_modules")
+    elif peft_type == "ADAPTION_PROMPT":
+        for name in ("adapter_len", "adapter_layers"):
+            if config.get(name) is not None and not _count(config[name]):
+                raise InvalidArgument(f"must be a whole number >= 1, got {shown(config[name], 80)}", field=name)
     else:
         n = config.get("num_virtual_tokens")
         if n is not None and not _count(n):

@@ -8,15 +8,19 @@ from torch import nn
 
 from ..errors import AdapterIncompatible, InvalidArgument
 from .config_check import check_config, check_scale
+from .adaption import adaption_weights
+from .ia3 import ia3_weights
 from .lora import adalora_weights, lora_weights
 from .peft_files import read_adapter_dir
 from .prefix import prefix_weights
 from .prompt import prompt_weights
 from .score_head import split_score_head
 from .validate import BaseShape, check_prefix_config, check_weights
-from .weights import Adapter
+from .token_tables import split as token_split
+from .token_tables import token_tables
+from .weights import Adapter, LoraWeights
 
-SUPPORTED = ("LORA", "ADALORA", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+SUPPORTED = ("LORA", "ADALORA", "IA3", "TRAINABLE_TOKENS", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT")
 TASKS = ("CAUSAL_LM", "SEQ_CLS")
 """CAUSAL_LM adapters serve Generate and Score; SEQ_CLS adapters (with their score head) serve Classify."""
 
@@ -37,10 +41,21 @@ def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_l
     head, saved = None, config
     if task == "SEQ_CLS":  # the head is served apart; the rest loads like any adapter of its type
         config, tensors, head = split_score_head(config, tensors, shape.hidden_size, Path(path))
-    if peft_type == "LORA":
-        weights = lora_weights(config, tensors)
+    if peft_type in ("LORA", "IA3", "TRAINABLE_TOKENS"):  # these may also change the embedding / output head
+        _check_modules_to_save(config, shape)
+        tensors, parts = token_split(tensors, shape)
+        tables = token_tables(config, parts, shape, None if isinstance(base, BaseShape) else base.get_input_embeddings().weight)
+        if peft_type == "TRAINABLE_TOKENS":
+            if tensors:
+                raise AdapterIncompatible(f"unexpected tensor {next(iter(tensors))!r} in a trainable-tokens checkpoint", field="target_modules")
+            weights = LoraWeights({})
+        else:
+            weights = lora_weights(config, tensors) if peft_type == "LORA" else ia3_weights(config, tensors, shape)
+        weights.tables = tables
     elif peft_type == "ADALORA":
         weights = adalora_weights(config, tensors)
+    elif peft_type == "ADAPTION_PROMPT":
+        weights = adaption_weights(config, tensors, shape, None if isinstance(base, BaseShape) else base)
     elif peft_type in ("PROMPT_TUNING", "P_TUNING"):
         if config.get("token_dim") not in (None, shape.hidden_size):
             raise AdapterIncompatible(f"hidden size: adapter token_dim {config['token_dim']}, base model hidden size {shape.hidden_size}", field="hidden_size")
@@ -52,3 +67,15 @@ def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_l
         check_scale(module, w.scale)
     check_weights(weights, shape, max_lora_rank)
     return Adapter(adapter_id, peft_type, weights, saved, head)
+
+
+def _check_modules_to_save(config: dict, shape: BaseShape) -> None:
+    """Fully trained copies are served for the input embedding and the output head only."""
+    names = config.get("modules_to_save") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InvalidArgument(f"must be a list of module names, got {names!r:.80}", field="modules_to_save")
+    ends = {p.rsplit(".", 1)[-1] for p in (shape.embed_path, shape.head_path) if p}
+    other = [n for n in names if n.rsplit(".", 1)[-1] not in ends]
+    if other:
+        raise AdapterIncompatible(f"modules_to_save {other[:3]}: hotswap serves fully trained copies of the input embedding and "
+                                  f"output head ({', '.join(sorted(ends))}) only", field="modules_to_save")

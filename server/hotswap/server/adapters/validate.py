@@ -18,6 +18,13 @@ class BaseShape:
     head_dim: int
     linears: dict[str, tuple[int, int]]
     """module path -> (in_features, out_features) of every linear except the output head."""
+    embed_path: str = ""
+    """Module path of the input embedding, e.g. "model.embed_tokens"."""
+    head_path: str = ""
+    """Module path of the output head, e.g. "lm_head"."""
+    vocab_size: int = 0
+    tied: bool = False
+    """The output head shares the input embedding's weight."""
 
     @classmethod
     def of(cls, model: nn.Module) -> "BaseShape":
@@ -31,6 +38,10 @@ class BaseShape:
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
             linears=linears,
+            embed_path=next((n for n, m in model.named_modules() if m is model.get_input_embeddings()), ""),
+            head_path=next((n for n, m in model.named_modules() if m is head), ""),
+            vocab_size=model.get_input_embeddings().weight.shape[0],
+            tied=head is not None and head.weight is model.get_input_embeddings().weight,
         )
 
 
@@ -66,7 +77,7 @@ def check_weights(weights, base: BaseShape, max_lora_rank: int) -> None:
 
 
 def _check_lora(weights: LoraWeights, base: BaseShape, max_lora_rank: int) -> None:
-    if not weights.modules:
+    if not weights.modules and weights.tables is None:
         raise AdapterIncompatible("the LoRA adapter has no target modules", field="target_modules")
     missing = sorted(m for m in weights.modules if m not in base.linears)
     if missing:
@@ -90,3 +101,7 @@ def _check_lora(weights: LoraWeights, base: BaseShape, max_lora_rank: int) -> No
             )
         if m.b.shape[1] != m.rank:
             raise AdapterIncompatible(f"{name!r}: lora_A rank {m.rank} != lora_B rank {m.b.shape[1]}", field="r")
+        for vec, width, field in ((m.bias, fan_out, "lora_bias"), (m.magnitude, fan_out, "use_dora"),
+                                  (m.in_scale, fan_in, "feedforward_modules"), (m.out_scale, fan_out, "target_modules")):
+            if vec is not None and tuple(vec.shape) != (width,):
+                raise AdapterIncompatible(f"{name!r}: {field} vector has shape {tuple(vec.shape)}, the linear needs ({width},)", field=field)

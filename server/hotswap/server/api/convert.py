@@ -70,10 +70,13 @@ def prompt_input(msg) -> dict:
 
 def generate_request(msg, metadata_adapter_id: str = "") -> GenerateRequest:
     kwargs = prompt_input(msg)
+    combined = [(a.adapter_id, a.weight) for a in msg.adapters] or None
     return GenerateRequest(
         **kwargs,
-        adapter_id=msg.adapter_id or metadata_adapter_id,
+        adapter_id=msg.adapter_id or ("" if combined else metadata_adapter_id),
         params=sampling_params(msg.sampling),
+        lora_scale=msg.lora_scale if msg.HasField("lora_scale") else 1.0,
+        adapters=combined,
         request_id=msg.request_id,
     )
 

@@ -10,13 +10,14 @@ for the whole batch. The native CPU kernel wins at every chunk length
 over its row's gathered blocks instead, where a dense kernel's matrix products win."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from . import kernels
+from .adaption import AdaptionGroup, adaption_attention
 from .kv_cache import PagedKVCache
 
 ATTENTION_NAME = "hotswap_paged"
@@ -54,6 +55,8 @@ class AttentionBatch:
     """Tokens attended by the paged kernel (all but the dense chunks')."""
     backend: str
     """"native" or "torch" (kernels.set_backend names)."""
+    adaption: list[AdaptionGroup] = field(default_factory=list)
+    """Tokens of LLaMA-Adapter rows, by adapter: they also attend to its gated prompt."""
 
 
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -79,6 +82,9 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         end = chunk.q_start + chunk.num_tokens
         out[chunk.q_start:end] = dense_chunk_attention(q[chunk.q_start:end], k_cache, v_cache,
                                                        batch.block_tables[chunk.row], chunk.start, scale, window)
+    for g in batch.adaption:
+        if layer in g.keys:
+            out[g.tokens] += adaption_attention(q[g.tokens], g.keys[layer], g.values[layer], g.gates[layer])
     return out[None], None
 
 

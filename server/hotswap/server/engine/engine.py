@@ -322,7 +322,8 @@ class Engine:
         row.finished_at = time.monotonic()
         self.scheduler.finish(row)
         if row.adapter is not None and self.adapters is not None:
-            self.adapters.release(row.request.adapter_id)
+            for adapter_id in row.adapter_ids:
+                self.adapters.release(adapter_id)
         self.outbox.append((row, StreamEvent(row.request_id, token_ids or [], text, lps or [], reason, error, readout)))
 
     def fail_all(self, error: HotswapError, reason: FinishReason = FinishReason.ERROR) -> None:

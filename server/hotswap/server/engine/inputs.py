@@ -28,6 +28,8 @@ class StepInputs:
     """Prompt chunks attended with SDPA over gathered blocks (torch path only)."""
     lora_slots: torch.Tensor | None
     """[num_tokens] int32 LoRA slot of each token's row (-1: none); None when no row has LoRA."""
+    lora_scales: torch.Tensor | None
+    """[num_tokens] float32 per-request LoRA scale of each token's row; None when every row uses 1."""
     sample_at: torch.Tensor
     """[sampling rows] packed index of the token whose logits give each sampling row's next token."""
 
@@ -50,6 +52,7 @@ def build_inputs(scheduled: list[ScheduledRow], block_size: int, dense_chunks: b
     for d in dense:
         token_rows[d.q_start: d.q_start + d.num_tokens] = -1
     lora = [s.row.lora_slot for s in scheduled]
+    scales = [s.row.request.lora_scale for s in scheduled]
     return StepInputs(
         ids=torch.tensor([t for s in scheduled for t in s.row.tokens(s.start, s.end)]),
         positions=positions,
@@ -59,5 +62,6 @@ def build_inputs(scheduled: list[ScheduledRow], block_size: int, dense_chunks: b
         token_rows=token_rows,
         dense=dense,
         lora_slots=torch.tensor(lora, dtype=torch.int32)[row_of] if any(x >= 0 for x in lora) else None,
+        lora_scales=torch.tensor(scales, dtype=torch.float32)[row_of] if any(x != 1.0 for x in scales) else None,
         sample_at=torch.tensor([first_list[i] + s.num_tokens - 1 for i, s in enumerate(scheduled) if s.samples], dtype=torch.long),
     )

@@ -11,7 +11,12 @@ models pay nothing.
 
 A hook rather than a wrapper module keeps the model's module tree exactly as
 transformers built it, so adapter validation and PEFT's module paths see the
-same names and types."""
+same names and types.
+
+The same slots carry the adapter types that change a linear beyond a low-rank delta:
+DoRA (a per-output multiplier and shift, derived in `lora_fold`), lora_B's bias (a shift)
+and IA3 (a multiplier on the output, or on the input of feedforward modules). Tokens of
+other rows gather ones and zeros, so the mix of types never branches the forward."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,11 +27,17 @@ from torch import nn
 
 from ..adapters.weights import LoraWeights
 from . import kernels
+from .lora_fold import fold
 
 
 class LoraSlots:
     """Stacked LoRA weights of up to `max_loras` adapters. Tensors exist only for linears
-    some loaded adapter targets; the rank axis grows to the highest rank loaded."""
+    some loaded adapter targets; the rank axis grows to the highest rank loaded.
+
+    Per-output multipliers and shifts (DoRA, lora_bias, IA3 on outputs) and per-input
+    multipliers (IA3 on feedforward inputs) exist only for linears some loaded adapter
+    needs them on; they carry one extra row, `max_loras`, of ones / zeros that tokens of
+    rows without a LoRA slot gather, so every token takes the same path."""
 
     def __init__(self, linears: dict[str, nn.Linear], max_loras: int, device: torch.device, dtype: torch.dtype) -> None:
         self.linears = linears
@@ -34,10 +45,15 @@ class LoraSlots:
         self.max_loras, self.device, self.dtype = max_loras, device, dtype
         self.on_new_target: Callable[[str], None] | None = None
         """Called when a loaded adapter is the first to target a linear (the runner hooks it)."""
+        self.on_new_input_scale: Callable[[str], None] | None = None
+        """Called when a loaded adapter is the first to scale a linear's input (IA3 feedforward)."""
         self.rank_cap = 0
         self.a: dict[str, torch.Tensor] = {}  # name -> [max_loras, rank_cap, in]
         self.b: dict[str, torch.Tensor] = {}  # name -> [max_loras, rank_cap, out]: rows of outputs, read only up to a slot's rank
         self.ranks: dict[str, torch.Tensor] = {}  # name -> [max_loras] int32, 0 = not targeted
+        self.out_mult: dict[str, torch.Tensor] = {}  # name -> [max_loras + 1, out], ones where unused
+        self.out_shift: dict[str, torch.Tensor] = {}  # name -> [max_loras + 1, out], zeros where unused (scaled per token)
+        self.in_mult: dict[str, torch.Tensor] = {}  # name -> [max_loras + 1, in], ones where unused
 
     def _grow_rank(self, rank: int) -> None:
         if rank <= self.rank_cap:
@@ -49,22 +65,38 @@ class LoraSlots:
             self.b[name] = torch.cat([b, b.new_zeros(b.shape[0], pad, b.shape[2])], dim=1)
         self.rank_cap = rank
 
-    def load(self, slot: int, weights: LoraWeights) -> None:
-        """Put an adapter's weights into `slot` (whatever was there before is overwritten)."""
+    def _check_fits(self, weights: LoraWeights) -> None:
         for name, m in weights.modules.items():
             linear = self.linears.get(name)
             if linear is None or m.a.shape[1] != linear.in_features or m.b.shape[0] != linear.out_features or m.b.shape[1] != m.rank:
                 raise ValueError(f"{name}: LoRA A {tuple(m.a.shape)} / B {tuple(m.b.shape)} do not fit "
                                  + (f"the linear ({linear.in_features} in, {linear.out_features} out)" if linear else "any linear of the base model"))
+
+    def _vectors(self, table: dict[str, torch.Tensor], name: str, width: int, fill: float) -> None:
+        if name not in table:
+            table[name] = torch.full((self.max_loras + 1, width), fill, device=self.device, dtype=self.dtype)
+
+    def load(self, slot: int, weights: LoraWeights) -> None:
+        """Put an adapter's weights into `slot` (whatever was there before is overwritten)."""
+        self._check_fits(weights)
+        folded = {name: fold(m, self.linears[name]) for name, m in weights.modules.items()}  # before any slot changes
         self._grow_rank(max(m.rank for m in weights.modules.values()))
         for name, m in weights.modules.items():
+            linear = self.linears[name]
             if name not in self.a:
-                linear = self.linears[name]
                 self.a[name] = torch.zeros(self.max_loras, self.rank_cap, linear.in_features, device=self.device, dtype=self.dtype)
                 self.b[name] = torch.zeros(self.max_loras, self.rank_cap, linear.out_features, device=self.device, dtype=self.dtype)
                 self.ranks[name] = torch.zeros(self.max_loras, dtype=torch.int32, device=self.device)
                 if self.on_new_target is not None:
                     self.on_new_target(name)
+            _, mult, shift = folded[name]
+            if mult is not None or shift is not None:
+                self._vectors(self.out_mult, name, linear.out_features, 1.0)
+                self._vectors(self.out_shift, name, linear.out_features, 0.0)
+            if m.in_scale is not None and name not in self.in_mult:
+                self._vectors(self.in_mult, name, linear.in_features, 1.0)
+                if self.on_new_input_scale is not None:
+                    self.on_new_input_scale(name)
         for name in self.a:
             m = weights.modules.get(name)
             self.a[name][slot].zero_()
@@ -72,11 +104,19 @@ class LoraSlots:
             self.ranks[name][slot] = 0 if m is None else m.rank
             if m is not None:
                 self.a[name][slot, : m.rank] = m.a
-                self.b[name][slot, : m.rank] = (m.b * m.scale).T
+                self.b[name][slot, : m.rank] = folded[name][0]
+        for name in self.out_mult:
+            mult, shift = folded[name][1:] if name in folded else (None, None)
+            self.out_mult[name][slot] = 1.0 if mult is None else mult
+            self.out_shift[name][slot] = 0.0 if shift is None else shift
+        for name in self.in_mult:
+            m = weights.modules.get(name)
+            self.in_mult[name][slot] = 1.0 if m is None or m.in_scale is None else m.in_scale
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.a, self.b) for t in d.values())
+        tables = (self.a, self.b, self.out_mult, self.out_shift, self.in_mult)
+        return sum(t.numel() * t.element_size() for d in tables for t in d.values())
 
 
 @dataclass
@@ -86,6 +126,15 @@ class LoraStep:
     token_slots: torch.Tensor
     """[num_tokens] int32: the LoRA slot of each token's row, -1 for rows without LoRA."""
     backend: str
+    vector_rows: torch.Tensor
+    """[num_tokens] int64: each token's row in the per-slot vectors (max_loras for rows without LoRA)."""
+    token_scales: torch.Tensor | None = None
+    """[num_tokens, 1] float32 per-request LoRA scale of each token's row; None when every row uses 1."""
+
+    @classmethod
+    def of(cls, token_slots: torch.Tensor, token_scales: torch.Tensor | None, max_loras: int, backend: str) -> "LoraStep":
+        rows = torch.where(token_slots >= 0, token_slots, max_loras).long()
+        return cls(token_slots, backend, rows, None if token_scales is None else token_scales.float()[:, None])
 
 
 class LoraContext:
@@ -98,7 +147,8 @@ class LoraContext:
 
 
 class LoraDelta:
-    """Forward hook on one base linear: adds each token's LoRA delta to the shared base output."""
+    """Forward hook on one base linear: applies each token's per-output multiplier and shift
+    (when some adapter has them here), then adds its LoRA delta to the shared base output."""
 
     def __init__(self, name: str, ctx: LoraContext) -> None:
         self.name = name
@@ -110,11 +160,21 @@ class LoraDelta:
         a = slots.a.get(self.name) if step is not None else None
         if a is None:
             return y
+        y2 = y.view(-1, y.shape[-1])  # [num_tokens, out]; the base output is fresh, so changes go in place
+        mult = slots.out_mult.get(self.name)
+        if mult is not None:
+            shift = slots.out_shift[self.name][step.vector_rows]  # [num_tokens, out]
+            if step.token_scales is not None:
+                shift = shift * step.token_scales
+            y2.mul_(mult[step.vector_rows].to(y2.dtype)).add_(shift.to(y2.dtype))
+        if a.shape[1] == 0:  # only rank-0 adapters (IA3) loaded so far
+            return y
         b, ranks = slots.b[self.name], slots.ranks[self.name]
         x = args[0].reshape(-1, args[0].shape[-1])  # [num_tokens, in]
-        y2 = y.view(-1, y.shape[-1])  # [num_tokens, out]; the base output is fresh, so the delta goes in place
         t = torch.empty(x.shape[0], a.shape[1], device=x.device, dtype=torch.float32)  # [num_tokens, rank_cap]
         kernels.lora_shrink(t, x.to(a.dtype), a, step.token_slots, ranks, backend=step.backend)
+        if step.token_scales is not None:
+            t.mul_(step.token_scales)
         if y2.dtype == b.dtype:
             kernels.lora_expand(y2, t, b, step.token_slots, ranks, backend=step.backend)
         else:  # e.g. an int8 base whose matmul returns another dtype than the compute dtype
@@ -122,6 +182,22 @@ class LoraDelta:
             kernels.lora_expand(delta, t, b, step.token_slots, ranks, backend=step.backend)
             y2 += delta.to(y2.dtype)
         return y
+
+
+class LoraInputScale:
+    """Forward pre-hook on one base linear: multiplies each token's input by its slot's vector (IA3 feedforward)."""
+
+    def __init__(self, name: str, ctx: LoraContext) -> None:
+        self.name = name
+        self.ctx = ctx
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
+        step = self.ctx.step
+        if step is None:
+            return None
+        x = args[0]
+        v = self.ctx.slots.in_mult[self.name][step.vector_rows]  # [num_tokens, in]
+        return ((x.reshape(-1, x.shape[-1]) * v.to(x.dtype)).view(x.shape), *args[1:])
 
 
 def lora_targets(model: nn.Module) -> dict[str, nn.Linear]:
@@ -134,4 +210,5 @@ def attach_lora(model: nn.Module, max_loras: int, device: torch.device, dtype: t
     """LoRA slots for `model`; each linear is hooked when an adapter first targets it."""
     ctx = LoraContext(LoraSlots(lora_targets(model), max_loras, device, dtype))
     ctx.slots.on_new_target = lambda name: ctx.slots.linears[name].register_forward_hook(LoraDelta(name, ctx))
+    ctx.slots.on_new_input_scale = lambda name: ctx.slots.linears[name].register_forward_pre_hook(LoraInputScale(name, ctx))
     return ctx

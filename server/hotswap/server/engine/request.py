@@ -70,6 +70,35 @@ class SamplingParams:
 
 
 _ids = itertools.count()
+MAX_LORA_SCALE = 10.0
+"""Per-request LoRA scale and combination weights stay within ±this: past it no trained adapter means anything."""
+MAX_COMBINED = 8
+"""Adapters one request may combine: each adds its rank to the combined slot."""
+
+
+def check_lora_controls(scale: object, adapters: list | None, adapter_id: str) -> None:
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (number(scale) and 0 <= scale <= MAX_LORA_SCALE):
+        raise InvalidArgument(f"must be a finite number in [0, {MAX_LORA_SCALE:g}], got {shown(scale)}", field="lora_scale")
+    if adapters is None:
+        if scale != 1.0 and not adapter_id:
+            raise InvalidArgument("a LoRA scale needs an adapter (adapter_id or adapters)", field="lora_scale")
+        return
+    if adapter_id:
+        raise InvalidArgument("give either adapter_id or adapters (a weighted combination), not both", field="adapters")
+    if not 1 <= len(adapters) <= MAX_COMBINED:
+        raise InvalidArgument(f"a combination takes 1 to {MAX_COMBINED} adapters, got {len(adapters)}", field="adapters")
+    ids = [a for a, _ in adapters]
+    for a, w in adapters:
+        if not isinstance(a, str) or not a:
+            raise InvalidArgument(f"each entry needs a non-empty adapter id, got {shown(a)}", field="adapters")
+        if not (number(w) and abs(w) <= MAX_LORA_SCALE):
+            raise InvalidArgument(f"weight of {shown(a)} must be a finite number in [-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}], got {shown(w)}",
+                                  field="adapters")
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument("an adapter appears twice in the combination: give it once with the summed weight", field="adapters")
 
 
 @dataclass
@@ -85,6 +114,10 @@ class GenerateRequest:
     adapter_id: str = ""
     """Empty: the base model."""
     params: SamplingParams = field(default_factory=SamplingParams)
+    lora_scale: float = 1.0
+    """Multiplies the LoRA delta of the row's adapter (PEFT's `set_scale` semantics: scaling × this)."""
+    adapters: list[tuple[str, float]] | None = None
+    """Instead of adapter_id: LoRA adapters combined as Σ weight·ΔW (see `adapters.combine`)."""
     request_id: str = ""
     arrival_time: float = field(default_factory=time.monotonic)
     task: Task = Task.GENERATE
@@ -100,6 +133,7 @@ class GenerateRequest:
             raise InvalidArgument("give exactly one of prompt, messages, prompt_ids", field="prompt")
         if (self.task is Task.SCORE) != (self.continuation is not None):
             raise InvalidArgument("a continuation is given with (and only with) a score request", field="continuation")
+        check_lora_controls(self.lora_scale, self.adapters, self.adapter_id)
 
     @property
     def generates(self) -> bool:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..adapters.weights import Adapter, LoraWeights, PrefixWeights, PromptWeights, ScoreHead
+from ..adapters.weights import Adapter, AdaptionWeights, LoraWeights, PrefixWeights, PromptWeights, ScoreHead, TokenTables
 from .detokenize import IncrementalDetokenizer, StopMatcher
 from .request import FinishReason, GenerateRequest, StreamEvent, Task, TokenLogprob
 
@@ -63,14 +63,37 @@ class Row:
         return self.request.request_id
 
     @property
-    def adapter_key(self) -> str:
-        """What the row's key/values depend on besides its tokens: the versioned adapter id ("" = base)."""
+    def adapter_ids(self) -> list[str]:
+        """The versioned adapters the row holds a reference to: its one adapter, or every adapter it combines."""
+        if self.request.adapters is not None:
+            return [a for a, _ in self.request.adapters]
+        return [self.request.adapter_id] if self.request.adapter_id else []
+
+    @property
+    def lora_key(self) -> str:
+        """What the row's LoRA slot holds: the versioned adapter id, or its weighted combination."""
+        if self.request.adapters is not None:
+            return "combine(" + ",".join(f"{a}*{w!r}" for a, w in self.request.adapters) + ")"
         return self.request.adapter_id
 
     @property
+    def adapter_key(self) -> str:
+        """What the row's key/values depend on besides its tokens: the versioned adapter id ("" = base),
+        or its combination, and the request's LoRA scale."""
+        scale = self.request.lora_scale
+        return self.lora_key if scale == 1.0 else f"{self.lora_key}*scale={scale!r}"
+
+    @property
     def lora(self) -> LoraWeights | None:
+        """The weights to put in a LoRA slot: None when the adapter changes no linear."""
         w = self.adapter.weights if self.adapter else None
-        return w if isinstance(w, LoraWeights) else None
+        return w if isinstance(w, LoraWeights) and w.modules else None
+
+    @property
+    def token_tables(self) -> TokenTables | None:
+        """The adapter's own embedding / output head changes, if any."""
+        w = self.adapter.weights if self.adapter else None
+        return w.tables if isinstance(w, LoraWeights) else None
 
     @property
     def prompt_embeddings(self) -> torch.Tensor | None:
@@ -103,6 +126,11 @@ class Row:
         if self.request.task is Task.SCORE:
             return self.first_scored - 1
         return self.num_tokens - 1
+
+    @property
+    def adaption(self) -> AdaptionWeights | None:
+        w = self.adapter.weights if self.adapter else None
+        return w if isinstance(w, AdaptionWeights) else None
 
     @property
     def num_virtual(self) -> int:

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..adapters.weights import LoraWeights
+from ..adapters.weights import AdaptionWeights, LoraWeights, TokenTables
+from .adaption import AdaptionGroup, prompt_kv
 from ..config import EngineConfig
 from ..errors import ModelLoadError
 from . import kernels, readout
@@ -20,6 +21,7 @@ from .kv_cache import PagedKVCache, default_kv_cache_bytes
 from .lora import LoraStep, attach_lora
 from .readout import ForwardOutput
 from .scheduler import ScheduledRow
+from .token_tables import embed_rows, head_logits
 
 if TYPE_CHECKING:
     from ..model.loader import LoadedModel
@@ -81,29 +83,63 @@ class ModelRunner:
         self._copy_prefixes(scheduled)
         paged_tokens = len(step.ids) - sum(d.num_tokens for d in step.dense)
         batch = AttentionBatch(self.cache, step.slots.to(dev), step.block_tables.to(dev), step.token_rows.to(dev),
-                               positions.to(torch.int32), step.dense, paged_tokens, self.backend)
-        self.lora.step = LoraStep(step.lora_slots.to(dev), self.backend) if step.lora_slots is not None else None
+                               positions.to(torch.int32), step.dense, paged_tokens, self.backend, self._adaption(scheduled, step.first))
+        self.lora.step = None if step.lora_slots is None else LoraStep.of(
+            step.lora_slots.to(dev), None if step.lora_scales is None else step.lora_scales.to(dev), self.lora.slots.max_loras, self.backend)
         try:
             hidden = self.decoder(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
                                   **{BATCH_KWARG: batch}).last_hidden_state[0]  # [num_tokens, hidden]
         finally:
             self.lora.step = None
-        logits = self.logits(hidden[step.sample_at.to(dev)])  # [sampling rows, vocab]
+        logits = self._logits(scheduled, hidden[step.sample_at.to(dev)])  # [sampling rows, vocab]
         return ForwardOutput(logits, readout.read(scheduled, step.first, hidden, self.logits))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [n, hidden] → next-token logits [n, vocab] float32 (sampling and scoring alike)."""
+        """Final hidden states [n, hidden] → the base head's next-token logits [n, vocab] float32
+        (scoring reads these; adapters with their own output head are refused for Score)."""
         return self.head(hidden).float()
 
+    def _logits(self, scheduled: list[ScheduledRow], hidden: torch.Tensor) -> torch.Tensor:
+        """The head's logits of the sampling rows [rows, vocab]; rows whose adapter has its own
+        head (or head rows) get theirs, computed once per distinct adapter in the step."""
+        logits = self.head(hidden)
+        groups: dict[int, tuple[TokenTables, list[int]]] = {}
+        for i, s in enumerate(s for s in scheduled if s.samples):
+            t = s.row.token_tables
+            if t is not None and (t.head is not None or t.head_ids is not None):
+                groups.setdefault(id(t), (t, []))[1].append(i)
+        for t, rows in groups.values():
+            idx = torch.tensor(rows, device=hidden.device)
+            logits[idx] = head_logits(t, hidden[idx], logits[idx], self.head.bias)
+        return logits.float()
+
     def _embeddings(self, scheduled: list[ScheduledRow], ids: torch.Tensor, first: list[int]) -> torch.Tensor:
-        """Token embeddings; prompt-tuning positions take the adapter's virtual-token embeddings."""
+        """Token embeddings; prompt-tuning positions take the adapter's virtual-token embeddings,
+        rows of adapters with their own embedding changes (`TokenTables`) theirs."""
         embeds = self.embed(ids.clamp(min=0))
+        for s, q in zip(scheduled, first):
+            tables = s.row.token_tables
+            if tables is not None:
+                embeds[q: q + s.num_tokens] = embed_rows(tables, ids[q: q + s.num_tokens], embeds[q: q + s.num_tokens])
         for s, q in zip(scheduled, first):
             table = s.row.prompt_embeddings  # [num_virtual, hidden]
             if table is not None and s.start < len(table):
                 end = min(s.end, len(table))
                 embeds[q: q + end - s.start] = table[s.start: end].to(embeds.dtype)
         return embeds
+
+    def _adaption(self, scheduled: list[ScheduledRow], first: list[int]) -> list[AdaptionGroup]:
+        """LLaMA-Adapter rows grouped by adapter, with its prompt keys/values (before any LoRA step is set)."""
+        groups: dict[int, tuple[AdaptionWeights, list[torch.Tensor]]] = {}
+        for s, q in zip(scheduled, first):
+            w = s.row.adaption
+            if w is not None:
+                groups.setdefault(id(w), (w, []))[1].append(torch.arange(q, q + s.num_tokens))
+        out = []
+        for w, spans in groups.values():
+            keys, values, gates = prompt_kv(self.model, w, self.kv_heads, self.head_dim)
+            out.append(AdaptionGroup(torch.cat(spans).to(self.device), keys, values, gates))
+        return out
 
     def _copy_prefixes(self, scheduled: list[ScheduledRow]) -> None:
         """Prefix tuning: the adapter's key/values go straight into the row's first positions."""

@@ -14,7 +14,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..adapters.weights import LoraWeights
+from ..adapters.combine import combine
+from ..adapters.weights import Adapter, LoraWeights
 from ..config import EngineConfig
 from ..errors import AdapterIncompatible, HotswapError, InvalidArgument, NotFound, ResourceExhausted
 from .kv_blocks import KVBlockManager
@@ -218,18 +219,40 @@ class Scheduler:
 
     # -- per-row resources ---------------------------------------------------------------
     def _resolve_adapter(self, row: Row) -> HotswapError | bool:
-        """True when the row's adapter is on the device (or it needs none), False while
-        it loads, or the error that makes the row unservable."""
-        adapter_id = row.request.adapter_id
-        if not adapter_id or row.adapter is not None:
+        """True when the row's adapter(s) are on the device (or it needs none), False while
+        one loads, or the error that makes the row unservable."""
+        ids = row.adapter_ids
+        if not ids or row.adapter is not None:
             return True
         if self.adapters is None:
-            return NotFound(f"unknown adapter {adapter_id!r}: this engine has no adapter store", field="adapter_id")
+            return NotFound(f"unknown adapter {ids[0]!r}: this engine has no adapter store", field="adapter_id")
+        got: list[Adapter | None] = []
         try:
-            row.adapter = self.adapters.acquire(adapter_id)
+            for adapter_id in ids:  # acquire them all, so every cold one starts loading now
+                got.append(self.adapters.acquire(adapter_id))
         except HotswapError as error:
+            self._release(ids[: len(got)], got)
             return error
-        return row.adapter is not None
+        if any(a is None for a in got):
+            self._release(ids, got)
+            return False
+        try:
+            adapter = got[0] if row.request.adapters is None else combine(
+                [(a, w) for a, (_, w) in zip(got, row.request.adapters)], row.lora_key, self.adapters.cfg.max_lora_rank)
+            if row.request.lora_scale != 1.0 and not (isinstance(adapter.weights, LoraWeights) and adapter.weights.scalable):
+                raise AdapterIncompatible(f"adapter {adapter.id!r} ({adapter.peft_type}) does not scale linearly: a per-request scale "
+                                          "applies to LoRA / AdaLoRA deltas and lora_B biases only (not DoRA, IA3, embedding / head "
+                                          "tables or virtual tokens)", field="lora_scale")
+        except HotswapError as error:
+            self._release(ids, got)
+            return error
+        row.adapter = adapter
+        return True
+
+    def _release(self, ids: list[str], got: list[Adapter | None]) -> None:
+        for adapter_id, adapter in zip(ids, got):
+            if adapter is not None:
+                self.adapters.release(adapter_id)
 
     def _check_fits(self, row: Row) -> HotswapError | bool:
         new = row.max_len - row.num_virtual - len(row.prompt_ids)
@@ -248,7 +271,7 @@ class Scheduler:
     def _acquire_slot(self, row: Row, out: SchedulerOutput) -> bool:
         if row.lora is None or row.lora_slot >= 0:
             return True
-        got = self.lora_slots.acquire(row.adapter_key)
+        got = self.lora_slots.acquire(row.lora_key)
         if got is None:
             return False  # every slot serves a running row: wait for one to finish
         row.lora_slot, needs_load = got
@@ -270,4 +293,9 @@ def check_task(row: Row) -> HotswapError | bool:
     if row.request.task is not Task.CLASSIFY and row.score_head is not None:
         return AdapterIncompatible(f"adapter {row.request.adapter_id!r} is a sequence-classification adapter (task_type "
                                    f"SEQ_CLS): it serves Classify, not {row.request.task.value}", field="adapter_id")
+    tables = row.token_tables
+    if row.request.task is Task.SCORE and tables is not None and (tables.head is not None or tables.head_ids is not None):
+        # Scoring reads the base head's logits for every continuation token; a per-adapter head there is not built yet
+        return AdapterIncompatible(f"adapter {row.request.adapter_id!r} has its own output head (modules_to_save / trainable "
+                                   "tokens on lm_head): Score does not serve such adapters yet", field="adapter_id")
     return True
