@@ -12,11 +12,11 @@ from .weights import LoraModuleWeights, LoraWeights
 # PEFT names tensors "base_model.model.<module path>.lora_A.weight" (no adapter name when saved).
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_E)(\.weight)?$")
 
-# LoraConfig options that change the math in ways these weights do not express.
+# LoraConfig options that change the math in ways these weights do not express. (fan_in_fan_out is not
+# one: it only transposes the delta PEFT merges into a Conv1D weight; see model/linears.py.)
 _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora)",
     "lora_bias": "LoRA bias (lora_bias)",
-    "fan_in_fan_out": "fan_in_fan_out (Conv1D targets)",
     "modules_to_save": "modules_to_save (fully trained modules)",
     "trainable_token_indices": "trainable_token_indices",
     "target_parameters": "target_parameters",

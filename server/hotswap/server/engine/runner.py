@@ -2,9 +2,13 @@
 sequence with per-token positions, no padding. Builds the inputs (embeddings,
 cache slots, block tables, per-token LoRA slots), runs the model once, and
 returns the next-token logits of the rows that sample. Owns the model, the
-paged KV cache tensors and the LoRA slots; knows nothing of requests."""
+paged KV cache tensors and the LoRA slots; knows nothing of requests.
+
+Architectures whose attention cannot be paged (engine/architecture.py decides at
+load) run the same inputs row by row through their own attention (own_attention.py)."""
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,10 +17,12 @@ from ..adapters.weights import LoraWeights
 from ..config import EngineConfig
 from ..errors import ModelLoadError
 from . import kernels
-from .attention import ATTENTION_NAME, BATCH_KWARG, AttentionBatch
+from .architecture import probe_attention
+from .attention import BATCH_KWARG, AttentionBatch
 from .inputs import build_inputs
 from .kv_cache import PagedKVCache, default_kv_cache_bytes
 from .lora import LoraStep, attach_lora
+from .own_attention import forward_rows
 from .scheduler import ScheduledRow
 
 if TYPE_CHECKING:
@@ -38,16 +44,16 @@ class ModelRunner:
         self.device, self.dtype = loaded.device, loaded.dtype
         text = self.model.config.get_text_config()
         self.num_layers = text.num_hidden_layers
-        self.kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        # The cache's geometry is what the layers actually produce (probed), not what the config suggests.
+        self.layout = probe_attention(self.model)
+        self.kv_heads, self.head_dim = self.layout.kv_heads, self.layout.head_dim
         self.context_length = int(getattr(text, "max_position_embeddings", 0) or 0)
         self.backend = resolve_backend(cfg.attention_backend, self.device)
         self.block_size = cfg.block_size
         self.lora = attach_lora(self.model, cfg.max_loras, self.device, self.dtype)
-        self.model.set_attn_implementation(ATTENTION_NAME)
-        if self.model.config._attn_implementation != ATTENTION_NAME:
-            raise ModelLoadError(f"{type(self.model).__name__} does not route attention through transformers' "
-                                 "AttentionInterface, which the paged KV cache needs", field="source")
+        if "logits_to_keep" not in inspect.signature(self.model.forward).parameters:
+            raise ModelLoadError(f"{type(self.model).__name__} takes no logits_to_keep: the engine computes logits "
+                                 "through the model's own head with it", field="source")
         self.decoder = self.model.base_model
         self.embed = self.model.get_input_embeddings()
         self.head = self.model.get_output_embeddings()
@@ -76,16 +82,20 @@ class ModelRunner:
         positions = step.positions.to(dev)
         embeds = self._embeddings(scheduled, step.ids.to(dev), step.first)  # [num_tokens, hidden]
         self._copy_prefixes(scheduled)
+        if not self.layout.paged:
+            return forward_rows(self.model, self.cache, scheduled, step, embeds, self.lora, self.backend)
         paged_tokens = len(step.ids) - sum(d.num_tokens for d in step.dense)
         batch = AttentionBatch(self.cache, step.slots.to(dev), step.block_tables.to(dev), step.token_rows.to(dev),
                                positions.to(torch.int32), step.dense, paged_tokens, self.backend)
         self.lora.step = LoraStep(step.lora_slots.to(dev), self.backend) if step.lora_slots is not None else None
         try:
-            hidden = self.decoder(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
-                                  **{BATCH_KWARG: batch}).last_hidden_state[0]  # [num_tokens, hidden]
+            # The CausalLM forward rather than decoder + lm_head: logits_to_keep computes only the sampling rows'
+            # logits, and whatever the architecture does after its head (Gemma 2's final soft-capping) is kept.
+            logits = self.model(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
+                                logits_to_keep=step.sample_at.to(dev), **{BATCH_KWARG: batch}).logits[0]
         finally:
             self.lora.step = None
-        return self.head(hidden[step.sample_at.to(dev)]).float()  # [sampling rows, vocab]
+        return logits.float()  # [sampling rows, vocab]
 
     def _embeddings(self, scheduled: list[ScheduledRow], ids: torch.Tensor, first: list[int]) -> torch.Tensor:
         """Token embeddings; prompt-tuning positions take the adapter's virtual-token embeddings."""

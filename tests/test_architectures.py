@@ -1,0 +1,94 @@
+"""Every architecture in tiny_archs.ARCHS serves a mixed batch — LoRA on all linears,
+prompt tuning, P-tuning, prefix tuning and base rows, prompts longer than the sliding
+window — with exactly the greedy tokens (and, within float tolerance, the log-probs) PEFT's PeftModel (plain transformers for the
+base) gives each row alone, on both attention kernels. Llama and Qwen2 are covered,
+with every adapter kind, by test_engine_fidelity.py. A model the engine cannot serve
+exactly is refused at load, naming its architecture."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from transformers import AutoModelForCausalLM
+
+from conftest import save_tiny_checkpoint
+from hotswap.server.config import EngineConfig, ModelConfig
+from hotswap.server.errors import ModelLoadError
+from hotswap.server.engine.request import FinishReason, SamplingParams
+from hotswap.server.model.loader import load_base_model
+from hotswap.server.serving import ServingCore
+from peft_fixtures import save_adapter
+from test_engine_fidelity import reference, run_in_waves
+from tiny_archs import ARCHS, WINDOW
+
+NEW = 6
+KINDS = {"lora": "lora", "prompt": "prompt_random", "ptuning": "ptuning", "prefix": "prefix"}
+# In KINDS order, then two base rows. Every row runs past the window; adapter prompts stay short enough that
+# the virtual tokens still reach the first generated token where every layer slides (Mistral), and 36 tokens
+# is one prompt chunk long enough for the torch path's dense (SDPA) branch.
+PROMPT_LENGTHS = [12, 5, 4, 3, 36, 14]
+VISIBLE = 1e-3
+"""An adapter's least effect on a log-prob, well above the 2e-4 tolerance (BLOOM's tiny init is quiet)."""
+
+
+def _prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(11)
+    return [torch.randint(3, 400, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def case(request, tmp_path_factory):
+    """(checkpoint, adapter paths, jobs, PEFT's (tokens, their log-probs) per job, kinds PEFT cannot run here)."""
+    arch = request.param
+    root = tmp_path_factory.mktemp(arch)
+    ckpt = save_tiny_checkpoint(ARCHS[arch](), root / "model")
+    paths, jobs, refs, unsupported = {}, [], [], {}
+    for i, ((name, kind), prompt) in enumerate(zip([*KINDS.items(), ("", ""), ("", "")], _prompts())):
+        try:
+            if kind:
+                base = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+                paths[name] = save_adapter(base, kind, root / name, seed=i, targets="all-linear")
+            tokens, logprobs = reference(ckpt, paths.get(name), prompt, new=NEW)
+            if kind:  # the adapter really changes the model, so matching PEFT means applying it
+                assert (logprobs - reference(ckpt, None, prompt, new=NEW)[1]).abs().max() > VISIBLE, name
+            refs.append((tokens, logprobs[torch.arange(NEW), torch.tensor(tokens)]))
+        except (ValueError, TypeError, RuntimeError, NotImplementedError, AttributeError) as e:
+            if not kind:
+                raise
+            # Only PEFT and transformers ran here: this adapter type does not work on this architecture upstream.
+            unsupported[name] = f"PEFT cannot run {kind} on {arch}: {type(e).__name__}: {str(e)[:200]}"
+            paths.pop(name, None)
+            continue
+        jobs.append((name, prompt))
+    return ckpt, paths, jobs, refs, unsupported
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_mixed_batch_matches_peft_alone(case, backend):
+    ckpt, paths, jobs, refs, unsupported = case
+    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
+    # Small blocks so windows and prefixes cross block edges.
+    cfg = EngineConfig(max_batch_size=8, max_tokens_per_step=64, max_seq_len=64, block_size=4, attention_backend=backend)
+    with ServingCore(loaded, cfg) as core:
+        for name, path in paths.items():
+            core.register_adapter(name, path)
+        results = run_in_waves(core, jobs, SamplingParams(max_new_tokens=NEW, ignore_eos=True, logprobs=1), waves=2)
+    for (adapter, prompt), res, (ref_tokens, ref_logprobs) in zip(jobs, results, refs):
+        name = adapter or f"base ({len(prompt)} tokens)"
+        assert res.error is None, (name, res.error)
+        assert res.finish_reason == FinishReason.LENGTH
+        assert res.token_ids == ref_tokens, name
+        ours = torch.tensor([lp.logprob for lp in res.logprobs])
+        torch.testing.assert_close(ours, ref_logprobs, atol=2e-4, rtol=1e-4, msg=name)
+    if unsupported:
+        pytest.skip("; ".join(unsupported.values()) + " (every other row matched)")
+
+
+def test_unservable_architecture_is_refused_by_name(tmp_path):
+    """Jamba's Mamba layers keep state that is neither keys nor values: no path can serve it exactly."""
+    cfg = tf.JambaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, num_experts=2)
+    ckpt = save_tiny_checkpoint(cfg, tmp_path / "jamba")
+    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
+    with pytest.raises(ModelLoadError, match=r"architecture jamba \(JambaForCausalLM\) cannot be served"):
+        ServingCore(loaded, EngineConfig(max_batch_size=2, max_seq_len=32))
