@@ -9,11 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
+from peft import LoraConfig, get_peft_model
+from torch import nn
 from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 from conftest import save_tiny_checkpoint
 from hotswap.server.config import EngineConfig, ModelConfig
-from hotswap.server.errors import ModelLoadError
+from hotswap.server.errors import AdapterIncompatible, ModelLoadError
 from hotswap.server.engine.request import FinishReason, SamplingParams
 from hotswap.server.model.loader import load_base_model
 from hotswap.server.serving import ServingCore
@@ -29,6 +32,20 @@ KINDS = {"lora": "lora", "prompt": "prompt_random", "ptuning": "ptuning", "prefi
 PROMPT_LENGTHS = [12, 5, 4, 3, 36, 14]
 VISIBLE = 1e-3
 """An adapter's least effect on a log-prob, well above the 2e-4 tolerance (BLOOM's tiny init is quiet)."""
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Every plain nn.Linear / Conv1D but the output head, by last name. (PEFT's own "all-linear" also reaches
+    MoE experts kept as fused parameters, which the engine refuses: test_expert_parameter_targets_are_refused;
+    Linear subclasses whose forward returns more than a tensor, like Llama 4's router, PEFT cannot run.)"""
+    head = model.get_output_embeddings()
+
+    def plain(m: nn.Module) -> bool:
+        with torch.no_grad():
+            return isinstance(m(torch.zeros(1, m.weight.shape[0] if isinstance(m, Conv1D) else m.in_features)), torch.Tensor)
+
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, (nn.Linear, Conv1D)) and m is not head and plain(m)})
 
 
 def _prompts() -> list[list[int]]:
@@ -47,7 +64,7 @@ def case(request, tmp_path_factory):
         try:
             if kind:
                 base = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-                paths[name] = save_adapter(base, kind, root / name, seed=i, targets="all-linear")
+                paths[name] = save_adapter(base, kind, root / name, seed=i, targets=linear_names(base))
             tokens, logprobs = reference(ckpt, paths.get(name), prompt, new=NEW)
             if kind:  # the adapter really changes the model, so matching PEFT means applying it
                 assert (logprobs - reference(ckpt, None, prompt, new=NEW)[1]).abs().max() > VISIBLE, name
@@ -67,8 +84,10 @@ def case(request, tmp_path_factory):
 def test_mixed_batch_matches_peft_alone(case, backend):
     ckpt, paths, jobs, refs, unsupported = case
     loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
-    # Small blocks so windows and prefixes cross block edges.
-    cfg = EngineConfig(max_batch_size=8, max_tokens_per_step=64, max_seq_len=64, block_size=4, attention_backend=backend)
+    # Small blocks so windows and prefixes cross block edges. Native: 16 tokens a step, so prompts are chunked
+    # (a chunk's past comes from the cache); torch: room for the 36-token prompt's dense chunk.
+    cfg = EngineConfig(max_batch_size=8, max_tokens_per_step=16 if backend == "native" else 64, max_seq_len=64, block_size=4,
+                       attention_backend=backend)
     with ServingCore(loaded, cfg) as core:
         for name, path in paths.items():
             core.register_adapter(name, path)
@@ -92,3 +111,16 @@ def test_unservable_architecture_is_refused_by_name(tmp_path):
     loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
     with pytest.raises(ModelLoadError, match=r"architecture jamba \(JambaForCausalLM\) cannot be served"):
         ServingCore(loaded, EngineConfig(max_batch_size=2, max_seq_len=32))
+
+
+def test_expert_parameter_targets_are_refused(tmp_path):
+    """LoRA on MoE experts kept as fused parameters (PEFT's target_parameters) is refused at registration,
+    not served without its expert deltas."""
+    ckpt = save_tiny_checkpoint(ARCHS["olmoe"](), tmp_path / "olmoe")
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32),
+                          LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"]))
+    peft.save_pretrained(tmp_path / "experts")
+    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
+    with ServingCore(loaded, EngineConfig(max_batch_size=2, max_seq_len=32)) as core:
+        with pytest.raises(AdapterIncompatible, match="target_parameters"):
+            core.register_adapter("experts", tmp_path / "experts")

@@ -29,6 +29,17 @@ ARCHS = {
     # Falcon-7B style: multi-query (one kv head), rotary, parallel attention; its own attention.
     "falcon": lambda: tf.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
                                       alibi=False, vocab_size=VOCAB, max_position_embeddings=256),
+    "falcon_alibi": lambda: tf.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                                            new_decoder_architecture=True, alibi=True, vocab_size=VOCAB),
+    # GPT-OSS: attention sinks (s_aux), alternating sliding layers, experts as fused parameters.
+    "gpt_oss": lambda: tf.GptOssConfig(**{**_DIMS, "intermediate_size": 32}, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                       sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+    # Llama 4: chunked attention (a mask the paged kernel does not implement: served by the model's own
+    # attention), a no-RoPE global layer, MoE.
+    "llama4": lambda: tf.Llama4TextConfig(**{**_DIMS, "intermediate_size": 32}, intermediate_size_mlp=64, head_dim=16,
+                                          num_local_experts=2, num_experts_per_tok=1, attention_chunk_size=4,
+                                          layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0]),
+    "olmoe": lambda: tf.OlmoeConfig(**_DIMS, num_experts=4, num_experts_per_tok=2),
     "qwen2_moe": lambda: tf.Qwen2MoeConfig(**_DIMS, moe_intermediate_size=32, shared_expert_intermediate_size=32,
                                            num_experts=4, num_experts_per_tok=2),
 }

@@ -3,7 +3,10 @@ list of architecture names, so any model transformers builds is judged by what i
 
 - **paged**: every decoder layer calls the attention function registered with
   transformers' AttentionInterface (engine/attention.py), with a `layer_idx` and keys and
-  values of one shape. The packed forward over the paged cache serves it.
+  values of one shape, and a short sequence run through the paged attention gives the
+  logits the model's own attention gives (so a mask the paged kernel does not know —
+  bidirectional, a bias carried in attention_mask — sends the model down the next path).
+  The packed forward over the paged cache serves it.
 - **own**: the model computes attention itself (BLOOM's ALiBi, Falcon, GPT-J, MPT ...)
   but keeps exactly one key/value pair per layer in a transformers `DynamicCache`.
   engine/own_attention.py serves it row by row, its past gathered from the same paged cache.
@@ -18,9 +21,16 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from ..errors import ModelLoadError
-from .attention import ATTENTION_NAME, BATCH_KWARG
+from .attention import ATTENTION_NAME, BATCH_KWARG, AttentionBatch
+from .kv_cache import PagedKVCache
 
 PROBE_TOKENS = 3
+PAGED_LAYER_TYPES = {"full_attention", "sliding_attention", "dense", "sparse"}
+"""config.layer_types entries the paged kernel implements (the last two name MLPs). Any other —
+chunked_attention (Llama 4), linear_attention, hybrid ... — is a mask or a state it does not know."""
+VERIFY_TOKENS = 8
+VERIFY_TOLERANCE = {torch.float32: 1e-4}
+"""Largest |paged - own| / max |own| of the verification logits; 2e-2 for lower precisions."""
 
 
 @dataclass(frozen=True)
@@ -36,9 +46,10 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # layer -> (key shape, value shape)
+        self.windows: dict[int, int] = {}  # layer -> the sliding window the paged attention will apply (0: none)
         self.problem: str | None = None
 
-    def __call__(self, module, query, key, value, **kwargs) -> tuple[torch.Tensor, None]:
+    def __call__(self, module, query, key, value, sliding_window=None, **kwargs) -> tuple[torch.Tensor, None]:
         layer = getattr(module, "layer_idx", None)
         if layer is None:
             self.problem = f"{type(module).__name__} has no layer_idx"
@@ -46,6 +57,7 @@ class _Recorder:
             self.problem = f"layer {layer} attends twice in one forward"
         else:
             self.shapes[layer] = (tuple(key.shape), tuple(value.shape))
+            self.windows[layer] = int((sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)) or 0)
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
 
 
@@ -64,6 +76,10 @@ def _geometry(shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]], num_la
 
 
 def _probe_paged(model: PreTrainedModel, ids: torch.Tensor, num_layers: int) -> tuple[int, int] | str:
+    layer_types = list(getattr(model.config.get_text_config(), "layer_types", None) or [])
+    unknown = set(layer_types) - PAGED_LAYER_TYPES
+    if unknown:
+        return f"layer types {sorted(unknown)} have masks or state the paged kernel does not implement"
     try:
         model.set_attn_implementation(ATTENTION_NAME)
     except (ValueError, ImportError) as e:
@@ -75,7 +91,35 @@ def _probe_paged(model: PreTrainedModel, ids: torch.Tensor, num_layers: int) -> 
         model.base_model(input_ids=ids, use_cache=False, **{BATCH_KWARG: recorder})
     except Exception as e:  # noqa: BLE001 - any failure means "not this path"; the reason is reported
         return f"probe forward failed: {type(e).__name__}: {e}"
+    unwindowed = [i for i, t in enumerate(layer_types) if t == "sliding_attention" and not recorder.windows.get(i)]
+    if unwindowed:
+        return f"sliding layers {unwindowed} pass the attention function no sliding_window"
     return recorder.problem or _geometry(recorder.shapes, num_layers)
+
+
+def _verify_paged(model: PreTrainedModel, geometry: tuple[int, int], num_layers: int, original: str) -> str | None:
+    """Logits of VERIFY_TOKENS tokens through the paged attention (torch reference, a throwaway cache)
+    against the model's own attention; None when they agree. Leaves the paged attention selected."""
+    text = model.config.get_text_config()
+    n, dev = VERIFY_TOKENS, model.device
+    ids = torch.randint(0, text.vocab_size, (1, n), generator=torch.Generator().manual_seed(0)).to(dev)
+    dtype = model.get_input_embeddings().weight.dtype  # the compute dtype, also under a quantized body
+    cache = PagedKVCache(num_layers, 1, n, *geometry, dev, dtype)  # one block of n positions: positions are slots
+    positions = torch.arange(n, device=dev)
+    batch = AttentionBatch(cache, positions, torch.zeros(1, 1, dtype=torch.int32, device=dev), torch.zeros(n, dtype=torch.int32, device=dev),
+                           positions.to(torch.int32), [], n, "torch")
+    try:
+        paged = model(input_ids=ids, position_ids=positions[None], use_cache=False, **{BATCH_KWARG: batch}).logits.float()
+        model.set_attn_implementation(original)
+        own = model(input_ids=ids, use_cache=False).logits.float()
+    except Exception as e:  # noqa: BLE001
+        return f"verification forward failed: {type(e).__name__}: {e}"
+    finally:
+        model.set_attn_implementation(ATTENTION_NAME)
+    error = float((paged - own).abs().max() / own.abs().max().clamp(min=1e-6))
+    if error > VERIFY_TOLERANCE.get(dtype, 2e-2):
+        return f"its logits differ from the model's own attention by {error:.2g} (relative)"
+    return None
 
 
 def _probe_own(model: PreTrainedModel, ids: torch.Tensor, num_layers: int) -> tuple[int, int] | str:
@@ -102,6 +146,8 @@ def probe_attention(model: PreTrainedModel) -> AttentionLayout:
     ids = torch.arange(1, PROBE_TOKENS + 1, device=model.device)[None]  # [1, PROBE_TOKENS]
     original = model.config._attn_implementation
     paged = _probe_paged(model, ids, num_layers)
+    if not isinstance(paged, str):
+        paged = _verify_paged(model, paged, num_layers, original) or paged
     if not isinstance(paged, str):
         return AttentionLayout(True, *paged)
     if model.config._attn_implementation != original:
