@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from conftest import save_tiny_checkpoint
 from hotswap.server.config import EngineConfig, ModelConfig
 from hotswap.server.errors import AdapterIncompatible, ModelLoadError
-from hotswap.server.engine.request import FinishReason, SamplingParams
+from hotswap.server.engine.request import FinishReason, GenerateRequest, SamplingParams
 from hotswap.server.model.loader import load_base_model
 from hotswap.server.serving import ServingCore
 from peft_fixtures import save_adapter
@@ -124,3 +124,31 @@ def test_expert_parameter_targets_are_refused(tmp_path):
     with ServingCore(loaded, EngineConfig(max_batch_size=2, max_seq_len=32)) as core:
         with pytest.raises(AdapterIncompatible, match="target_parameters"):
             core.register_adapter("experts", tmp_path / "experts")
+
+
+def test_own_attention_path_under_chunking_prefix_hits_and_preemption(tmp_path):
+    """BLOOM runs on the model's own attention (engine/own_attention.py), its past read back from the
+    paged cache: chunked prompts, prefix-cache hits and recompute after preemption still give PEFT's tokens."""
+    ckpt = save_tiny_checkpoint(ARCHS["bloom"](), tmp_path / "bloom")
+    paths = {name: save_adapter(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), kind, tmp_path / name, seed=i,
+                                targets=["query_key_value", "dense_4h_to_h"])
+             for i, (name, kind) in enumerate([("lora", "lora"), ("prefix", "prefix")])}
+    shared = list(range(40, 63))
+    jobs = [("", shared + [5]), ("lora", shared + [7, 8]), ("prefix", shared + [9]), ("", shared + [6, 7]), ("lora", shared + [5])]
+    per_block = 2 * 2 * 4 * 4 * 16 * 4  # K and V, 2 layers, block of 4, 4 kv heads of 16, fp32
+    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
+    cfg = EngineConfig(max_batch_size=8, max_seq_len=64, block_size=4, max_tokens_per_step=16, kv_cache_bytes=24 * per_block)
+    with ServingCore(loaded, cfg) as core:
+        assert not core.engine.runner.layout.paged and core.engine.kv.num_blocks == 24
+        for name, path in paths.items():
+            core.register_adapter(name, path)
+        params = SamplingParams(max_new_tokens=NEW + 2, ignore_eos=True)
+        first = core.submit(GenerateRequest(prompt_ids=jobs[0][1], params=params))
+        next(iter(first))  # the shared prompt's blocks are cached before the others arrive
+        streams = [first] + [core.submit(GenerateRequest(prompt_ids=p, adapter_id=a, params=params)) for a, p in jobs[1:]]
+        results = [s.result(120) for s in streams]
+        snap = core.loop.snapshot
+    assert snap.preemptions > 0 and snap.prefix_cache_hits > 0
+    for (adapter, prompt), res in zip(jobs, results):
+        assert res.error is None, (adapter, res.error)
+        assert res.token_ids == reference(ckpt, paths.get(adapter), prompt, new=NEW + 2)[0], adapter or "base"
