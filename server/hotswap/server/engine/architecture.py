@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from ..errors import ModelLoadError
 from .attention import ATTENTION_NAME, BATCH_KWARG, AttentionBatch
@@ -49,7 +50,8 @@ class _Recorder:
         self.windows: dict[int, int] = {}  # layer -> the sliding window the paged attention will apply (0: none)
         self.problem: str | None = None
 
-    def __call__(self, module, query, key, value, sliding_window=None, **kwargs) -> tuple[torch.Tensor, None]:
+    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
         layer = getattr(module, "layer_idx", None)
         if layer is None:
             self.problem = f"{type(module).__name__} has no layer_idx"
@@ -132,7 +134,7 @@ def _probe_own(model: PreTrainedModel, ids: torch.Tensor, num_layers: int) -> tu
         return f"its cache holds {len(cache.layers)} layers for {num_layers} decoder layers"
     shapes = {}
     for i, layer in enumerate(cache.layers):
-        if type(layer).__name__ != "DynamicLayer" or getattr(layer, "keys", None) is None:
+        if type(layer) is not DynamicLayer or getattr(layer, "keys", None) is None:
             return f"layer {i} keeps {type(layer).__name__} state, not keys and values"
         shapes[i] = (tuple(layer.keys.shape), tuple(layer.values.shape))
     return _geometry(shapes, num_layers)
@@ -147,9 +149,10 @@ def probe_attention(model: PreTrainedModel) -> AttentionLayout:
     original = model.config._attn_implementation
     paged = _probe_paged(model, ids, num_layers)
     if not isinstance(paged, str):
-        paged = _verify_paged(model, paged, num_layers, original) or paged
-    if not isinstance(paged, str):
-        return AttentionLayout(True, *paged)
+        mismatch = _verify_paged(model, paged, num_layers, original)
+        if mismatch is None:
+            return AttentionLayout(True, *paged)
+        paged = mismatch
     if model.config._attn_implementation != original:
         model.set_attn_implementation(original)
     own = _probe_own(model, ids, num_layers)
