@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config
 
 CORPUS = [
     "Hello world, this is a tiny corpus for a tiny tokenizer.",
@@ -47,11 +47,11 @@ ARCHS = {
 }
 
 
-def save_tiny_checkpoint(arch: str, out: Path, seed: int = 0) -> Path:
-    """A random tiny `arch` model + tokenizer saved as an HF folder (fp32)."""
+def save_tiny_checkpoint(arch: str | PretrainedConfig, out: Path, seed: int = 0) -> Path:
+    """A random tiny model (an ARCHS name, or a config) + tokenizer saved as an HF folder (fp32)."""
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
-    cfg = ARCHS[arch]()
+    cfg = ARCHS[arch]() if isinstance(arch, str) else arch
     cfg.eos_token_id = tok.eos_token_id
     cfg.pad_token_id = tok.pad_token_id
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

@@ -76,8 +76,9 @@ def paged_case(dtype, H, KVH, D, block_size, chunks, seed=0, interleave=False, s
     )
 
 
-def naive_attention(case, scale, window):
-    """Per token, in float64: the row's keys as a plain tensor, explicit mask, softmax."""
+def naive_attention(case, scale, window, softcap=0.0, sinks=None):
+    """Per token, in float64: the row's keys as a plain tensor, explicit mask, softmax (after Gemma 2's
+    soft-capping of the scaled logits; with GPT-OSS's per-head sink logit in the denominator)."""
     q = case["query"].double()
     out = torch.full_like(q, float("nan"))
     H, KVH = q.shape[1], case["key_cache"].shape[2]
@@ -90,16 +91,21 @@ def naive_attention(case, scale, window):
         j = torch.arange(k.shape[0])
         allowed = (j <= p) & ((j > p - window) if window else True)  # [L]
         scores = torch.einsum("lhd,hd->hl", k, q[i]) * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
         scores[:, ~allowed] = float("-inf")
-        out[i] = torch.einsum("hl,lhd->hd", torch.softmax(scores, -1), v)
+        if sinks is not None:
+            scores = torch.cat([scores, sinks.double()[:, None]], dim=1)  # [H, L + 1]
+        probs = torch.softmax(scores, -1)[:, : k.shape[0]]
+        out[i] = torch.einsum("hl,lhd->hd", probs, v)
     return out
 
 
-def run_attention(case, scale, window, backend, sentinel=123.0):
+def run_attention(case, scale, window, backend, sentinel=123.0, softcap=0.0, sinks=None):
     out = torch.full_like(case["query"], sentinel)
     kernels.paged_attention(
         out, case["query"], case["key_cache"], case["value_cache"], case["block_tables"],
-        case["token_rows"], case["token_positions"], scale, window, backend=backend,
+        case["token_rows"], case["token_positions"], scale, window, softcap, sinks, backend=backend,
     )
     return out
 
@@ -122,6 +128,21 @@ def test_reference_matches_naive(H, KVH, D, window):
     skip = case["token_rows"] < 0
     assert (got[skip] == 123.0).all()
     torch.testing.assert_close(got[~skip].double(), want[~skip], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_softcap_and_sinks_match_naive(backend):
+    """Soft-capping (Gemma 2) and attention sinks (GPT-OSS) are honoured whichever backend is asked for
+    (the native kernel has neither, so such calls take the reference)."""
+    case = paged_case(torch.float32, 9, 3, 64, 16, CHUNKS, interleave=True)
+    sinks = torch.randn(9, generator=torch.Generator().manual_seed(3))
+    skip = case["token_rows"] < 0
+    for softcap, sink in [(0.5, None), (0.0, sinks), (0.5, sinks)]:
+        got = run_attention(case, 0.125, 20, backend, softcap=softcap, sinks=sink)
+        want = naive_attention(case, 0.125, 20, softcap, sink)
+        assert (got[skip] == 123.0).all()
+        torch.testing.assert_close(got[~skip].double(), want[~skip], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got[~skip].double(), naive_attention(case, 0.125, 20)[~skip], atol=1e-3)
 
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}

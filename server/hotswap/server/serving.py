@@ -10,6 +10,7 @@ from typing import Callable
 from .adapters.cache import AdapterCache
 from .adapters.load import load_adapter
 from .adapters.registry import AdapterRecord, AdapterRegistry, check_labels
+from .adapters.validate import BaseShape
 from .adapters.weights import Adapter
 from .config import AdapterCacheConfig, EngineConfig, ModelConfig
 from .engine.engine import Engine
@@ -35,6 +36,10 @@ class ServingCore:
         self.registry = registry
         self.adapters = AdapterCache(self.cache_cfg, self._load_from_store, loaded.device, loaded.dtype)
         self.engine = Engine(loaded, engine_cfg, self.adapters)
+        # Adapters are checked against the key/value layout the engine probed, which a config can
+        # misstate (Falcon's multi_query keeps one kv head whatever num_kv_heads says).
+        runner = self.engine.runner
+        self.base_shape = dataclasses.replace(BaseShape.of(loaded.model), num_kv_heads=runner.kv_heads, head_dim=runner.head_dim)
         self.loop = EngineLoop(self.engine).start()
 
     @classmethod
@@ -48,10 +53,10 @@ class ServingCore:
         return cls(load_base_model(model_cfg), engine_cfg, cache_cfg, registry)
 
     def _load_from_store(self, adapter_id: str) -> Adapter:
-        return load_adapter(self.registry.path(adapter_id), adapter_id, self.loaded.model, self.cache_cfg.max_lora_rank)
+        return load_adapter(self.registry.path(adapter_id), adapter_id, self.base_shape, self.cache_cfg.max_lora_rank)
 
     def _validate(self, path: Path) -> Adapter:
-        adapter = load_adapter(path, path.name, self.loaded.model, self.cache_cfg.max_lora_rank)
+        adapter = load_adapter(path, path.name, self.base_shape, self.cache_cfg.max_lora_rank)
         if adapter.num_virtual_tokens >= self.engine.max_seq_len:  # it could never serve a single prompt token
             raise InvalidArgument(f"{adapter.num_virtual_tokens} virtual tokens leave no room in max_seq_len {self.engine.max_seq_len}",
                                   field="num_virtual_tokens")

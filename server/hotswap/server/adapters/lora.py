@@ -13,9 +13,9 @@ from .weights import LoraModuleWeights, LoraWeights
 # DoRA's magnitude is saved as "<module path>.lora_magnitude_vector"; lora_B's bias (lora_bias) as "lora_B.bias".
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_E|lora_magnitude_vector)(\.(?P<kind>weight|bias))?$")
 
-# LoraConfig options that change the math in ways these weights do not express.
+# LoraConfig options that change the math in ways these weights do not express. (fan_in_fan_out is not
+# one: it only transposes the delta PEFT merges into a Conv1D weight; see model/linears.py.)
 _UNSUPPORTED = {
-    "fan_in_fan_out": "fan_in_fan_out (Conv1D targets)",
     "target_parameters": "target_parameters",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "use_qalora": "QALoRA (use_qalora)",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import AdapterIncompatible
+from ..model.linears import linear_features, lora_targetable
 from .weights import LoraWeights, PrefixWeights, PromptWeights
 
 
@@ -17,7 +18,7 @@ class BaseShape:
     num_kv_heads: int
     head_dim: int
     linears: dict[str, tuple[int, int]]
-    """module path -> (in_features, out_features) of every linear except the output head."""
+    """module path -> (in_features, out_features) of every LoRA-targetable module (nn.Linear, Conv1D) except the output head."""
     embed_path: str = ""
     """Module path of the input embedding, e.g. "model.embed_tokens"."""
     head_path: str = ""
@@ -30,8 +31,8 @@ class BaseShape:
     def of(cls, model: nn.Module) -> "BaseShape":
         cfg = model.config.get_text_config()
         heads = cfg.num_attention_heads
+        linears = {n: linear_features(m) for n, m in lora_targetable(model).items()}
         head = model.get_output_embeddings()
-        linears = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
         return cls(
             hidden_size=cfg.hidden_size,
             num_layers=cfg.num_hidden_layers,

@@ -63,10 +63,14 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                             attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                             sliding_window: int | None = None, softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query (1, heads, num_tokens, head_dim); key/value (1, kv_heads, num_tokens, head_dim) →
-    (1, num_tokens, heads, head_dim), the layout transformers' other attention functions return."""
-    batch: AttentionBatch = kwargs[BATCH_KWARG]
-    if softcap is not None or kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attention logit softcapping / attention sinks are not supported by the paged attention")
+    (1, num_tokens, heads, head_dim), the layout transformers' other attention functions return.
+
+    The per-layer kwargs transformers passes are honoured: `scaling` (e.g. Gemma's
+    query_pre_attn_scalar), `sliding_window` (None on a global layer of an alternating model),
+    `softcap` (Gemma 2's attention logit soft-capping) and `s_aux` (GPT-OSS's attention sinks)."""
+    batch = kwargs[BATCH_KWARG]
+    if not isinstance(batch, AttentionBatch):  # the load-time probe (engine/architecture.py) only records the call
+        return batch(module, query, key, value, sliding_window=sliding_window, softcap=softcap, **kwargs)
     layer = module.layer_idx
     window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
     window = int(window or 0)
@@ -75,6 +79,16 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     q = query[0].transpose(0, 1).contiguous()  # [num_tokens, heads, head_dim]
     out = torch.empty_like(q)
     k_cache, v_cache = batch.cache.layer(layer)
+    sinks = kwargs.get("s_aux")
+    if softcap or sinks is not None:
+        # Neither SDPA nor the native kernel caps logits or adds sinks: every token of this layer goes
+        # through the paged kernel's torch path, the dense chunks' tokens under their own rows.
+        rows = batch.token_rows.clone()
+        for chunk in batch.dense:
+            rows[chunk.q_start: chunk.q_start + chunk.num_tokens] = chunk.row
+        kernels.paged_attention(out, q, k_cache, v_cache, batch.block_tables, rows, batch.token_positions,
+                                scale, window, float(softcap or 0.0), sinks, backend="torch")
+        return out[None], None
     if batch.paged_tokens:
         kernels.paged_attention(out, q, k_cache, v_cache, batch.block_tables, batch.token_rows, batch.token_positions,
                                 scale, window, backend=batch.backend)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..adapters.weights import LoraWeights
+from ..model.linears import linear_features, lora_targetable
 from . import kernels
 from .lora_fold import fold
 
@@ -39,9 +40,10 @@ class LoraSlots:
     needs them on; they carry one extra row, `max_loras`, of ones / zeros that tokens of
     rows without a LoRA slot gather, so every token takes the same path."""
 
-    def __init__(self, linears: dict[str, nn.Linear], max_loras: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, linears: dict[str, nn.Module], max_loras: int, device: torch.device, dtype: torch.dtype) -> None:
         self.linears = linears
-        """Every linear an adapter may target, by module path (the output head excluded)."""
+        """Every linear (nn.Linear or Conv1D) an adapter may target, by module path (the output head excluded)."""
+        self.features = {name: linear_features(m) for name, m in linears.items()}  # name -> (in, out)
         self.max_loras, self.device, self.dtype = max_loras, device, dtype
         self.on_new_target: Callable[[str], None] | None = None
         """Called when a loaded adapter is the first to target a linear (the runner hooks it)."""
@@ -67,10 +69,10 @@ class LoraSlots:
 
     def _check_fits(self, weights: LoraWeights) -> None:
         for name, m in weights.modules.items():
-            linear = self.linears.get(name)
-            if linear is None or m.a.shape[1] != linear.in_features or m.b.shape[0] != linear.out_features or m.b.shape[1] != m.rank:
+            fan = self.features.get(name)
+            if fan is None or m.a.shape[1] != fan[0] or m.b.shape[0] != fan[1] or m.b.shape[1] != m.rank:
                 raise ValueError(f"{name}: LoRA A {tuple(m.a.shape)} / B {tuple(m.b.shape)} do not fit "
-                                 + (f"the linear ({linear.in_features} in, {linear.out_features} out)" if linear else "any linear of the base model"))
+                                 + (f"the linear ({fan[0]} in, {fan[1]} out)" if fan else "any linear of the base model"))
 
     def _vectors(self, table: dict[str, torch.Tensor], name: str, width: int, fill: float) -> None:
         if name not in table:
@@ -82,19 +84,19 @@ class LoraSlots:
         folded = {name: fold(m, self.linears[name]) for name, m in weights.modules.items()}  # before any slot changes
         self._grow_rank(max(m.rank for m in weights.modules.values()))
         for name, m in weights.modules.items():
-            linear = self.linears[name]
+            fan_in, fan_out = self.features[name]
             if name not in self.a:
-                self.a[name] = torch.zeros(self.max_loras, self.rank_cap, linear.in_features, device=self.device, dtype=self.dtype)
-                self.b[name] = torch.zeros(self.max_loras, self.rank_cap, linear.out_features, device=self.device, dtype=self.dtype)
+                self.a[name] = torch.zeros(self.max_loras, self.rank_cap, fan_in, device=self.device, dtype=self.dtype)
+                self.b[name] = torch.zeros(self.max_loras, self.rank_cap, fan_out, device=self.device, dtype=self.dtype)
                 self.ranks[name] = torch.zeros(self.max_loras, dtype=torch.int32, device=self.device)
                 if self.on_new_target is not None:
                     self.on_new_target(name)
             _, mult, shift = folded[name]
             if mult is not None or shift is not None:
-                self._vectors(self.out_mult, name, linear.out_features, 1.0)
-                self._vectors(self.out_shift, name, linear.out_features, 0.0)
+                self._vectors(self.out_mult, name, fan_out, 1.0)
+                self._vectors(self.out_shift, name, fan_out, 0.0)
             if m.in_scale is not None and name not in self.in_mult:
-                self._vectors(self.in_mult, name, linear.in_features, 1.0)
+                self._vectors(self.in_mult, name, fan_in, 1.0)
                 if self.on_new_input_scale is not None:
                     self.on_new_input_scale(name)
         for name in self.a:
@@ -200,10 +202,10 @@ class LoraInputScale:
         return ((x.reshape(-1, x.shape[-1]) * v.to(x.dtype)).view(x.shape), *args[1:])
 
 
-def lora_targets(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every linear except the output head (bitsandbytes' Linear4bit and Linear8bitLt subclass nn.Linear)."""
-    head = model.get_output_embeddings()
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+def lora_targets(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear except the output head: nn.Linear (bitsandbytes' Linear4bit and Linear8bitLt subclass it)
+    and Conv1D, whose forward hook sees the same x and y = x W + b (model/linears.py)."""
+    return lora_targetable(model)
 
 
 def attach_lora(model: nn.Module, max_loras: int, device: torch.device, dtype: torch.dtype) -> LoraContext:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..adapters.weights import LoraModuleWeights
 
@@ -19,6 +20,8 @@ def dense_weight(linear: nn.Linear) -> torch.Tensor:
     without touching the module (PEFT's dequantize_module_weight re-assigns an int8 weight, which
     drops its scales once the layer has run)."""
     w = linear.weight
+    if isinstance(linear, Conv1D):  # GPT-2's Conv1D keeps its weight as [in, out] (y = x W + b)
+        return w.detach().T
     kind = type(w).__name__
     if kind == "Params4bit":
         import bitsandbytes as bnb

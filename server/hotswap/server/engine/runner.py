@@ -3,7 +3,10 @@ sequence with per-token positions, no padding. Builds the inputs (embeddings,
 cache slots, block tables, per-token LoRA slots), runs the model once, and
 returns the next-token logits of the rows that sample (and, for prefill-only
 rows, what readout.py reads from the same hidden states). Owns the model, the
-paged KV cache tensors and the LoRA slots; knows nothing of requests."""
+paged KV cache tensors and the LoRA slots; knows nothing of requests.
+
+Architectures whose attention cannot be paged (engine/architecture.py decides at
+load) run the same inputs row by row through their own attention (own_attention.py)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -15,10 +18,13 @@ from .adaption import AdaptionGroup, prompt_kv
 from ..config import EngineConfig
 from ..errors import ModelLoadError
 from . import kernels, readout
-from .attention import ATTENTION_NAME, BATCH_KWARG, AttentionBatch
+from .architecture import probe_attention
+from .attention import BATCH_KWARG, AttentionBatch
+from .head import check_final_logits, decoder_of, final_logit_transform
 from .inputs import build_inputs
 from .kv_cache import PagedKVCache, default_kv_cache_bytes
 from .lora import LoraStep, attach_lora
+from .own_attention import forward_rows
 from .readout import ForwardOutput
 from .scheduler import ScheduledRow
 from .token_tables import embed_rows, head_logits
@@ -42,19 +48,18 @@ class ModelRunner:
         self.device, self.dtype = loaded.device, loaded.dtype
         text = self.model.config.get_text_config()
         self.num_layers = text.num_hidden_layers
-        self.kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        # The cache's geometry is what the layers actually produce (probed), not what the config suggests.
+        self.layout = probe_attention(self.model)
+        self.kv_heads, self.head_dim = self.layout.kv_heads, self.layout.head_dim
         self.context_length = int(getattr(text, "max_position_embeddings", 0) or 0)
         self.backend = resolve_backend(cfg.attention_backend, self.device)
         self.block_size = cfg.block_size
         self.lora = attach_lora(self.model, cfg.max_loras, self.device, self.dtype)
-        self.model.set_attn_implementation(ATTENTION_NAME)
-        if self.model.config._attn_implementation != ATTENTION_NAME:
-            raise ModelLoadError(f"{type(self.model).__name__} does not route attention through transformers' "
-                                 "AttentionInterface, which the paged KV cache needs", field="source")
-        self.decoder = self.model.base_model
+        self.decoder = decoder_of(self.model)
         self.embed = self.model.get_input_embeddings()
         self.head = self.model.get_output_embeddings()
+        self.final = final_logit_transform(self.model)
+        check_final_logits(self.model, self.final)
         self.cache: PagedKVCache | None = None
 
     def allocate_cache(self, budget_bytes: int, max_blocks: int, reserved: int = 0) -> int:
@@ -81,23 +86,27 @@ class ModelRunner:
         positions = step.positions.to(dev)
         embeds = self._embeddings(scheduled, step.ids.to(dev), step.first)  # [num_tokens, hidden]
         self._copy_prefixes(scheduled)
-        paged_tokens = len(step.ids) - sum(d.num_tokens for d in step.dense)
-        batch = AttentionBatch(self.cache, step.slots.to(dev), step.block_tables.to(dev), step.token_rows.to(dev),
-                               positions.to(torch.int32), step.dense, paged_tokens, self.backend, self._adaption(scheduled, step.first))
-        self.lora.step = None if step.lora_slots is None else LoraStep.of(
-            step.lora_slots.to(dev), None if step.lora_scales is None else step.lora_scales.to(dev), self.lora.slots.max_loras, self.backend)
-        try:
-            hidden = self.decoder(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
-                                  **{BATCH_KWARG: batch}).last_hidden_state[0]  # [num_tokens, hidden]
-        finally:
-            self.lora.step = None
+        if not self.layout.paged:
+            hidden = forward_rows(self.decoder, self.cache, scheduled, step, embeds, self.lora, self.backend)  # [num_tokens, hidden]
+        else:
+            paged_tokens = len(step.ids) - sum(d.num_tokens for d in step.dense)
+            batch = AttentionBatch(self.cache, step.slots.to(dev), step.block_tables.to(dev), step.token_rows.to(dev),
+                                   positions.to(torch.int32), step.dense, paged_tokens, self.backend, self._adaption(scheduled, step.first))
+            self.lora.step = None if step.lora_slots is None else LoraStep.of(
+                step.lora_slots.to(dev), None if step.lora_scales is None else step.lora_scales.to(dev), self.lora.slots.max_loras, self.backend)
+            try:
+                hidden = self.decoder(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
+                                      **{BATCH_KWARG: batch}).last_hidden_state[0]  # [num_tokens, hidden]
+            finally:
+                self.lora.step = None
         logits = self._logits(scheduled, hidden[step.sample_at.to(dev)])  # [sampling rows, vocab]
         return ForwardOutput(logits, readout.read(scheduled, step.first, hidden, self.logits))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [n, hidden] → the base head's next-token logits [n, vocab] float32
-        (scoring reads these; adapters with their own output head are refused for Score)."""
-        return self.head(hidden).float()
+        """Final hidden states [n, hidden] → the base head's next-token logits [n, vocab] float32, with
+        what the architecture does after its head (Gemma 2's soft-capping; head.py). Scoring reads these;
+        adapters with their own output head are refused for Score."""
+        return self.final(self.head(hidden)).float()
 
     def _logits(self, scheduled: list[ScheduledRow], hidden: torch.Tensor) -> torch.Tensor:
         """The head's logits of the sampling rows [rows, vocab]; rows whose adapter has its own
@@ -111,7 +120,7 @@ class ModelRunner:
         for t, rows in groups.values():
             idx = torch.tensor(rows, device=hidden.device)
             logits[idx] = head_logits(t, hidden[idx], logits[idx], self.head.bias)
-        return logits.float()
+        return self.final(logits).float()
 
     def _embeddings(self, scheduled: list[ScheduledRow], ids: torch.Tensor, first: list[int]) -> torch.Tensor:
         """Token embeddings; prompt-tuning positions take the adapter's virtual-token embeddings,

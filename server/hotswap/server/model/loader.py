@@ -19,7 +19,8 @@ from .sources import resolve_checkpoint
 @dataclass
 class LoadedModel:
     model: PreTrainedModel
-    """Eval mode, on `device`, sdpa attention."""
+    """Eval mode, on `device`, transformers' default attention for the architecture (sdpa where it has
+    one, else eager: Gemma 2, BLOOM, ...); the engine swaps in its paged attention where it can."""
     tokenizer: PreTrainedTokenizerBase
     """Carries the model's chat template; pad token set (to EOS when the model has none)."""
     config: ModelConfig
@@ -67,7 +68,8 @@ def load_base_model(cfg: ModelConfig) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     quant = quantization_config(cfg, dtype)
-    kwargs = {"dtype": dtype, "attn_implementation": "sdpa", "trust_remote_code": False}
+    # No attn_implementation: asking for "sdpa" fails on architectures transformers has no sdpa path for.
+    kwargs = {"dtype": dtype, "trust_remote_code": False}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device})
     try:

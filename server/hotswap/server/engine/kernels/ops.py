@@ -61,16 +61,24 @@ def paged_attention(
     token_positions: torch.Tensor,
     scale: float,
     sliding_window: int = 0,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
     *,
     backend: str | None = None,
 ) -> None:
     """out[i] = softmax(scale * q_i K^T) V over row token_rows[i]'s keys at positions
     max(0, p - sliding_window + 1) ..= p, p = token_positions[i]; rows -1 are skipped.
+    softcap > 0: logits become softcap * tanh(logits / softcap) (Gemma 2); sinks [H]: one extra
+    logit per query head in the softmax's denominator (GPT-OSS). The native kernel has neither,
+    so calls that use them always take the torch reference.
 
     out, query [N, H, D]; key_cache, value_cache [num_blocks, block_size, KVH, D];
     block_tables [R, max_blocks] int32; token_rows, token_positions [N] int32.
     Query head h reads kv head h // (H // KVH)."""
-    if _use_native(query, backend):
+    if softcap > 0 or sinks is not None:
+        reference.paged_attention(out, query, key_cache, value_cache, block_tables, token_rows, token_positions, scale,
+                                  sliding_window, softcap, sinks)
+    elif _use_native(query, backend):
         torch.ops.hotswap.paged_attention(
             out, query, key_cache, value_cache, block_tables, token_rows, token_positions, float(scale), int(sliding_window)
         )

@@ -26,16 +26,24 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, rows: torch.Tensor,
     return cache[blocks, (j % block_size).expand_as(blocks)]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
+            softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [n, H, D]; k/v [n, L, KVH, D] (one row per token) or [L, KVH, D] (shared by all n);
-    allowed [n, L] -> [n, H, D] in fp32."""
+    allowed [n, L]; sinks [H] or None -> [n, H, D] in fp32."""
     n, H, D = q.shape
     KVH = k.shape[-2]
     per_token = k.dim() == 4
     qg = q.float().view(n, KVH, H // KVH, D)  # [n, KVH, G, D]
     scores = torch.einsum("nkgd,nlkd->nkgl" if per_token else "nkgd,lkd->nkgl", qg, k.float()) * scale  # [n, KVH, G, L]
+    if softcap > 0:  # Gemma 2: cap the scaled logits before the mask (transformers' eager_attention_forward)
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        # Attention sinks (GPT-OSS): one extra logit per head joins the softmax, its probability dropped.
+        sink = sinks.float().view(1, KVH, H // KVH, 1).expand(n, -1, -1, -1)  # [n, KVH, G, 1]
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     # Masked keys get probability 0, but 0 * (NaN in a never-written cache slot) is NaN.
     if per_token:
         v = torch.where(allowed[:, :, None, None], v.float(), 0.0)  # [n, L, KVH, D]
@@ -64,6 +72,8 @@ def paged_attention(
     token_positions: torch.Tensor,
     scale: float,
     sliding_window: int = 0,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     N, H, D = query.shape
     KVH = key_cache.shape[2]
@@ -84,7 +94,7 @@ def paged_attention(
         length = int(pos.max()) + 1
         rows_t = token_rows[tok].long()
         k, v = (_gather(c, block_tables, rows_t, length) for c in (key_cache, value_cache))  # [n, L, KVH, D]
-        res = _attend(query[tok], k, v, _allowed(pos, length, sliding_window), scale)
+        res = _attend(query[tok], k, v, _allowed(pos, length, sliding_window), scale, softcap, sinks)
         out[tok] = res.to(out.dtype)
 
     # Rows with several query tokens (prefill chunks): the row's keys gathered once.
@@ -94,7 +104,7 @@ def paged_attention(
         length = int(pos.max()) + 1
         row_t = torch.tensor([row], device=tok.device)
         k, v = (_gather(c, block_tables, row_t, length)[0] for c in (key_cache, value_cache))  # [L, KVH, D]
-        res = _attend(query[tok], k, v, _allowed(pos, length, sliding_window), scale)
+        res = _attend(query[tok], k, v, _allowed(pos, length, sliding_window), scale, softcap, sinks)
         out[tok] = res.to(out.dtype)
 
 
