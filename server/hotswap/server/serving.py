@@ -53,10 +53,10 @@ class ServingCore:
         return cls(load_base_model(model_cfg), engine_cfg, cache_cfg, registry)
 
     def _load_from_store(self, adapter_id: str) -> Adapter:
-        return load_adapter(self.registry.path(adapter_id), adapter_id, self.base_shape, self.cache_cfg.max_lora_rank)
+        return load_adapter(self.registry.path(adapter_id), adapter_id, self.loaded.model, self.cache_cfg.max_lora_rank, self.base_shape)
 
     def _validate(self, path: Path) -> Adapter:
-        adapter = load_adapter(path, path.name, self.base_shape, self.cache_cfg.max_lora_rank)
+        adapter = load_adapter(path, path.name, self.loaded.model, self.cache_cfg.max_lora_rank, self.base_shape)
         if adapter.num_virtual_tokens >= self.engine.max_seq_len:  # it could never serve a single prompt token
             raise InvalidArgument(f"{adapter.num_virtual_tokens} virtual tokens leave no room in max_seq_len {self.engine.max_seq_len}",
                                   field="num_virtual_tokens")

@@ -25,8 +25,11 @@ TASKS = ("CAUSAL_LM", "SEQ_CLS")
 """CAUSAL_LM adapters serve Generate and Score; SEQ_CLS adapters (with their score head) serve Classify."""
 
 
-def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_lora_rank: int) -> Adapter:
-    shape = base if isinstance(base, BaseShape) else BaseShape.of(base)
+def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_lora_rank: int,
+                 shape: BaseShape | None = None) -> Adapter:
+    """`base`: the loaded model (its weights are read by adapters tied to them) or only its shape;
+    `shape`: the shape to check against when it differs from what the config states."""
+    shape = shape or (base if isinstance(base, BaseShape) else BaseShape.of(base))
     config, tensors = read_adapter_dir(Path(path))
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in SUPPORTED:
