@@ -13,7 +13,10 @@ from .spec import Hyperparameters
 TASK = "CAUSAL_LM"
 
 
-def peft_config(method: str, hp: Hyperparameters, loaded: LoadedModel):
+def peft_config(method: str, hp: Hyperparameters, loaded: LoadedModel, task: str = TASK):
+    """method: the adapter type (a classifier's classifier_adapter, with task "SEQ_CLS": PEFT then
+    adds the score head to modules_to_save itself)."""
+    TASK = task  # noqa: N806 - the one task every branch below uses
     if method in ("lora", "qlora"):
         targets = "all-linear" if hp.target_modules == ["all-linear"] else hp.target_modules
         return LoraConfig(task_type=TASK, r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, target_modules=targets)

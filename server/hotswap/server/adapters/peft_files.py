@@ -14,6 +14,10 @@ from ..errors import InvalidArgument, NotFound
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+LABELS_FILE = "config.json"
+"""Beside a classifier's adapter: the model config whose id2label names its labels (PEFT does not save it)."""
+MAX_LABELS_FILE_BYTES = 1 << 20
+"""A config.json larger than this is not a model config."""
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 

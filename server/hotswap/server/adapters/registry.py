@@ -25,7 +25,7 @@ from typing import Callable
 
 from ..errors import HotswapError, InvalidArgument, NotFound, shown
 from ..sqldb import SqlDb
-from .peft_files import CONFIG, PICKLES, WEIGHTS
+from .peft_files import CONFIG, LABELS_FILE, MAX_LABELS_FILE_BYTES, PICKLES, WEIGHTS
 from .weights import Adapter, LoraWeights
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -221,8 +221,9 @@ class AdapterRegistry:
                 try:
                     if self.remote:  # published before the row that makes it visible
                         fs = self._fs()
-                        for f in (CONFIG, WEIGHTS):
-                            fs.put_file(str(final / f), f"{self.remote}/{name}/{version}/{f}")
+                        for f in (CONFIG, WEIGHTS, LABELS_FILE):
+                            if (final / f).is_file():
+                                fs.put_file(str(final / f), f"{self.remote}/{name}/{version}/{f}")
                     db.execute(
                         "INSERT INTO adapters (name, version, peft_type, rank, target_modules, num_virtual_tokens, size_bytes, "
                         "base_fingerprint, created_at, source_uri, labels) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -328,8 +329,9 @@ class AdapterRegistry:
 
 def fetch_adapter_files(source_uri: str, dest: Path) -> None:
     """Copy a PEFT adapter folder from a local path or any fsspec URL into `dest`.
-    Only the two files PEFT's format needs are copied; pickles are refused here,
-    before a byte of them is read."""
+    Only the two files PEFT's format needs are copied, and a small config.json when one
+    is there (a classifier's label names); pickles are refused here, before a byte of
+    them is read."""
     import fsspec
 
     if not source_uri:
@@ -365,8 +367,18 @@ def fetch_adapter_files(source_uri: str, dest: Path) -> None:
             kind = None
         if kind != "file":
             raise InvalidArgument(f"{n} in {shown(source_uri)} is not a regular file", field="source_uri")
+    optional = []
+    if LABELS_FILE in names:
+        try:
+            info = fs.info(f"{root}/{LABELS_FILE}")
+        except Exception:  # noqa: BLE001 - as above
+            info = {}
+        if info.get("type") != "file" or (info.get("size") or 0) > MAX_LABELS_FILE_BYTES:
+            raise InvalidArgument(f"{LABELS_FILE} in {shown(source_uri)} must be a regular file of at most {MAX_LABELS_FILE_BYTES} bytes",
+                                  field="source_uri")
+        optional.append(LABELS_FILE)
     dest.mkdir(parents=True)
-    for n in (CONFIG, WEIGHTS):
+    for n in (CONFIG, WEIGHTS, *optional):
         try:
             fs.get(f"{root}/{n}", str(dest / n))
         except Exception as e:  # noqa: BLE001 - remote filesystems raise their own errors (auth, network)
