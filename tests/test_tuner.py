@@ -459,6 +459,11 @@ def test_a_classifier_trains_reports_its_metrics_and_loads_in_peft(server, tiny_
         assert sum(map(sum, report.confusion)) == 8 and [x.support for x in report.per_label] == [2, 2, 2, 2]
         meta = c.get_adapter("cls")
         assert meta.labels["method"] == "classification" and meta.labels["task"] == "SEQ_CLS" and meta.labels["num_labels"] == "4"
+    r = subprocess.run([sys.executable, "-m", "hotswap.client.cli", "--target", server.target, "jobs", "show", job.id],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^classification \(validation\): accuracy [01]\.\d+, macro precision .* f1 ", r.stdout, re.M)
+    assert re.search(r"^  \* label_names +A,B,C,D$", r.stdout, re.M) and "confusion (rows true" in r.stdout
     path = server.data_dir / "adapters" / "cls" / "1"
     assert json.loads((path / "config.json").read_text())["id2label"] == {"0": "A", "1": "B", "2": "C", "3": "D"}
     tok = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])
