@@ -430,3 +430,96 @@ def test_a_stopping_worker_hands_its_job_back_at_a_fresh_checkpoint(tiny_checkpo
     assert f"the worker stopped; resumes from checkpoint-{back.step}" in warnings
     assert resumed == f"resuming from checkpoint-{back.step}"
     assert events[-1].job.state == "cancelled"
+
+
+# -- classifiers --------------------------------------------------------------------------
+KEYWORDS = {"A": "fox", "B": "dog", "C": "café", "D": "world"}
+CLASSIFY = [{"text": f"{w} {t}", "label": lab} for lab, w in KEYWORDS.items() for t in ("one", "two", "three", "four", "five", "six")]
+# ^ the label is the keyword's: a 4-way multiple choice the tiny random model can learn in a few epochs
+
+
+def test_a_classifier_trains_reports_its_metrics_and_loads_in_peft(server, tiny_checkpoints):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    hp = dict(epochs=8, batch_size=4, learning_rate=1e-2, lora_r=8, target_modules=["all-linear"], class_weights=[1, 1, 1, 2])
+    with Client(server.target) as c:
+        job = c.train_adapter("cls", "classification", examples=CLASSIFY, validation_examples=CLASSIFY[::3], **hp)
+        events = finished(c, job.id)
+        done = events[-1].job
+        assert done.state == "succeeded", done.error_message
+        evals = [e.metrics for e in events if e.kind == "eval"]
+        assert len(evals) >= 3 and all({"accuracy", "precision", "recall", "f1", "eval_loss"} <= set(m) for m in evals)
+        assert [m["epoch"] for m in evals] == [float(i) for i in range(1, len(evals) + 1)]  # once per epoch
+        plan = done.plan.hyperparameters
+        assert plan["label_names"] == ["A", "B", "C", "D"] and plan["class_weights"] == [1, 1, 1, 2] and plan["best_metric"] == "f1"
+        assert {"label_names", "best_metric", "classifier_adapter"} <= set(done.plan.automatic) and not plan["base_protection"]
+        report = done.quality.classification
+        assert report.split == "validation" and report.label_names == ["A", "B", "C", "D"]
+        assert report.f1 == pytest.approx(max(m["f1"] for m in evals)) and report.accuracy >= 0.75  # the best epoch's checkpoint
+        assert sum(map(sum, report.confusion)) == 8 and [x.support for x in report.per_label] == [2, 2, 2, 2]
+        meta = c.get_adapter("cls")
+        assert meta.labels["method"] == "classification" and meta.labels["task"] == "SEQ_CLS" and meta.labels["num_labels"] == "4"
+    r = subprocess.run([sys.executable, "-m", "hotswap.client.cli", "--target", server.target, "jobs", "show", job.id],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^classification \(validation\): accuracy [01]\.\d+, macro precision .* f1 ", r.stdout, re.M)
+    assert re.search(r"^  \* label_names +A,B,C,D$", r.stdout, re.M) and "confusion (rows true" in r.stdout
+    path = server.data_dir / "adapters" / "cls" / "1"
+    assert json.loads((path / "config.json").read_text())["id2label"] == {"0": "A", "1": "B", "2": "C", "3": "D"}
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])
+
+    def accuracy(model) -> float:
+        with torch.inference_mode():
+            right = [model(input_ids=torch.tensor([tok(e["text"])["input_ids"]])).logits.argmax(-1).item() == "ABCD".index(e["label"])
+                     for e in CLASSIFY]
+        return sum(right) / len(right)
+
+    def base():  # the base with the head config.json describes (its labels, its pad token)
+        config = AutoConfig.from_pretrained(path)
+        return AutoModelForSequenceClassification.from_pretrained(tiny_checkpoints["llama"], config=config, dtype=torch.float32)
+
+    # the registered files load in plain PEFT
+    untrained = accuracy(base().eval())
+    trained = accuracy(PeftModel.from_pretrained(base(), path).eval())
+    assert trained >= 0.75 and trained >= untrained + 0.25, (trained, untrained)
+
+
+def test_soft_prompt_classifiers_train_and_bad_classifier_requests_name_the_field(server, tmp_path):
+    with Client(server.target) as c:
+        jobs = {a: c.train_adapter(f"cls-{a}", "classification", examples=CLASSIFY, classifier_adapter=a, epochs=1, batch_size=8,
+                                   num_virtual_tokens=4, best_metric="accuracy") for a in ("prompt_tuning", "prefix_tuning")}
+        # refused at submit: what the request alone shows
+        for kw, needle in [(dict(label_names=["A", "A"]), "hyperparameters.label_names.*twice"),
+                           (dict(label_names=["only"]), "hyperparameters.label_names.*at least 2"),
+                           (dict(class_weights=[1.0, -1.0, 1.0, 1.0]), "hyperparameters.class_weights.*finite"),
+                           (dict(class_weights=[1.0, float("nan"), 1.0, 1.0]), "hyperparameters.class_weights.*finite"),
+                           (dict(class_weights=[1.0, 1.0]), "hyperparameters.class_weights.*2 weights for 4"),
+                           (dict(best_metric="auc"), "hyperparameters.best_metric"),
+                           (dict(classifier_adapter="ia3"), "hyperparameters.classifier_adapter"),
+                           (dict(label_names=["A", "B"]), "example 13 has label 'C'")]:
+            with pytest.raises(InvalidArgument, match=needle):
+                c.train_adapter("x", "classification", examples=CLASSIFY, **kw)
+        with pytest.raises(InvalidArgument, match="example 2 has no label"):
+            c.train_adapter("x", "classification", examples=[CLASSIFY[0], {"text": "no label"}])
+        with pytest.raises(InvalidArgument, match="train.*at least 2 labels"):
+            c.train_adapter("x", "classification", examples=CLASSIFY[:6])
+        with pytest.raises(FailedPrecondition, match="absent from the base model: qkv"):
+            c.train_adapter("x", "classification", examples=CLASSIFY, target_modules=["qkv"])
+        # only the worker sees a file's labels: the job fails with the field and the line
+        unlabelled, unknown, weights = tmp_path / "u.jsonl", tmp_path / "k.jsonl", tmp_path / "w.jsonl"
+        unlabelled.write_text("".join(json.dumps(e) + "\n" for e in CLASSIFY[:3] + [{"text": "x"}]))
+        unknown.write_text("".join(json.dumps(e) + "\n" for e in CLASSIFY))
+        weights.write_text("".join(json.dumps(e) + "\n" for e in CLASSIFY))
+        for job, needle in [(c.train_adapter("x", "classification", dataset_uri=c.upload_dataset(str(unlabelled))), "example 4 has no label"),
+                            (c.train_adapter("x", "classification", dataset_uri=c.upload_dataset(str(unknown)), label_names=["A", "B", "C"]),
+                             "example 19 has label 'D'"),
+                            (c.train_adapter("x", "classification", dataset_uri=c.upload_dataset(str(weights)), class_weights=[1, 2]),
+                             "2 weights for 4")]:
+            last = finished(c, job.id)[-1].job
+            assert last.state == "failed" and last.error_code == "INVALID_ARGUMENT" and needle in last.error_message, last.error_message
+        for adapter, job in jobs.items():
+            done = finished(c, job.id)[-1].job
+            assert done.state == "succeeded", (adapter, done.error_message)
+            assert done.plan.hyperparameters["classifier_adapter"] == adapter and done.quality.classification.split == "train"
+        assert c.get_adapter("cls-prompt_tuning").peft_type == "PROMPT_TUNING" and c.get_adapter("cls-prefix_tuning").num_virtual_tokens == 4
+        assert not c.list_adapters(name="x")

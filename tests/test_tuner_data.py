@@ -255,3 +255,29 @@ def test_sample_prompts_of_each_format_end_before_the_answer():
         assert (p.kind, p.shown, p.reference) == ("validation", shown, reference), fmt
         full = tokenize([example], fmt, TOK, 512, False, "train").examples[0]["input_ids"]
         assert full[:len(p.ids)] == p.ids and TOK.decode(full[len(p.ids):]).strip().startswith(reference)
+
+
+def test_classifier_metrics_match_their_definitions_and_weights_balance_the_classes():
+    from hotswap.tuner.classify_data import balanced_weights, classes, label_names_for, stratified_hold_out
+    from hotswap.tuner.classify_metrics import scores
+
+    # 3 labels; label 2 is never predicted (precision 0 by sklearn's zero_division=0)
+    s = scores([0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 1, 0], ["a", "b", "c"])
+    assert s.confusion == [[2, 1, 0], [0, 2, 0], [1, 0, 0]] and s.accuracy == pytest.approx(4 / 6)
+    p = [2 / 3, 2 / 3, 0.0]
+    r = [2 / 3, 1.0, 0.0]
+    f = [2 * x * y / (x + y) if x + y else 0.0 for x, y in zip(p, r)]
+    assert s.precision == pytest.approx(sum(p) / 3) and s.recall == pytest.approx(sum(r) / 3) and s.f1 == pytest.approx(sum(f) / 3)
+    assert [x["support"] for x in s.per_label] == [3, 2, 1]
+    # sklearn's "balanced": n / (k * count); each class then weighs the same in total
+    w = balanced_weights([0, 0, 0, 1, 2, 2], 4)
+    assert w[:3] == pytest.approx([6 / 12, 6 / 4, 6 / 8]) and w[3] == 1.0  # a label with no example: 1.0
+    assert label_names_for(["10", "9", "2"]) == ["2", "9", "10"] and label_names_for(["b", "a", "10"]) == ["10", "a", "b"]
+    assert classes(["yes", "no", "1"], ["no", "yes"]) == (["no", "yes"], [1, 0, 1])  # a label may be its index
+    with pytest.raises(InvalidArgument, match="example 3 has label 'maybe'"):
+        classes(["yes", "no", "maybe"], ["no", "yes"])
+    with pytest.raises(InvalidArgument, match="at least 2"):
+        classes(["yes", "yes"], [])
+    labels = ["a"] * 40 + ["b"] * 10
+    keep, held = stratified_hold_out(labels, labels, 5, seed=1)
+    assert sorted(labels[i] for i in held) == ["a"] * 4 + ["b"] and len(keep) == 45

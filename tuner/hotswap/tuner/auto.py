@@ -21,6 +21,11 @@ README; each value stays overridable and the job records what it used):
 - base protection: the KL-to-base term (weight 3; 10 for prompt tuning and P-tuning) on replay rows at ratio 1 (replay.py bounds
   the count); prefix tuning instead the ordinary loss on the replay rows ("replay"). README,
   "Keeping the base's behaviour", has the measurements behind both.
+- classification (a score head over one of the adapters above): the adapter's own rules for
+  learning rate, warmup, virtual tokens and optimizer; classifier_adapter "lora"; label
+  names the training data's labels, sorted; class weights "balanced" (n / (k · count));
+  best_metric macro F1; no base protection (a classifier does not generate, so there is no
+  behaviour of the base's to keep, and no control prompts or sample generations).
 - validation: with no validation set, 10% of the training data (at most MAX_HELD_OUT
   examples) is held out when there are at least MIN_FOR_HOLDOUT examples; early stopping
   after EARLY_STOPPING_PATIENCE evaluations without improvement whenever there is a
@@ -37,6 +42,8 @@ from .spec import Hyperparameters
 LORA_METHODS = ("lora", "qlora")
 SOFT_PROMPT_ONLY = ("num_virtual_tokens", "virtual_tokens_init", "prompt_tuning_init_text")
 LORA_ONLY = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
+CAUSAL_ONLY = ("base_protection", "replay_ratio", "kl_weight", "train_on_prompt")
+CLASSIFIER_ONLY = ("classifier_adapter", "label_names", "class_weights", "best_metric")
 LR_SOFT = {"prompt_tuning": 3e-2, "p_tuning": 1e-2, "prefix_tuning": 3e-3}
 VIRTUAL_TOKENS = {"prompt_tuning": 20, "p_tuning": 20, "prefix_tuning": 20}
 BASE_PROTECTION = {"prefix_tuning": "replay"}
@@ -90,16 +97,30 @@ def optimizer_for(method: str, cuda: bool) -> str:
     return "adamw_torch"
 
 
-def applies(name: str, method: str) -> bool:
+def applies(name: str, method: str, classifier_adapter: str = "lora") -> bool:
     """Whether a hyperparameter means anything for the method (a job's plan lists only those)."""
+    if method == "classification":
+        if name in CAUSAL_ONLY:
+            return False
+        method = classifier_adapter or "lora"
+    elif name in CLASSIFIER_ONLY:
+        return False
     return name not in (SOFT_PROMPT_ONLY if method in LORA_METHODS else LORA_ONLY)
 
 
 def resolve(hp: Hyperparameters, method: str, n_train: int, hidden_size: int, has_validation: bool,
             held_out_fraction: float = 0.0, cuda: bool = False) -> Resolved:
     """Fill in every automatic value. n_train: training examples after any hold-out
-    (holdout_for decided that, and held_out_fraction records what it took)."""
+    (holdout_for decided that, and held_out_fraction records what it took). A classification
+    job's label names and class weights depend on the labels: classify.py fills them in."""
     chosen: dict = {}
+    top = method
+    if method == "classification":
+        method = hp.classifier_adapter or "lora"
+        if not hp.classifier_adapter:
+            chosen["classifier_adapter"] = method
+        if not hp.best_metric:
+            chosen["best_metric"] = "f1"
     if hp.validation_fraction is None:
         chosen["validation_fraction"] = round(held_out_fraction, 4)
     if not hp.epochs:
@@ -126,4 +147,7 @@ def resolve(hp: Hyperparameters, method: str, n_train: int, hidden_size: int, ha
         chosen["optim"] = optimizer_for(method, cuda)
     if hp.early_stopping_patience is None:
         chosen["early_stopping_patience"] = EARLY_STOPPING_PATIENCE if has_validation else 0
-    return Resolved(dataclasses.replace(hp, **chosen), sorted(k for k in chosen if applies(k, method)))
+    if top == "classification":
+        chosen["base_protection"] = "none"  # nothing of the base's generation to keep (the plan leaves it out)
+    resolved = dataclasses.replace(hp, **chosen)
+    return Resolved(resolved, sorted(k for k in chosen if applies(k, top, resolved.classifier_adapter)))

@@ -13,18 +13,20 @@ from .spec import Hyperparameters
 TASK = "CAUSAL_LM"
 
 
-def peft_config(method: str, hp: Hyperparameters, loaded: LoadedModel):
+def peft_config(method: str, hp: Hyperparameters, loaded: LoadedModel, task: str = TASK):
+    """method: the adapter type (a classifier's classifier_adapter, with task "SEQ_CLS": PEFT then
+    adds the score head to modules_to_save itself)."""
     if method in ("lora", "qlora"):
         targets = "all-linear" if hp.target_modules == ["all-linear"] else hp.target_modules
-        return LoraConfig(task_type=TASK, r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, target_modules=targets)
+        return LoraConfig(task_type=task, r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, target_modules=targets)
     if method == "prompt_tuning":
         if hp.virtual_tokens_init == "text" and hp.prompt_tuning_init_text:
-            return PromptTuningConfig(task_type=TASK, num_virtual_tokens=hp.num_virtual_tokens, prompt_tuning_init=PromptTuningInit.TEXT,
+            return PromptTuningConfig(task_type=task, num_virtual_tokens=hp.num_virtual_tokens, prompt_tuning_init=PromptTuningInit.TEXT,
                                       prompt_tuning_init_text=hp.prompt_tuning_init_text, tokenizer_name_or_path=str(loaded.checkpoint_dir))
-        return PromptTuningConfig(task_type=TASK, num_virtual_tokens=hp.num_virtual_tokens)
+        return PromptTuningConfig(task_type=task, num_virtual_tokens=hp.num_virtual_tokens)
     if method == "p_tuning":
-        return PromptEncoderConfig(task_type=TASK, num_virtual_tokens=hp.num_virtual_tokens, encoder_hidden_size=loaded.model.config.hidden_size)
-    return PrefixTuningConfig(task_type=TASK, num_virtual_tokens=hp.num_virtual_tokens)
+        return PromptEncoderConfig(task_type=task, num_virtual_tokens=hp.num_virtual_tokens, encoder_hidden_size=loaded.model.config.hidden_size)
+    return PrefixTuningConfig(task_type=task, num_virtual_tokens=hp.num_virtual_tokens)
 
 
 def init_text(answers: list[str], tokenizer, tokens: int) -> str:

@@ -10,6 +10,8 @@ from transformers import TrainerCallback
 
 from .jobs import Job, JobStore
 
+CLASSIFIER_METRICS = ("accuracy", "precision", "recall", "f1")
+
 
 class Progress(TrainerCallback):
     """Trainer events → job events and job fields; also where a cancel is noticed."""
@@ -59,8 +61,9 @@ class Progress(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         if metrics and "eval_loss" in metrics:
+            scores = {k: float(metrics[f"eval_{k}"]) for k in CLASSIFIER_METRICS if f"eval_{k}" in metrics}  # classifiers only
             self.store.add_event(self.job.id, "eval", {"step": state.global_step, "eval_loss": float(metrics["eval_loss"]),
-                                                       "epoch": float(state.epoch or 0)})
+                                                       "epoch": float(state.epoch or 0), **scores})
 
     def on_save(self, args, state, control, **kw):
         self.store.add_event(self.job.id, "checkpoint", {"path": f"checkpoint-{state.global_step}", "step": state.global_step})

@@ -49,6 +49,9 @@ class QualityReport:
     control_agreement: float = 1.0
     control_prompts: int = 0
     samples: list[Sample] = field(default_factory=list)
+    classification: dict | None = None
+    """Classifiers: {"split", "label_names", "accuracy", "precision", "recall", "f1", "per_label", "confusion"}
+    of the registered checkpoint (classify_metrics.Scores)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 from hotswap.server.adapters.registry import check_adapter_name, check_labels
 from hotswap.server.errors import AdapterIncompatible, InvalidArgument, shown
 
-METHODS = ("lora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning")
+ADAPTERS = ("lora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning")
+METHODS = (*ADAPTERS, "classification")
+"""A classification job trains one of ADAPTERS (classifier_adapter) with a score head."""
+BEST_METRICS = ("f1", "accuracy", "precision", "recall", "eval_loss")
+MAX_LABELS = 1024
+MAX_LABEL_CHARS = 128
+"""The Classify server's limits on a classifier's labels (score_head.py in the Classify change)."""
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PROTECTIONS = ("replay", "kl", "replay+kl", "none")
 VIRTUAL_TOKEN_INITS = ("text", "random")
@@ -54,6 +60,14 @@ class Hyperparameters:
     """Share of the training data held out for validation when no validation set is given; 0: never; None: automatic."""
     optim: str = ""
     """One of OPTIMIZERS."""
+    classifier_adapter: str = ""
+    """Classification: one of ADAPTERS under the score head; "" is "lora"."""
+    label_names: list[str] = field(default_factory=list)
+    """Classification: label names in label-id order; empty: the training data's labels, sorted."""
+    class_weights: list[float] = field(default_factory=list)
+    """Classification: cross-entropy weight per label; empty: "balanced" (classify_data.balanced_weights)."""
+    best_metric: str = ""
+    """Classification: one of BEST_METRICS; "" is "f1" (macro)."""
 
     @classmethod
     def from_dict(cls, d: dict) -> "Hyperparameters":
@@ -85,11 +99,40 @@ class Hyperparameters:
             (0 <= hp.kl_weight <= 1000, "kl_weight", "must be in [0, 1000]"),
             (hp.validation_fraction is None or 0 <= hp.validation_fraction <= 0.5, "validation_fraction", "must be in [0, 0.5]"),
             (hp.optim in ("", *OPTIMIZERS), "optim", f"must be one of {', '.join(OPTIMIZERS)}"),
+            (hp.classifier_adapter in ("", *ADAPTERS), "classifier_adapter", f"must be one of {', '.join(ADAPTERS)}"),
+            (hp.best_metric in ("", *BEST_METRICS), "best_metric", f"must be one of {', '.join(BEST_METRICS)}"),
         ]
         for ok, name, msg in checks:
             if not ok:
                 raise InvalidArgument(f"{msg}, got {shown(getattr(hp, name))}", field=f"hyperparameters.{name}")
+        check_label_names(hp.label_names)
+        check_class_weights(hp.class_weights, hp.label_names)
         return hp
+
+
+def check_label_names(names: list[str], field_name: str = "hyperparameters.label_names") -> None:
+    """Label names the Classify server can return: distinct, non-empty, bounded."""
+    if len(names) > MAX_LABELS:
+        raise InvalidArgument(f"{len(names)} labels; at most {MAX_LABELS}", field=field_name)
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or not n.strip() or len(n) > MAX_LABEL_CHARS or not n.isprintable():
+            raise InvalidArgument(f"label {i} ({shown(n, 40)}) must be printable text of 1..{MAX_LABEL_CHARS} characters", field=field_name)
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise InvalidArgument(f"label {shown(dup, 40)} is named twice", field=field_name)
+    if len(names) == 1:
+        raise InvalidArgument("a classifier needs at least 2 labels", field=field_name)
+
+
+def check_class_weights(weights: list[float], names: list[str], field_name: str = "hyperparameters.class_weights") -> None:
+    """One finite weight > 0 per label (a zero weight would make a label impossible to learn)."""
+    bad = next((w for w in weights if not (0 < w < math.inf)), None)
+    if bad is not None:
+        raise InvalidArgument(f"each weight must be a finite number > 0, got {shown(bad)}", field=field_name)
+    if weights and names and len(weights) != len(names):
+        raise InvalidArgument(f"{len(weights)} weights for {len(names)} label_names; give one per label", field=field_name)
+    if len(weights) == 1:
+        raise InvalidArgument("one weight per label, and a classifier has at least 2 labels", field=field_name)
 
 
 @dataclass
@@ -131,7 +174,7 @@ def check_against_base(spec: TrainSpec, linear_names: set[str], max_lora_rank: i
     if hp.optim.startswith("paged_") and not cuda:
         raise AdapterIncompatible(f"optim {hp.optim} pages optimizer state through CUDA memory and there is no CUDA device here; "
                                   "use adamw_8bit (the same 8-bit AdamW, not paged)", field="hyperparameters.optim")
-    if spec.method in ("lora", "qlora"):
+    if adapter_of(spec) in ("lora", "qlora"):
         if hp.lora_r > max_lora_rank:
             raise AdapterIncompatible(f"lora_r {hp.lora_r} is above the server's maximum LoRA rank {max_lora_rank}", field="hyperparameters.lora_r")
         if hp.target_modules != ["all-linear"]:
@@ -141,9 +184,15 @@ def check_against_base(spec: TrainSpec, linear_names: set[str], max_lora_rank: i
                                           field="hyperparameters.target_modules")
 
 
+def adapter_of(spec: TrainSpec) -> str:
+    """The PEFT adapter type a job trains (a classifier's is its classifier_adapter)."""
+    return (spec.hyperparameters.classifier_adapter or "lora") if spec.method == "classification" else spec.method
+
+
 def linear_names(model) -> set[str]:
     """Short names of the base's linear layers a LoRA can target (not the output head)."""
     from torch import nn
 
     head = model.get_output_embeddings()
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    return names - {"score", "classifier"}  # a classifier's head is trained whole (modules_to_save), never a LoRA target

@@ -7,16 +7,12 @@ server can serve it at once."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
-import math
 import threading
 from pathlib import Path
 
 from peft import get_peft_model, prepare_model_for_kbit_training
-from transformers import EarlyStoppingCallback, PrinterCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import set_seed
 
 from hotswap.server.access import SourcePolicy
 from hotswap.server.adapters.load import load_adapter
@@ -26,12 +22,14 @@ from hotswap.server.config import ModelConfig
 from hotswap.server.errors import HotswapError
 from hotswap.server.model.loader import load_base_model
 
-from . import auto, quality
+from . import auto, fit, quality
+from .classify import run_classification
 from .data import detect_format, hold_out, read_examples, tokenize
 from .job_files import release
 from .jobs import Job, JobStore
 from .methods import init_prefix_from_text, init_prompt_encoder_from_text, init_text, peft_config
 from .objective import Collator, PreservingTrainer
+from .fit import Cancelled, Interrupted
 from .progress import Heartbeat, Progress
 from .replay import BaseAnswers, pick_prompts, replay_examples, replay_rows_for
 from .spec import TrainSpec, check_against_base, linear_names
@@ -41,12 +39,7 @@ TRAIN_LOSS_ROWS = 256
 """The report's train loss is measured on at most this many training examples."""
 
 
-class Cancelled(Exception):
-    pass
-
-
-class Interrupted(Exception):
-    """The worker is stopping (SIGTERM): the job goes back to the queue at a checkpoint."""
+__all__ = ["Cancelled", "Interrupted", "run_job"]
 
 
 def run_job(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, model_cfg: ModelConfig,
@@ -81,6 +74,8 @@ def run_job(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, m
 def _run(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, model_cfg: ModelConfig,
          max_lora_rank: int, job_dir: Path, stop: threading.Event | None) -> None:
     spec = TrainSpec.from_dict(job.spec)
+    if spec.method == "classification":
+        return run_classification(spec, job, store, worker, registry, model_cfg, max_lora_rank, job_dir, stop)
     quantization = "nf4" if spec.method == "qlora" else "none"
     loaded = load_base_model(ModelConfig(source=model_cfg.source, quantization=quantization, double_quant=model_cfg.double_quant,
                                          dtype=model_cfg.dtype, device=model_cfg.device, cache_dir=model_cfg.cache_dir))
@@ -134,10 +129,7 @@ def _run(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, mode
         store.add_event(job.id, "samples", {"stage": "before", "samples": [
             {"kind": p.kind, "prompt": p.shown, "reference": p.reference, "before": tok.decode(a.ids, skip_special_tokens=True)}
             for p, a in zip(sample_prompts, before)]})
-    if not store.update(job.id, worker):
-        raise Cancelled()
-    if stop is not None and stop.is_set():
-        raise Interrupted("the worker stopped before training began")
+    fit.stop_check(store, job, worker, stop)
 
     # -- train ---------------------------------------------------------------------------
     if quantization != "none":
@@ -149,46 +141,20 @@ def _run(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, mode
     elif soft_text and spec.method == "p_tuning":
         init_prompt_encoder_from_text(model, tok, hp.prompt_tuning_init_text)
     rows = train + replay
-    steps_per_epoch = math.ceil(len(rows) / (hp.batch_size * hp.gradient_accumulation_steps))
-    total = steps_per_epoch * hp.epochs
-    every = max(1, min(50, total // 5))  # checkpoints: resumable after a crash, a handful per job
-    if valid:  # evaluate (and keep the checkpoint) every epoch, or every 200 steps in long epochs
-        every = min(steps_per_epoch, 200)
+    steps_per_epoch, total, every = fit.schedule(len(rows), hp, bool(valid))
     plan = {"hyperparameters": {k: v for k, v in dataclasses.asdict(hp).items() if auto.applies(k, spec.method)}, "automatic": resolved.automatic, "train_examples": len(train),
             "validation_examples": len(valid or []), "validation_held_out": held_out, "replay_examples": len(replay),
             "steps_per_epoch": steps_per_epoch}
-    args = TrainingArguments(
-        output_dir=str(job_dir / "checkpoints"), per_device_train_batch_size=hp.batch_size, per_device_eval_batch_size=hp.batch_size,
-        gradient_accumulation_steps=hp.gradient_accumulation_steps, num_train_epochs=hp.epochs, learning_rate=hp.learning_rate,
-        warmup_steps=int(hp.warmup_ratio * total), lr_scheduler_type="linear", logging_steps=1, save_strategy="steps",
-        save_steps=every, save_total_limit=2, eval_strategy="steps" if valid else "no", eval_steps=every if valid else None,
-        load_best_model_at_end=bool(valid), metric_for_best_model="eval_loss" if valid else None, greater_is_better=False if valid else None,
-        seed=hp.seed, data_seed=hp.seed, remove_unused_columns=False, report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, use_cpu=loaded.device.type == "cpu", include_num_input_tokens_seen="non_padding",
-        prediction_loss_only=True, optim=hp.optim,
-    )
+    args = fit.training_arguments(hp, job_dir, loaded, total, every, bool(valid), prediction_loss_only=True)
     progress = Progress(store, job, worker, stop)
-    callbacks = [progress]
-    if valid and hp.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=hp.early_stopping_patience))
+    callbacks = fit.callbacks_for(progress, hp, bool(valid))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     trainer = PreservingTrainer(model=model, args=args, train_dataset=rows, eval_dataset=valid, data_collator=Collator(pad), callbacks=callbacks,
                                 kl_weight=hp.kl_weight if "kl" in hp.base_protection else 0.0,
                                 virtual_tokens=hp.num_virtual_tokens if spec.method in ("prompt_tuning", "p_tuning") else 0)
-    trainer.remove_callback(PrinterCallback)  # progress goes to the job's events, not the worker's stdout
-    store.set_state(job.id, worker, "running", total_steps=total, plan=plan)
-    resume = get_last_checkpoint(args.output_dir) if (job_dir / "checkpoints").is_dir() else None
-    if resume:
-        store.add_event(job.id, "warning", {"message": f"resuming from {Path(resume).name}"})
-    trainer.train(resume_from_checkpoint=resume)
-    if progress.cancelled:
-        raise Cancelled()
-    if progress.interrupted:
-        raise Interrupted(f"the worker stopped; resumes from checkpoint-{trainer.state.global_step}")
+    fit.train(trainer, progress, callbacks, store, job, worker, total, plan, job_dir)
 
     # -- what it learned, what it changed ------------------------------------------------
-    for cb in callbacks:  # the report's own evaluations are not eval events, nor early-stopping checks
-        trainer.remove_callback(cb)
     train_loss = trainer.evaluate(eval_dataset=train[:TRAIN_LOSS_ROWS], metric_key_prefix="train")["train_loss"]
     eval_loss = trainer.state.best_metric if valid else None
     after = quality.generate(model, tok, sample_prompts)
@@ -198,15 +164,8 @@ def _run(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, mode
 
     final = job_dir / "adapter"
     model.save_pretrained(final)  # the best checkpoint when there is a validation set (load_best_model_at_end)
-    labels = {
-        **spec.labels, "job_id": job.id, "method": spec.method, "base_fingerprint": loaded.fingerprint, "quantization": quantization,
-        "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
-        "training_config": json.dumps(plan["hyperparameters"], sort_keys=True),
-    }
-    if not store.update(job.id, worker):  # cancelled at the last moment: register nothing
-        raise Cancelled()
-    record = registry.register(spec.adapter_name, str(final), lambda p: load_adapter(p, p.name, shape, max_lora_rank),
-                               loaded.fingerprint, labels)
+    record = fit.register(registry, store, job, worker, spec.adapter_name, final, lambda p: load_adapter(p, p.name, shape, max_lora_rank),
+                          loaded, quantization, {**spec.labels, "method": spec.method}, plan)
     store.add_event(job.id, "report", report)
     store.set_state(job.id, worker, "succeeded", adapter_id=record.id, trained_tokens=trainer.state.num_input_tokens_seen, quality=report)
 

@@ -174,12 +174,14 @@ def tokenize_fields(prompt: str | None, messages: list[dict] | None) -> dict:
 
 
 # -- tuner ---------------------------------------------------------------------------
-METHODS = {"lora": 1, "qlora": 2, "prompt_tuning": 3, "p_tuning": 4, "prefix_tuning": 5}
+METHODS = {"lora": 1, "qlora": 2, "prompt_tuning": 3, "p_tuning": 4, "prefix_tuning": 5, "classification": 6}
 STATES = {1: "queued", 2: "validating", 3: "running", 4: "succeeded", 5: "failed", 6: "cancelled"}
 HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens", "virtual_tokens_init",
                    "prompt_tuning_init_text", "learning_rate", "epochs", "batch_size", "gradient_accumulation_steps", "max_seq_len",
                    "warmup_ratio", "seed", "train_on_prompt", "early_stopping_patience", "base_protection", "replay_ratio", "kl_weight",
-                   "validation_fraction", "optim")
+                   "validation_fraction", "optim", "classifier_adapter", "label_names", "class_weights", "best_metric")
+CLASSIFIER_METRICS = ("accuracy", "precision", "recall", "f1")
+REPEATED = ("target_modules", "label_names", "class_weights")
 
 
 def _time(ts, present: bool = True):
@@ -198,6 +200,8 @@ def dataset(examples: list[dict] | None, uri: str | None, what: str):
     out = []
     for e in examples:
         e = dict(e)
+        if e.get("label") is not None:
+            e["label"] = str(e["label"])  # a class index may be given as a number
         msgs = [inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in e.pop("messages", [])]
         out.append(tuner_pb2.TrainingExample(messages=msgs, **e))
     return tuner_pb2.Dataset(inline=tuner_pb2.InlineExamples(examples=out))
@@ -220,7 +224,7 @@ def train_request(name: str, method: str, examples, dataset_uri, validation_exam
 
 def _hyperparameters(h) -> dict:
     out = {f.name: getattr(h, f.name) for f in h.DESCRIPTOR.fields if f.name not in ("seed", "early_stopping_patience", "validation_fraction")}
-    out["target_modules"] = list(h.target_modules)
+    out |= {k: list(getattr(h, k)) for k in REPEATED}
     for k in ("seed", "early_stopping_patience", "validation_fraction"):
         out[k] = getattr(h, k) if h.HasField(k) else None
     return out
@@ -237,7 +241,15 @@ def quality_report(q):
 
     return QualityReport(train_loss=q.train_loss, eval_loss=q.eval_loss if q.HasField("eval_loss") else None,
                          control_changed=q.control_changed, control_agreement=q.control_agreement, control_prompts=q.control_prompts,
-                         samples=_samples(q.samples))
+                         samples=_samples(q.samples), classification=classification_report(q.classification) if q.HasField("classification") else None)
+
+
+def classification_report(c):
+    from .types import ClassificationReport, LabelMetrics
+
+    return ClassificationReport(split=c.split, label_names=list(c.label_names), accuracy=c.accuracy, precision=c.precision, recall=c.recall,
+                                f1=c.f1, per_label=[LabelMetrics(x.label, x.precision, x.recall, x.f1, x.support) for x in c.per_label],
+                                confusion=[list(r.counts) for r in c.confusion])
 
 
 def training_plan(p):
@@ -274,6 +286,7 @@ def job_event(r):
                       "learning_rate": s.learning_rate, "tokens_per_second": s.tokens_per_second}
     elif kind == "eval":
         ev.metrics = {"step": r.eval.step, "epoch": r.eval.epoch, "eval_loss": r.eval.eval_loss}
+        ev.metrics |= {k: getattr(r.eval, k) for k in CLASSIFIER_METRICS if r.eval.HasField(k)}  # classifiers
     elif kind == "checkpoint":
         ev.message = r.checkpoint
     elif kind == "samples":

@@ -116,7 +116,11 @@ class AsyncClient:
         target_modules, num_virtual_tokens, virtual_tokens_init, prompt_tuning_init_text,
         learning_rate, epochs, batch_size, gradient_accumulation_steps, max_seq_len,
         warmup_ratio, seed, train_on_prompt, early_stopping_patience, base_protection
-        ("replay", "kl", "replay+kl", "none"), replay_ratio, kl_weight, validation_fraction, optim."""
+        ("replay", "kl", "replay+kl", "none"), replay_ratio, kl_weight, validation_fraction, optim.
+        method "classification": examples carry a `label` (a name, or its index) beside text, messages
+        or prompt; classifier_adapter ("lora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning"),
+        label_names, class_weights (one per label; automatic: balanced) and best_metric ("f1",
+        "accuracy", "precision", "recall", "eval_loss") apply."""
         req = _wire.train_request(name, method, examples, dataset_uri, validation_examples, validation_uri, labels, hyperparameters)
         return _wire.training_job((await self._call(self._tuner.TrainAdapter, req, timeout)).job)
 

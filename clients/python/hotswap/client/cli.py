@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="queue a training job (the adapter is registered when it succeeds)")
     tr.add_argument("name", help="adapter name; an existing name gets a new version")
-    tr.add_argument("--method", "-m", default="lora", choices=("lora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning"))
+    tr.add_argument("--method", "-m", default="lora", choices=("lora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning", "classification"))
     data = tr.add_mutually_exclusive_group(required=True)
     data.add_argument("--examples", help="local JSONL file, sent inline with the request")
     data.add_argument("--data", help="JSONL/CSV/Parquet path or URL the tuner worker reads")
@@ -139,7 +139,9 @@ HYPER_TYPES = {"lora_r": int, "num_virtual_tokens": int, "epochs": int, "batch_s
                "max_seq_len": int, "seed": int, "early_stopping_patience": int, "lora_alpha": float, "lora_dropout": float,
                "learning_rate": float, "warmup_ratio": float, "train_on_prompt": lambda v: v.lower() in ("1", "true", "yes"),
                "target_modules": lambda v: [t for t in v.split(",") if t], "virtual_tokens_init": str, "prompt_tuning_init_text": str,
-               "base_protection": str, "replay_ratio": float, "kl_weight": float, "validation_fraction": float, "optim": str}
+               "base_protection": str, "replay_ratio": float, "kl_weight": float, "validation_fraction": float, "optim": str,
+               "classifier_adapter": str, "best_metric": str, "label_names": lambda v: [t for t in v.split(",") if t],
+               "class_weights": lambda v: [float(t) for t in v.split(",") if t]}
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -196,7 +198,8 @@ def _watch(c: Client, job_id: str, as_json: bool):
         elif ev.kind == "state":
             sys.stderr.write(f"\n{job_id}: {ev.state}\n")
         elif ev.kind == "eval":
-            sys.stderr.write(f"\n  eval loss {ev.metrics['eval_loss']:.4f} at step {ev.metrics['step']}\n")
+            scores = "".join(f", {k} {ev.metrics[k]:.3f}" for k in ("accuracy", "precision", "recall", "f1") if k in ev.metrics)
+            sys.stderr.write(f"\n  eval loss {ev.metrics['eval_loss']:.4f}{scores} at step {ev.metrics['step']}\n")
         elif ev.kind == "warning":
             sys.stderr.write(f"\n  warning: {ev.message}\n")
         elif ev.kind == "samples" and ev.message == "after":
@@ -233,8 +236,22 @@ def _sample_lines(samples, per_kind: int | None = None) -> list[str]:
 
 def _report_lines(q) -> list[str]:
     losses = f"train loss {q.train_loss:.4f}" + (f", eval loss {q.eval_loss:.4f}" if q.eval_loss is not None else "")
+    if q.classification is not None:  # a classifier generates nothing: no control prompts
+        return [f"quality: {losses}\n"] + _classification_lines(q.classification)
     return [f"quality: {losses}; control prompts changed {q.control_changed:.0%} of {q.control_prompts}, "
-            f"agreement with the base {q.control_agreement:.1%}\n"]
+            f"agreement with the base {q.control_agreement:.1%}\n"] + _classification_lines(q.classification)
+
+
+def _classification_lines(c) -> list[str]:
+    """A classifier's report: macro scores, per-label scores and the confusion matrix (rows: true labels)."""
+    if c is None:
+        return []
+    out = [f"classification ({c.split}): accuracy {c.accuracy:.3f}, macro precision {c.precision:.3f}, recall {c.recall:.3f}, f1 {c.f1:.3f}\n"]
+    width = max(len(n) for n in c.label_names)
+    out += [f"  {x.label.ljust(width)}  precision {x.precision:.3f}  recall {x.recall:.3f}  f1 {x.f1:.3f}  support {x.support}\n"
+            for x in c.per_label]
+    out.append("  confusion (rows true, columns predicted): " + " | ".join(" ".join(map(str, r)) for r in c.confusion) + "\n")
+    return out
 
 
 def _show(job) -> None:
@@ -255,12 +272,13 @@ def _show(job) -> None:
         width = max(len(k) for k in hp)
         for k in sorted(hp):
             v = hp[k]
-            v = ",".join(v) if isinstance(v, list) else (f"{v:.6g}" if isinstance(v, float) else v)
+            v = ",".join(map(str, v)) if isinstance(v, list) else (f"{v:.6g}" if isinstance(v, float) else v)
             print(f"  {'*' if k in p.automatic else ' '} {k.ljust(width)}  {v}")
     if job.quality is not None:
         print("".join(_report_lines(job.quality)), end="")
-        print("samples (greedy; before = the base model, after = the adapter):")
-        print("".join(_sample_lines(job.quality.samples)), end="")
+        if job.quality.samples:
+            print("samples (greedy; before = the base model, after = the adapter):")
+            print("".join(_sample_lines(job.quality.samples)), end="")
 
 
 def _client(args: argparse.Namespace) -> Client:

@@ -167,6 +167,33 @@ class SampleGeneration:
 
 
 @dataclass
+class LabelMetrics:
+    label: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+    """Examples of this label."""
+
+
+@dataclass
+class ClassificationReport:
+    """A classifier's registered checkpoint, measured on the validation set (or the training set without one)."""
+
+    split: str
+    """"validation" or "train"."""
+    label_names: list[str]
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    """precision, recall, f1: macro averages over the labels."""
+    per_label: list[LabelMetrics] = field(default_factory=list)
+    confusion: list[list[int]] = field(default_factory=list)
+    """confusion[true label][predicted label]: example counts."""
+
+
+@dataclass
 class QualityReport:
     """What a finished job's adapter learned and what it changed elsewhere."""
 
@@ -178,6 +205,8 @@ class QualityReport:
     """Teacher-forced on the base's control answers: share of positions where the adapter's top token is the base's."""
     control_prompts: int
     samples: list[SampleGeneration] = field(default_factory=list)
+    classification: ClassificationReport | None = None
+    """Classification jobs: accuracy, precision, recall, F1 and the confusion matrix."""
 
 
 @dataclass
@@ -185,7 +214,7 @@ class TrainingJob:
     id: str
     adapter_name: str
     method: str
-    """"lora", "qlora", "prompt_tuning", "p_tuning" or "prefix_tuning"."""
+    """"lora", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning" or "classification"."""
     state: str
     """"queued", "validating", "running", "succeeded", "failed" or "cancelled"."""
     created_at: datetime | None
@@ -218,7 +247,8 @@ class JobEvent:
     """The job as of this event."""
     state: str | None = None
     metrics: dict = field(default_factory=dict)
-    """kind "step": step, total_steps, epoch, train_loss, learning_rate, tokens_per_second; kind "eval": step, epoch, eval_loss."""
+    """kind "step": step, total_steps, epoch, train_loss, learning_rate, tokens_per_second; kind "eval": step, epoch, eval_loss
+    (classification jobs also accuracy, precision, recall, f1: macro averages on the validation set)."""
     message: str = ""
     """kind "warning": the warning; kind "checkpoint": the checkpoint's name; kind "samples": "before" or "after"."""
     samples: list[SampleGeneration] = field(default_factory=list)

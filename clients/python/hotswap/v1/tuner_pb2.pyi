@@ -19,6 +19,7 @@ class TrainingMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRAINING_METHOD_PROMPT_TUNING: _ClassVar[TrainingMethod]
     TRAINING_METHOD_P_TUNING: _ClassVar[TrainingMethod]
     TRAINING_METHOD_PREFIX_TUNING: _ClassVar[TrainingMethod]
+    TRAINING_METHOD_CLASSIFICATION: _ClassVar[TrainingMethod]
 
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -35,6 +36,7 @@ TRAINING_METHOD_QLORA: TrainingMethod
 TRAINING_METHOD_PROMPT_TUNING: TrainingMethod
 TRAINING_METHOD_P_TUNING: TrainingMethod
 TRAINING_METHOD_PREFIX_TUNING: TrainingMethod
+TRAINING_METHOD_CLASSIFICATION: TrainingMethod
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_VALIDATING: JobState
@@ -44,7 +46,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class TrainingExample(_message.Message):
-    __slots__ = ("messages", "prompt", "completion", "instruction", "input", "output", "text")
+    __slots__ = ("messages", "prompt", "completion", "instruction", "input", "output", "text", "label")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +54,7 @@ class TrainingExample(_message.Message):
     INPUT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[_inference_pb2.ChatMessage]
     prompt: str
     completion: str
@@ -59,7 +62,8 @@ class TrainingExample(_message.Message):
     input: str
     output: str
     text: str
-    def __init__(self, messages: _Optional[_Iterable[_Union[_inference_pb2.ChatMessage, _Mapping]]] = ..., prompt: _Optional[str] = ..., completion: _Optional[str] = ..., instruction: _Optional[str] = ..., input: _Optional[str] = ..., output: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+    label: str
+    def __init__(self, messages: _Optional[_Iterable[_Union[_inference_pb2.ChatMessage, _Mapping]]] = ..., prompt: _Optional[str] = ..., completion: _Optional[str] = ..., instruction: _Optional[str] = ..., input: _Optional[str] = ..., output: _Optional[str] = ..., text: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
 
 class InlineExamples(_message.Message):
     __slots__ = ("examples",)
@@ -76,7 +80,7 @@ class Dataset(_message.Message):
     def __init__(self, inline: _Optional[_Union[InlineExamples, _Mapping]] = ..., uri: _Optional[str] = ...) -> None: ...
 
 class Hyperparameters(_message.Message):
-    __slots__ = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens", "prompt_tuning_init_text", "learning_rate", "epochs", "batch_size", "gradient_accumulation_steps", "max_seq_len", "warmup_ratio", "seed", "train_on_prompt", "early_stopping_patience", "base_protection", "replay_ratio", "kl_weight", "validation_fraction", "virtual_tokens_init", "optim")
+    __slots__ = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens", "prompt_tuning_init_text", "learning_rate", "epochs", "batch_size", "gradient_accumulation_steps", "max_seq_len", "warmup_ratio", "seed", "train_on_prompt", "early_stopping_patience", "base_protection", "replay_ratio", "kl_weight", "validation_fraction", "virtual_tokens_init", "optim", "classifier_adapter", "label_names", "class_weights", "best_metric")
     LORA_R_FIELD_NUMBER: _ClassVar[int]
     LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +102,10 @@ class Hyperparameters(_message.Message):
     VALIDATION_FRACTION_FIELD_NUMBER: _ClassVar[int]
     VIRTUAL_TOKENS_INIT_FIELD_NUMBER: _ClassVar[int]
     OPTIM_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFIER_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    LABEL_NAMES_FIELD_NUMBER: _ClassVar[int]
+    CLASS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    BEST_METRIC_FIELD_NUMBER: _ClassVar[int]
     lora_r: int
     lora_alpha: float
     lora_dropout: float
@@ -119,7 +127,11 @@ class Hyperparameters(_message.Message):
     validation_fraction: float
     virtual_tokens_init: str
     optim: str
-    def __init__(self, lora_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., num_virtual_tokens: _Optional[int] = ..., prompt_tuning_init_text: _Optional[str] = ..., learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., warmup_ratio: _Optional[float] = ..., seed: _Optional[int] = ..., train_on_prompt: _Optional[bool] = ..., early_stopping_patience: _Optional[int] = ..., base_protection: _Optional[str] = ..., replay_ratio: _Optional[float] = ..., kl_weight: _Optional[float] = ..., validation_fraction: _Optional[float] = ..., virtual_tokens_init: _Optional[str] = ..., optim: _Optional[str] = ...) -> None: ...
+    classifier_adapter: str
+    label_names: _containers.RepeatedScalarFieldContainer[str]
+    class_weights: _containers.RepeatedScalarFieldContainer[float]
+    best_metric: str
+    def __init__(self, lora_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., num_virtual_tokens: _Optional[int] = ..., prompt_tuning_init_text: _Optional[str] = ..., learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., warmup_ratio: _Optional[float] = ..., seed: _Optional[int] = ..., train_on_prompt: _Optional[bool] = ..., early_stopping_patience: _Optional[int] = ..., base_protection: _Optional[str] = ..., replay_ratio: _Optional[float] = ..., kl_weight: _Optional[float] = ..., validation_fraction: _Optional[float] = ..., virtual_tokens_init: _Optional[str] = ..., optim: _Optional[str] = ..., classifier_adapter: _Optional[str] = ..., label_names: _Optional[_Iterable[str]] = ..., class_weights: _Optional[_Iterable[float]] = ..., best_metric: _Optional[str] = ...) -> None: ...
 
 class TrainAdapterRequest(_message.Message):
     __slots__ = ("adapter_name", "method", "train", "validation", "hyperparameters", "labels")
@@ -221,20 +233,62 @@ class SampleGenerations(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[SampleGeneration, _Mapping]]] = ...) -> None: ...
 
 class QualityReport(_message.Message):
-    __slots__ = ("train_loss", "eval_loss", "control_changed", "control_agreement", "control_prompts", "samples")
+    __slots__ = ("train_loss", "eval_loss", "control_changed", "control_agreement", "control_prompts", "samples", "classification")
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     CONTROL_CHANGED_FIELD_NUMBER: _ClassVar[int]
     CONTROL_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     CONTROL_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
     train_loss: float
     eval_loss: float
     control_changed: float
     control_agreement: float
     control_prompts: int
     samples: _containers.RepeatedCompositeFieldContainer[SampleGeneration]
-    def __init__(self, train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., control_changed: _Optional[float] = ..., control_agreement: _Optional[float] = ..., control_prompts: _Optional[int] = ..., samples: _Optional[_Iterable[_Union[SampleGeneration, _Mapping]]] = ...) -> None: ...
+    classification: ClassificationReport
+    def __init__(self, train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., control_changed: _Optional[float] = ..., control_agreement: _Optional[float] = ..., control_prompts: _Optional[int] = ..., samples: _Optional[_Iterable[_Union[SampleGeneration, _Mapping]]] = ..., classification: _Optional[_Union[ClassificationReport, _Mapping]] = ...) -> None: ...
+
+class ClassificationReport(_message.Message):
+    __slots__ = ("split", "label_names", "accuracy", "precision", "recall", "f1", "per_label", "confusion")
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_NAMES_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    F1_FIELD_NUMBER: _ClassVar[int]
+    PER_LABEL_FIELD_NUMBER: _ClassVar[int]
+    CONFUSION_FIELD_NUMBER: _ClassVar[int]
+    split: str
+    label_names: _containers.RepeatedScalarFieldContainer[str]
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    per_label: _containers.RepeatedCompositeFieldContainer[LabelMetrics]
+    confusion: _containers.RepeatedCompositeFieldContainer[ConfusionRow]
+    def __init__(self, split: _Optional[str] = ..., label_names: _Optional[_Iterable[str]] = ..., accuracy: _Optional[float] = ..., precision: _Optional[float] = ..., recall: _Optional[float] = ..., f1: _Optional[float] = ..., per_label: _Optional[_Iterable[_Union[LabelMetrics, _Mapping]]] = ..., confusion: _Optional[_Iterable[_Union[ConfusionRow, _Mapping]]] = ...) -> None: ...
+
+class LabelMetrics(_message.Message):
+    __slots__ = ("label", "precision", "recall", "f1", "support")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    F1_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+    def __init__(self, label: _Optional[str] = ..., precision: _Optional[float] = ..., recall: _Optional[float] = ..., f1: _Optional[float] = ..., support: _Optional[int] = ...) -> None: ...
+
+class ConfusionRow(_message.Message):
+    __slots__ = ("counts",)
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TrainAdapterResponse(_message.Message):
     __slots__ = ("job",)
@@ -295,14 +349,22 @@ class StepMetrics(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., train_loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class EvalMetrics(_message.Message):
-    __slots__ = ("step", "eval_loss", "epoch")
+    __slots__ = ("step", "eval_loss", "epoch", "accuracy", "precision", "recall", "f1")
     STEP_FIELD_NUMBER: _ClassVar[int]
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    F1_FIELD_NUMBER: _ClassVar[int]
     step: int
     eval_loss: float
     epoch: float
-    def __init__(self, step: _Optional[int] = ..., eval_loss: _Optional[float] = ..., epoch: _Optional[float] = ...) -> None: ...
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    def __init__(self, step: _Optional[int] = ..., eval_loss: _Optional[float] = ..., epoch: _Optional[float] = ..., accuracy: _Optional[float] = ..., precision: _Optional[float] = ..., recall: _Optional[float] = ..., f1: _Optional[float] = ...) -> None: ...
 
 class WatchTrainingJobResponse(_message.Message):
     __slots__ = ("time", "state", "step", "eval", "checkpoint", "warning", "samples", "report", "job")

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from hotswap.tuner.classify_data import check_inline
 from hotswap.tuner.data import READERS, detect_format
 from hotswap.tuner.job_files import INLINE_PREFIX, release, uris_in_use, write_inline
 from hotswap.tuner.jobs import Job, JobEvent, JobStore
@@ -29,6 +30,7 @@ METHODS = {
     tuner_pb2.TRAINING_METHOD_PROMPT_TUNING: "prompt_tuning",
     tuner_pb2.TRAINING_METHOD_P_TUNING: "p_tuning",
     tuner_pb2.TRAINING_METHOD_PREFIX_TUNING: "prefix_tuning",
+    tuner_pb2.TRAINING_METHOD_CLASSIFICATION: "classification",
 }
 METHOD_ENUM = {v: k for k, v in METHODS.items()}
 STATE_ENUM = {
@@ -38,7 +40,8 @@ STATE_ENUM = {
 STATE_NAME = {v: k for k, v in STATE_ENUM.items()}
 HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_dropout", "num_virtual_tokens", "virtual_tokens_init", "prompt_tuning_init_text", "learning_rate",
                    "epochs", "batch_size", "gradient_accumulation_steps", "max_seq_len", "warmup_ratio", "train_on_prompt", "base_protection",
-                   "replay_ratio", "kl_weight", "optim")
+                   "replay_ratio", "kl_weight", "optim", "classifier_adapter", "best_metric")
+REPEATED = ("target_modules", "label_names", "class_weights")
 OPTIONAL = ("seed", "early_stopping_patience", "validation_fraction")
 """Fields with presence on the wire: unset is automatic, 0 is a value."""
 WATCH_POLL_SECONDS = 0.25
@@ -47,7 +50,7 @@ MAX_FILENAME_BYTES = 200
 
 
 def example(e: tuner_pb2.TrainingExample) -> dict:
-    out = {k: getattr(e, k) for k in ("prompt", "completion", "instruction", "input", "output", "text") if getattr(e, k)}
+    out = {k: getattr(e, k) for k in ("prompt", "completion", "instruction", "input", "output", "text", "label") if getattr(e, k)}
     if e.messages:
         out["messages"] = [{"role": m.role, "content": m.content} for m in e.messages]
     return out
@@ -64,7 +67,7 @@ def dataset(d: tuner_pb2.Dataset) -> dict:
 
 def spec_dict(req: tuner_pb2.TrainAdapterRequest) -> dict:
     hp = {k: getattr(req.hyperparameters, k) for k in HYPERPARAMETERS}
-    hp["target_modules"] = list(req.hyperparameters.target_modules)
+    hp |= {k: list(getattr(req.hyperparameters, k)) for k in REPEATED}
     for k in OPTIONAL:
         if req.hyperparameters.HasField(k):
             hp[k] = getattr(req.hyperparameters, k)
@@ -96,9 +99,16 @@ def samples_proto(samples: list[dict]) -> list[tuner_pb2.SampleGeneration]:
 
 
 def quality_proto(q: dict) -> tuner_pb2.QualityReport:
+    c = q.get("classification")
     return tuner_pb2.QualityReport(train_loss=q["train_loss"] or 0.0, eval_loss=q["eval_loss"], control_changed=q["control_changed"],
                                    control_agreement=q["control_agreement"], control_prompts=q["control_prompts"],
-                                   samples=samples_proto(q["samples"]))
+                                   samples=samples_proto(q["samples"]), classification=classification_proto(c) if c else None)
+
+
+def classification_proto(c: dict) -> tuner_pb2.ClassificationReport:
+    return tuner_pb2.ClassificationReport(
+        split=c["split"], label_names=c["label_names"], **{k: c[k] for k in ("accuracy", "precision", "recall", "f1")},
+        per_label=[tuner_pb2.LabelMetrics(**x) for x in c["per_label"]], confusion=[tuner_pb2.ConfusionRow(counts=r) for r in c["confusion"]])
 
 
 def job_proto(j: Job) -> tuner_pb2.TrainingJob:
@@ -158,8 +168,11 @@ class TunerService(tuner_pb2_grpc.TunerServiceServicer):
             src = getattr(spec, name)
             if src and src.get("uri"):
                 src["uri"] = policy.check(src["uri"], f"{name}.uri")
-            elif src:
+            elif src and spec.method != "classification":
                 detect_format(src["inline"], name)
+        if spec.method == "classification" and "inline" in spec.train:
+            hp = spec.hyperparameters
+            check_inline(spec.train["inline"], (spec.validation or {}).get("inline"), hp.label_names, hp.class_weights)
         written: list[dict] = []
         try:
             for name in ("train", "validation"):

@@ -63,17 +63,19 @@ def fingerprint(checkpoint: Path) -> str:
     return h.hexdigest()
 
 
-def load_base_model(cfg: ModelConfig) -> LoadedModel:
+def load_base_model(cfg: ModelConfig, model_class=AutoModelForCausalLM, **model_kwargs) -> LoadedModel:
+    """`model_class` / `model_kwargs`: the tuner loads the same base with a classification head
+    (AutoModelForSequenceClassification, num_labels=...), same weights, dtype and quantization."""
     checkpoint = resolve_checkpoint(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     quant = quantization_config(cfg, dtype)
     # No attn_implementation: asking for "sdpa" fails on architectures transformers has no sdpa path for.
-    kwargs = {"dtype": dtype, "trust_remote_code": False}
+    kwargs = {"dtype": dtype, "trust_remote_code": False, **model_kwargs}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device})
     try:
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+        model = model_class.from_pretrained(checkpoint, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
     except (OSError, ValueError, ImportError) as e:
         raise ModelLoadError(f"could not load model from {str(checkpoint)!r}: {e}", field="source") from e
