@@ -31,6 +31,8 @@ class ServerOptions:
     port: int = _opt(50051, "gRPC port (0 picks a free one; the chosen port is printed)")
     metrics_host: str = _opt("0.0.0.0", "address of the Prometheus /metrics HTTP server")
     metrics_port: int = _opt(9400, "Prometheus /metrics port; -1 disables it")
+    http_port: int = _opt(0, "OpenAI-compatible HTTP API port (/v1/chat/completions, /v1/completions, /v1/models) on --host; 0 = off")
+    served_model_name: str = _opt("", "the base model's name in the HTTP API's `model` field and /v1/models (default: the model's own name)")
     # model
     model: str = _opt("default", "base model: a local HF folder, a hub id in the local HF cache, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     quantization: str = _opt("none", "bitsandbytes quantization of the base", choices=QUANTIZATIONS)
@@ -77,6 +79,8 @@ class ServerOptions:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"must be 0..65535, got {self.port}", field="port")
+        if not 0 <= self.http_port <= 65535:
+            raise InvalidArgument(f"must be 0 (off) or a port 1..65535, got {self.http_port}", field="http_port")
         if not -1 <= self.metrics_port <= 65535:
             raise InvalidArgument(f"must be -1..65535, got {self.metrics_port}", field="metrics_port")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -88,6 +88,12 @@ class Server:
         creds = _credentials(opts)
         self.port = self.grpc.add_secure_port(address, creds) if creds else self.grpc.add_insecure_port(address)
         self.metrics_port: int | None = None
+        self.http = None
+        if opts.http_port:
+            from ..http.server import HTTPServer  # the HTTP stack is loaded only when asked for
+            from ..http.convert import served_name
+
+            self.http = HTTPServer(self.state, opts.served_model_name or served_name(opts.model))
         self.stopping = asyncio.Event()
 
     async def _set_health(self, status: int) -> None:
@@ -108,11 +114,14 @@ class Server:
     async def run(self) -> int:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
+        if self.http is not None:
+            await self.http.start()
         if self.opts.metrics_port >= 0:
             httpd, _ = self.metrics.serve(self.opts.metrics_port, self.opts.metrics_host)
             self.metrics_port = httpd.server_port
         # One line a supervisor (or a test) can parse for the bound ports.
-        print(f"hotswap: grpc port {self.port} metrics port {self.metrics_port if self.metrics_port is not None else 'off'}", flush=True)
+        print(f"hotswap: grpc port {self.port} metrics port {self.metrics_port if self.metrics_port is not None else 'off'} "
+              f"http port {self.http.port if self.http is not None else 'off'}", flush=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -124,6 +133,8 @@ class Server:
             if load.exception() is not None:
                 log.error("could not start: %s", load.exception())
                 await self.grpc.stop(0)
+                if self.http is not None:
+                    await self.http.stop()
                 return 1
             self.state.core = load.result()
             self.metrics.attach(self.state.core)
@@ -141,8 +152,8 @@ class Server:
         await asyncio.sleep(min(self.opts.drain_notice_seconds, self.opts.drain_seconds))  # ...while the listener still answers
         for w in self.workers:  # their jobs resume from the last checkpoint on the next start
             w.terminate()
-        # grpc stops accepting calls at once and cancels those still running after the grace.
-        await self.grpc.stop(self.opts.drain_seconds)
+        # grpc stops accepting calls at once and cancels those still running after the grace; uvicorn the same.
+        await asyncio.gather(self.grpc.stop(self.opts.drain_seconds), *([self.http.stop()] if self.http is not None else []))
         if not load.done():
             await asyncio.wait([load])  # a model load cannot be interrupted; let it finish, then close
         if load.done() and not load.cancelled() and load.exception() is None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 import grpc
@@ -18,14 +17,12 @@ from hotswap.v1 import inference_pb2, inference_pb2_grpc
 from ..adapters.load import SUPPORTED
 from ..engine.loop import RequestStream
 from ..engine.request import GenerateRequest, SamplingParams, StreamEvent
-from ..errors import DeadlineExceeded, HotswapError, Unavailable
-from . import convert
-from .events import StepEventPump
+from ..errors import Unavailable
+from . import convert, generation
+from .generation import TOKENIZER_POOL
 from .state import ServerState
 
 ADAPTER_METADATA_KEY = "hotswap-adapter-id"
-TOKENIZER_POOL = ThreadPoolExecutor(1, thread_name_prefix="hotswap-tokenize")
-"""Prompts are tokenised here, one at a time, never on the event loop."""
 
 
 def metadata_adapter_id(context: grpc.aio.ServicerContext) -> str:
@@ -38,50 +35,24 @@ def metadata_adapter_id(context: grpc.aio.ServicerContext) -> str:
 class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, state: ServerState) -> None:
         self.state = state
-        self._pump: StepEventPump | None = None
-
-    def _event_pump(self, core) -> StepEventPump:
-        """One per serving core, created on the server's event loop at the first call."""
-        if self._pump is None or self._pump_core is not core:
-            self._pump, self._pump_core = StepEventPump(asyncio.get_running_loop()), core
-            core.loop.step_listeners.append(self._pump.flush)
-        return self._pump
 
     async def _run(self, msg, context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[RequestStream, StreamEvent]]:
         """Submit and yield (stream, event) until the last event; cancels the engine
         request if the caller stops listening (cancel, deadline, disconnect)."""
-        core = self.state.ready()
+        self.state.ready()
         request = convert.generate_request(msg, metadata_adapter_id(context))
-        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        # submit tokenises: a long prompt must not stall every other call on the event loop
-        submitted = asyncio.get_running_loop().run_in_executor(TOKENIZER_POOL, core.submit, request, self._event_pump(core).notifier(events))
+        gen = await generation.start(self.state, request)
         try:
-            stream = await asyncio.shield(submitted)
-        except asyncio.CancelledError:  # the caller left while its prompt was being tokenised: drop the row it became
-            submitted.add_done_callback(lambda f: None if f.cancelled() or f.exception() else core.cancel(f.result()))
-            raise
-        self.state.inflight += 1
-        finished = False
-        try:
-            remaining = context.time_remaining()
-            async with asyncio.timeout(remaining):
-                while not finished:
-                    event = await events.get()
-                    finished = event.finished
-                    yield stream, event
-        except TimeoutError:
-            raise DeadlineExceeded(f"the call's deadline passed before generation finished", field="deadline") from None
+            async for event in gen.events(context.time_remaining()):
+                yield gen.stream, event
         finally:
-            self.state.inflight -= 1
-            if not finished:
-                core.cancel(stream)
+            gen.close()
 
     @staticmethod
     def _raise_if_failed(event: StreamEvent) -> None:
-        if event.finished and event.error is not None:
-            if isinstance(event.error, HotswapError):
-                raise event.error
-            raise Unavailable(f"generation failed: {event.error}")
+        error = generation.failure(event)
+        if error is not None:
+            raise error
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
         async with contextlib.aclosing(self._run(request, context)) as events:
