@@ -56,7 +56,7 @@ def server(tiny_checkpoints, tmp_path_factory):
     lock = sqlite3.connect(data / "registry.sqlite", isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")
     srv = ServerProcess(tiny_checkpoints["llama"], data, "--http-port", str(free_port()), "--auth-token", TOKEN,
-                        "--max-batch-size", "2", "--max-queue", "2", "--max-message-mb", "1", "--drain-notice-seconds", "3")
+                        "--max-batch-size", "2", "--max-queue", "2", "--max-message-mb", "1", "--drain-notice-seconds", "2")
     srv.start(wait_serving=False)
     try:
         base = f"http://127.0.0.1:{srv.http_port}"

@@ -44,3 +44,37 @@ def test_help_documents_every_option_with_default_and_env():
     for f in dataclasses.fields(ServerOptions):
         assert "--" + f.name.replace("_", "-") in text
         assert f"env HOTSWAP_{f.name.upper()}" in text
+
+
+def test_quantization_auto_is_nf4_on_cuda_and_none_on_cpu_and_says_why():
+    import torch
+
+    from hotswap.server.hardware import choose_quantization
+
+    assert parse_options([], {}).quantization == "auto"
+    q, why = choose_quantization("auto", torch.device("cuda", 0))
+    assert q == "nf4" and "CUDA" in why
+    q, why = choose_quantization("auto", torch.device("cpu"))
+    assert q == "none" and "slow on CPU" in why
+    assert choose_quantization("int8", torch.device("cpu")) == ("int8", "set with --quantization")
+    opts = parse_options(["--device", "cpu"], {})
+    assert opts.quantization_choice()[0] == opts.model_config().quantization == "none"
+
+
+def test_bitsandbytes_hub_kernel_warning_is_silenced():
+    """bitsandbytes warns at import, on AVX512-BF16 CPUs, that it could not download a kernel
+    (the `kernels` package). Loading through our quantization config drops that one message."""
+    import subprocess
+    import sys
+
+    from hotswap.server.hardware import cpu_has_fast_bf16
+
+    def stderr(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", "import logging; logging.basicConfig(); " + code],
+                              capture_output=True, text=True, timeout=120, check=True).stderr
+
+    plain = stderr("import bitsandbytes")
+    ours = stderr("import torch; from hotswap.server.config import ModelConfig; from hotswap.server.model.loader import quantization_config; "
+                  "quantization_config(ModelConfig(quantization='nf4'), torch.float32); import bitsandbytes")
+    assert ("kernels-community" in plain) == cpu_has_fast_bf16()  # the warning this test is about, where it appears
+    assert "kernels-community" not in ours

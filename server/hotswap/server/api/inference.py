@@ -97,5 +97,5 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             vocab_size=core.engine.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers,
             has_chat_template=bool(loaded.tokenizer.chat_template), max_seq_len=core.engine.max_seq_len,
             max_batch_size=core.engine.cfg.max_batch_size, max_lora_rank=core.cache_cfg.max_lora_rank,
-            adapter_types=list(SUPPORTED),
+            adapter_types=list(SUPPORTED), quantization_reason=opts.quantization_choice()[1],
         )

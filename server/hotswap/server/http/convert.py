@@ -3,13 +3,10 @@ OpenAI's response objects. The only module of the HTTP API that knows both."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import DEFAULT_MODEL
 from ..engine.request import FinishReason, GenerateRequest, SamplingParams, TokenLogprob
 from ..errors import HotswapError, InvalidArgument, NotFound, shown
-from ..model.sources import DEFAULT_GGUF
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 if TYPE_CHECKING:
@@ -20,16 +17,6 @@ FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", Fini
 # The engine's field names → the ones the caller sent.
 CHAT_FIELDS = {"max_new_tokens": "max_tokens", "logprobs": "top_logprobs", "adapter_id": "model"}
 COMPLETION_FIELDS = {"max_new_tokens": "max_tokens", "adapter_id": "model", "prompt_ids": "prompt"}
-
-
-def served_name(source: str) -> str:
-    """The base model's name when --served-model-name is not given: its own name."""
-    if source == DEFAULT_MODEL:
-        return DEFAULT_GGUF.split(".")[0]  # SmolLM2-135M-Instruct
-    path = Path(source)
-    if path.suffix == ".gguf":
-        return path.stem
-    return source if not path.exists() else path.resolve().name  # a hub id as given, a folder by its name
 
 
 def renamed(e: HotswapError, fields: dict[str, str]) -> HotswapError:

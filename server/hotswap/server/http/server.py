@@ -30,6 +30,7 @@ def _bind(host: str, port: int) -> socket.socket:
 class HTTPServer:
     def __init__(self, state: ServerState, base_name: str) -> None:
         opts = state.opts
+        self.base_name = base_name
         tls = {}
         if opts.tls_cert:  # the same certificate (and client CA, for mutual TLS) as gRPC
             tls = {"ssl_certfile": opts.tls_cert, "ssl_keyfile": opts.tls_key}
