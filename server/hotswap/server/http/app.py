@@ -14,10 +14,9 @@ import time
 from typing import TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from ..api.generation import TOKENIZER_POOL
 from ..api.state import ServerState
 from ..errors import HotswapError, NotFound, Unauthenticated, shown
 from . import completions, convert, errors
@@ -83,8 +82,7 @@ def build_app(state: ServerState, base_name: str) -> FastAPI:
             def count(e: HotswapError) -> None:
                 state.metrics.failures.labels(e.code).inc()
 
-            content = completions.events(request, gens, shape, per_prompt, body.include_usage, count)
-            return StreamingResponse(content, media_type="text/event-stream", headers=completions.SSE_HEADERS)
+            return completions.EventStream(completions.events(request, gens, shape, per_prompt, body.include_usage, count), gens)
         try:
             return JSONResponse(await completions.whole(request, gens, shape, per_prompt))
         except HotswapError as e:
@@ -123,7 +121,7 @@ def build_app(state: ServerState, base_name: str) -> FastAPI:
     @v1.get("/models")
     async def list_models():
         core = state.ready()
-        records = await asyncio.get_running_loop().run_in_executor(TOKENIZER_POOL, all_adapters, core)  # SQL: off the loop
+        records = await asyncio.to_thread(all_adapters, core)  # SQL: off the loop
         return {"object": "list", "data": [base_card(core), *(adapter_card(r) for r in records)]}
 
     @v1.get("/models/{model_id:path}")
@@ -132,7 +130,7 @@ def build_app(state: ServerState, base_name: str) -> FastAPI:
         if model_id == base_name:
             return base_card(core)
         try:
-            record = await asyncio.get_running_loop().run_in_executor(TOKENIZER_POOL, core.registry.get, model_id)
+            record = await asyncio.to_thread(core.registry.get, model_id)
         except HotswapError:
             raise NotFound(f"no base model or adapter named {shown(model_id)}", field="model") from None
         return adapter_card(record)

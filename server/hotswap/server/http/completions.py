@@ -12,6 +12,7 @@ import uuid
 from typing import AsyncIterator, Callable
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from ..api import generation
 from ..api.generation import Generation
@@ -144,7 +145,22 @@ async def whole(request: Request, gens: list[Generation], shape: Shape, per_prom
 
 
 def _sse(obj: dict | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """An SSE response whose rows are cancelled however it ends, even when the client is gone
+    before its body iterator starts (then no code inside the iterator would ever run)."""
+
+    def __init__(self, content: AsyncIterator[str], gens: list[Generation]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._gens = gens
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close_all(self._gens)
 
 
 async def events(request: Request, gens: list[Generation], shape: Shape, per_prompt: int, include_usage: bool,

@@ -24,7 +24,8 @@ STATUS = {
     "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404,
     "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
 }
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error",
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error", 405: "invalid_request_error",
+         413: "invalid_request_error",
          429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 RETRY_AFTER_SECONDS = "1"
 """429 (queue full) and 503 (starting, draining) are worth retrying soon; clients honour Retry-After."""
