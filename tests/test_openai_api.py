@@ -125,6 +125,13 @@ def test_streaming_with_usage_and_logprobs(server, oai):
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == NEW
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    # n streamed choices interleave; each, put back together, is the choice a whole response gives (seeded)
+    kw = dict(model="lora", messages=MESSAGES, max_tokens=NEW, temperature=1.0, seed=3, n=2, extra_body={"ignore_eos": True})
+    texts = ["", ""]
+    for ch in oai.chat.completions.create(stream=True, **kw):
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [c.message.content for c in oai.chat.completions.create(**kw).choices]
     text = "".join(ch.choices[0].text for ch in oai.completions.create(model="llama", prompt="hello", max_tokens=NEW, temperature=0,
                                                                         stream=True, extra_body={"ignore_eos": True}))
     assert text == oai.completions.create(model="llama", prompt="hello", max_tokens=NEW, temperature=0,
@@ -226,6 +233,19 @@ def test_full_queue_is_429_and_cancelled_streams_free_their_rows(server, oai):
         time.sleep(0.2)
     assert metric(text, cancelled) - before == 4 and metric(text, "hotswap_requests_running") == 0
     assert metric(text, "hotswap_requests_waiting") == 0
+    # not streamed either: a client that hangs up mid-generation has its row cancelled, not run to the end
+    body = json.dumps({"model": "llama", "messages": MESSAGES, "max_tokens": 4000, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.http_port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 30
+        while metric(scrape(server), "hotswap_requests_running") == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while metric(scrape(server), cancelled) - before < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = scrape(server)
+    assert metric(text, cancelled) - before == 5 and metric(text, "hotswap_requests_running") == 0
 
 
 def test_503_while_draining_then_exit_0(server):
