@@ -14,10 +14,11 @@ import time
 from typing import TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from ..api.state import ServerState
+from ..engine.request import GenerateRequest
 from ..errors import HotswapError, NotFound, Unauthenticated, shown
 from . import completions, convert, errors
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -70,7 +71,8 @@ def build_app(state: ServerState, base_name: str) -> FastAPI:
         # JSON parsing and validation of a large body would stall every stream: off the loop.
         return await asyncio.get_running_loop().run_in_executor(None, _parse, model, raw)
 
-    async def run(request: Request, body, requests, fields: dict[str, str], per_prompt: int, chat: bool):
+    async def run(request: Request, body: ChatCompletionRequest | CompletionRequest, requests: list[GenerateRequest],
+                  fields: dict[str, str], per_prompt: int, chat: bool) -> Response:
         core = state.ready()
         prepare = convert.prepare(body.model, base_name, fill_max_tokens=body.new_tokens is None)
         try:

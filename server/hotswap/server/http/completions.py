@@ -15,8 +15,9 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..api import generation
-from ..api.generation import Generation
-from ..engine.request import StreamEvent
+from ..api.generation import Generation, Prepare
+from ..api.state import ServerState
+from ..engine.request import GenerateRequest, StreamEvent
 from ..errors import HotswapError
 from . import convert
 from .errors import from_hotswap
@@ -24,7 +25,7 @@ from .errors import from_hotswap
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the event stream
 
 
-async def start_all(state, requests, prepare) -> list[Generation]:
+async def start_all(state: ServerState, requests: list[GenerateRequest], prepare: Prepare) -> list[Generation]:
     """Submit every choice; if one is refused, the ones already submitted are cancelled."""
     gens: list[Generation] = []
     try:
@@ -66,7 +67,7 @@ async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, StreamEven
 
 
 @contextlib.asynccontextmanager
-async def cancelled_on_disconnect(request: Request, gens: list[Generation]):
+async def cancelled_on_disconnect(request: Request, gens: list[Generation]) -> AsyncIterator[None]:
     """While the block runs, a client disconnect cancels every choice's row."""
 
     async def watch() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from ..api.generation import Prepare
 from ..engine.request import FinishReason, GenerateRequest, SamplingParams, TokenLogprob
 from ..errors import HotswapError, InvalidArgument, NotFound, shown
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -49,7 +50,7 @@ def completion_requests(body: CompletionRequest) -> list[GenerateRequest]:
     return out
 
 
-def prepare(model: str, base_name: str, fill_max_tokens: bool):
+def prepare(model: str, base_name: str, fill_max_tokens: bool) -> Prepare:
     """What runs on the tokeniser thread before submit: `model` → the adapter it names
     ("" for the base), and an unset max_tokens → all the room the context leaves."""
 

@@ -8,7 +8,6 @@ process's drain owns those signals, so only its startup, tick loop and shutdown 
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import ssl
 
@@ -17,7 +16,6 @@ import uvicorn
 from ..api.state import ServerState
 from .app import build_app
 
-log = logging.getLogger("hotswap.server.http")
 
 
 def _bind(host: str, port: int) -> socket.socket:
