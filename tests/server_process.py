@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-READY = re.compile(r"hotswap: grpc port (\d+) metrics port (\S+)")
+READY = re.compile(r"hotswap: grpc port (\d+) metrics port (\S+)(?: http port (\S+))?")
 
 
 def run_temp_root(path: Path) -> Path:
@@ -29,6 +29,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self.lines: list[str] = []
         self._serving = threading.Event()
         self._ports = threading.Event()
@@ -66,6 +67,7 @@ class ServerProcess:
             if m:
                 self.port = int(m[1])
                 self.metrics_port = None if m[2] == "off" else int(m[2])
+                self.http_port = None if m[3] in (None, "off") else int(m[3])
                 self._ports.set()
             if "hotswap: serving" in line:
                 self._serving.set()

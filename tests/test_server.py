@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -485,19 +486,53 @@ def hotswap_cli(server: ServerProcess, *args: str) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=120)
 
 
+def cli_on_terminal(server: ServerProcess, columns: int, *args: str) -> list[str]:
+    """The CLI's output lines when its stdout is a terminal `columns` wide (a pseudo-terminal)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.run([sys.executable, "-m", "hotswap.client.cli", *args, "--target", server.target], stdout=follower,
+                          stderr=subprocess.PIPE, timeout=120, env=env)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and drained
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    assert proc.returncode == 0, proc.stderr
+    return out.decode().replace("\r\n", "\n").splitlines()
+
+
 def test_cli_tables_json_streaming_and_errors(server, registered, adapters):
     r = hotswap_cli(server, "adapters", "list")
     assert r.returncode == 0 and r.stdout.splitlines()[0].split()[:3] == ["ID", "PEFT_TYPE", "RANK"]
     assert "lora@1" in r.stdout and "PREFIX_TUNING" in r.stdout
     listed = json.loads(hotswap_cli(server, "--json", "adapters", "list").stdout)
     assert {a["id"] for a in listed} >= {"lora@1", "prefix@1", "prompt@1"}
+    assert json.loads(hotswap_cli(server, "adapters", "list", "--json").stdout) == listed  # global options after the command too
+    narrow = cli_on_terminal(server, 72, "adapters", "list")
+    assert len(narrow) == 1 + len(listed) and all(len(line) <= 72 for line in narrow), narrow
 
-    r = hotswap_cli(server, "generate", "hello world", "--adapter", "lora", "-n", "5")
+    r = hotswap_cli(server, "generate", "hello world", "--adapter", "lora", "-n", "5", "--raw")
     assert r.returncode == 0 and "5 tokens" in r.stderr and "adapter lora@1" in r.stderr
     with Client(server.target) as c:
         want = c.generate("hello world", adapter="lora", max_new_tokens=5)
+        chat = c.generate(messages=[{"role": "user", "content": "hello world"}], adapter="lora", max_new_tokens=5)
     assert r.stdout.rstrip("\n") == want.text.rstrip("\n") or r.stdout[:-1] == want.text
-    g = json.loads(hotswap_cli(server, "--json", "generate", "hi", "--chat", "-n", "3").stdout)
+    # without --raw the prompt goes through the model's chat template, like messages= in the SDK
+    r = hotswap_cli(server, "generate", "hello world", "--adapter", "lora", "-n", "5", "--no-stream")
+    assert r.returncode == 0 and r.stdout[:-1] == chat.text
+    g = json.loads(hotswap_cli(server, "generate", "hi", "--chat", "-n", "3", "--temperature", "0.7", "--seed", "1", "--json").stdout)
     assert g["generated_tokens"] <= 3 and g["finish_reason"] in ("length", "eos")
 
     r = hotswap_cli(server, "adapters", "register", "cli-made", str(adapters["prefix"]), "--label", "by=cli")

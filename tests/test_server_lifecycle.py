@@ -3,6 +3,7 @@ without losing an accepted request, and registered adapters survive a restart.
 Also TLS (mutual), bearer tokens and a full queue. Real processes, real sockets."""
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import threading
@@ -21,6 +22,7 @@ from hotswap.client import Client, ResourceExhausted, Unauthenticated, Unavailab
 from hotswap.v1 import inference_pb2, inference_pb2_grpc
 from peft_fixtures import save_adapter
 from server_process import ServerProcess
+from test_openai_api import free_port
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,8 @@ def make_certs(d: Path) -> dict[str, Path]:
 def test_mutual_tls_token_auth_and_a_full_queue(tiny_checkpoints, tmp_path):
     certs = make_certs(tmp_path)
     extra = ["--tls-cert", str(certs["server.pem"]), "--tls-key", str(certs["server.key"]),
-             "--tls-client-ca", str(certs["ca.pem"]), "--auth-token", "s3cret", "--max-batch-size", "1", "--max-queue", "1"]
+             "--tls-client-ca", str(certs["ca.pem"]), "--auth-token", "s3cret", "--max-batch-size", "1", "--max-queue", "1",
+             "--http-port", str(free_port())]
     read = lambda k: certs[k].read_bytes()  # noqa: E731
     tls = dict(ca_cert=read("ca.pem"), client_cert=read("client.pem"), client_key=read("client.key"))
     with ServerProcess(tiny_checkpoints["llama"], tmp_path / "data", *extra) as srv:
@@ -153,6 +156,12 @@ def test_mutual_tls_token_auth_and_a_full_queue(tiny_checkpoints, tmp_path):
             c.generate("hi", max_new_tokens=3)  # no client certificate: the handshake fails
         with Client(srv.target, token="s3cret", timeout=5) as c, pytest.raises(Unavailable):
             c.generate("hi", max_new_tokens=3)  # plaintext to a TLS port
+        # the OpenAI-compatible API: HTTPS with the same certificate, client CA and token
+        https = ["curl", "-sS", "--cacert", str(certs["ca.pem"]), "-H", "Authorization: Bearer s3cret",
+                 f"https://localhost:{srv.http_port}/v1/models"]
+        mtls = subprocess.run(https + ["--cert", str(certs["client.pem"]), "--key", str(certs["client.key"])], capture_output=True, text=True)
+        assert mtls.returncode == 0 and json.loads(mtls.stdout)["data"][0]["object"] == "model", mtls.stderr
+        assert subprocess.run(https, capture_output=True).returncode != 0  # no client certificate: the handshake fails
 
         # One row, one queue slot: a running request and a waiting one fill the server.
         with Client(srv.target, token="s3cret", **tls) as c:

@@ -30,3 +30,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def choose_quantization(requested: str, device: torch.device) -> tuple[str, str]:
+    """(quantization, why) for --quantization, where "auto" is the product's promise: one
+    4-bit base on the GPU; on CPU bitsandbytes' 4-bit kernels are slower than plain bf16/fp32."""
+    if requested != "auto":
+        return requested, "set with --quantization"
+    if device.type == "cuda":
+        return "nf4", "auto: CUDA is present; a 4-bit base leaves the GPU's memory to the KV cache and adapters"
+    return "none", "auto: no CUDA device, and bitsandbytes' 4-bit kernels are slow on CPU; --quantization nf4 to use them anyway"

@@ -32,9 +32,12 @@ class ServerOptions:
     port: int = _opt(50051, "gRPC port (0 picks a free one; the chosen port is printed)")
     metrics_host: str = _opt("0.0.0.0", "address of the Prometheus /metrics HTTP server")
     metrics_port: int = _opt(9400, "Prometheus /metrics port; -1 disables it")
+    http_port: int = _opt(0, "OpenAI-compatible HTTP API port (/v1/chat/completions, /v1/completions, /v1/models) on --host; 0 = off")
+    served_model_name: str = _opt("", "the base model's name in the HTTP API's `model` field and /v1/models (default: the model's own name)")
     # model
     model: str = _opt("default", "base model: a local HF folder, a hub id in the local HF cache, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
-    quantization: str = _opt("none", "bitsandbytes quantization of the base", choices=QUANTIZATIONS)
+    quantization: str = _opt("auto", "bitsandbytes quantization of the base; auto = nf4 when the model runs on CUDA, none on CPU "
+                                     "(bitsandbytes' 4-bit kernels are slow there)", choices=("auto", *QUANTIZATIONS))
     dtype: str = _opt("auto", "weights/compute dtype; auto = bf16 on CUDA and bf16-capable CPUs, else fp32", choices=DTYPES)
     device: str = _opt("auto", "auto (CUDA when present), cpu or cuda[:N]")
     double_quant: bool = _opt(True, "nf4: also quantize the quantization constants")
@@ -88,6 +91,8 @@ class ServerOptions:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"must be 0..65535, got {self.port}", field="port")
+        if not 0 <= self.http_port <= 65535:
+            raise InvalidArgument(f"must be 0 (off) or a port 1..65535, got {self.http_port}", field="http_port")
         if not -1 <= self.metrics_port <= 65535:
             raise InvalidArgument(f"must be -1..65535, got {self.metrics_port}", field="metrics_port")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -100,8 +105,14 @@ class ServerOptions:
 
     # -- derived configs ----------------------------------------------------------------
     def model_config(self) -> ModelConfig:
-        return ModelConfig(source=self.model, quantization=self.quantization, double_quant=self.double_quant,
+        return ModelConfig(source=self.model, quantization=self.quantization_choice()[0], double_quant=self.double_quant,
                            dtype=self.dtype, device=self.device, cache_dir=Path(self.model_cache_dir))
+
+    def quantization_choice(self) -> tuple[str, str]:
+        """(quantization, why): --quantization, or what "auto" picks for the device."""
+        from .hardware import choose_quantization, resolve_device  # torch: only when a model is about to load
+
+        return choose_quantization(self.quantization, resolve_device(self.device) if self.quantization == "auto" else None)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(max_batch_size=self.max_batch_size, max_tokens_per_step=self.max_tokens_per_step,

@@ -160,7 +160,8 @@ def model_info(r: inference_pb2.ModelInfoResponse) -> ModelInfo:
     return ModelInfo(source=r.source, model_type=r.model_type, quantization=r.quantization, dtype=r.dtype,
                      device=r.device, fingerprint=r.fingerprint, vocab_size=r.vocab_size, hidden_size=r.hidden_size,
                      num_layers=r.num_layers, has_chat_template=r.has_chat_template, max_seq_len=r.max_seq_len,
-                     max_batch_size=r.max_batch_size, max_lora_rank=r.max_lora_rank, adapter_types=list(r.adapter_types))
+                     max_batch_size=r.max_batch_size, max_lora_rank=r.max_lora_rank, adapter_types=list(r.adapter_types),
+                     quantization_reason=r.quantization_reason)
 
 
 def tokens(r) -> Tokens:

@@ -17,8 +17,23 @@ from typing import Sequence
 from .errors import HotswapError
 from .sync import Client
 
-JOB_COLUMNS = ("id", "adapter_name", "method", "state", "step", "total_steps", "adapter_id", "created_at")
+JOB_COLUMNS = ("id", "adapter_name", "method", "state", "progress", "adapter_id", "created_at")
 ADAPTER_COLUMNS = ("id", "peft_type", "rank", "num_virtual_tokens", "size_bytes", "residency", "pinned", "created_at")
+HEADERS = {"num_virtual_tokens": "virtual", "size_bytes": "size", "created_at": "created", "adapter_name": "name",
+           "adapter_id": "adapter", "progress": "step"}
+"""Short headers, so a table's header is never what keeps it from fitting a terminal."""
+COMPUTED = {"progress": lambda job: f"{job.step}/{job.total_steps}" if job.total_steps else str(job.step)}
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+FORMATS = {"size_bytes": _size}
 
 
 def _jsonable(obj):
@@ -35,45 +50,109 @@ def _jsonable(obj):
 
 def _cell(v) -> str:
     if isinstance(v, datetime):
-        return v.strftime("%Y-%m-%d %H:%M:%S")
+        return v.strftime("%Y-%m-%d %H:%M")
     if isinstance(v, bool):
         return "yes" if v else ""
     return str(v)
 
 
-def print_table(rows: Sequence, columns: Sequence[str], out=sys.stdout) -> None:
-    cells = [[_cell(getattr(r, c)) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip(), file=out)
+def _terminal_width(out) -> int | None:
+    """The terminal's width ($COLUMNS first); None when writing to a pipe or a file, whose
+    reader may want every character (some libraries export COLUMNS into every child)."""
+    try:
+        if not out.isatty():
+            return None
+        if os.environ.get("COLUMNS", "").isdigit():
+            return int(os.environ["COLUMNS"])
+        return os.get_terminal_size(out.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _fit(widths: list[int], floors: list[int], room: int) -> list[int]:
+    """Narrow the widest columns (never below their floor) until the row fits `room`."""
+    widths = list(widths)
+    while sum(widths) + 2 * (len(widths) - 1) > room:
+        i = max(range(len(widths)), key=lambda k: widths[k] - floors[k])
+        if widths[i] <= floors[i]:
+            break
+        widths[i] -= 1
+    return widths
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def print_table(rows: Sequence, columns: Sequence[str], out=None) -> None:
+    """Columns as wide as their longest cell; on a terminal narrower than that, the widest
+    columns are cut (ending in …) so each row stays on one line. --json has every value whole."""
+    out = out or sys.stdout
+    def value(r, c: str) -> str:
+        v = COMPUTED[c](r) if c in COMPUTED else getattr(r, c)
+        return FORMATS[c](v) if c in FORMATS else _cell(v)
+
+    headers = [HEADERS.get(c, c).upper() for c in columns]
+    cells = [[value(r, c) for c in columns] for r in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    room = _terminal_width(out)
+    if room is not None:
+        # the first column (the id) is what a reader needs whole most: it gives way last
+        floors = [min(w, 24 if i == 0 else max(len(h), 4)) for i, (w, h) in enumerate(zip(widths, headers))]
+        widths = _fit(widths, floors, room)
+    line = lambda values: "  ".join(_clip(v, w).ljust(w) for v, w in zip(values, widths)).rstrip()  # noqa: E731
+    print(line(headers), file=out)
     for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(), file=out)
+        print(line(row), file=out)
 
 
-def print_record(obj, out=sys.stdout) -> None:
+def print_record(obj, out=None) -> None:
+    out = out or sys.stdout
     data = _jsonable(obj)
     width = max(len(k) for k in data)
     for k, v in data.items():
         print(f"{k.ljust(width)}  {', '.join(map(str, v)) if isinstance(v, list) else v}", file=out)
 
 
+def _add_globals(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every command shares. The top-level parser holds the defaults; each
+    subcommand accepts them too (after its name, as people type them) without a default
+    of its own, so a value given on either side wins and none is reset."""
+    d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
+    g = p.add_argument_group("global options (before or after the command)")
+    g.add_argument("--target", default=d(os.environ.get("HOTSWAP_TARGET", "localhost:50051")),
+                   help="server address (env HOTSWAP_TARGET; default localhost:50051)")
+    g.add_argument("--token", default=d(os.environ.get("HOTSWAP_TOKEN")), help="bearer token (env HOTSWAP_TOKEN)")
+    g.add_argument("--tls", action="store_true", default=d(False), help="use TLS with the system's root certificates")
+    g.add_argument("--ca-cert", default=d(None), help="PEM CA that signed the server certificate (implies --tls)")
+    g.add_argument("--client-cert", default=d(None), help="PEM client certificate for mutual TLS")
+    g.add_argument("--client-key", default=d(None), help="PEM key of the client certificate")
+    g.add_argument("--timeout", type=float, default=d(300.0), help="deadline of each call, seconds (default 300)")
+    g.add_argument("--json", action="store_true", default=d(False), help="machine-readable output")
+
+
+def _accept_globals_everywhere(p: argparse.ArgumentParser) -> None:
+    for action in p._actions:  # argparse has no public walk over subcommands
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_globals(sub, defaults=False)
+                _accept_globals_everywhere(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hotswap", description="Client for a hotswap server.")
-    ap.add_argument("--target", default=os.environ.get("HOTSWAP_TARGET", "localhost:50051"),
-                    help="server address (env HOTSWAP_TARGET; default localhost:50051)")
-    ap.add_argument("--token", default=os.environ.get("HOTSWAP_TOKEN"), help="bearer token (env HOTSWAP_TOKEN)")
-    ap.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    ap.add_argument("--ca-cert", help="PEM CA that signed the server certificate (implies --tls)")
-    ap.add_argument("--client-cert", help="PEM client certificate for mutual TLS")
-    ap.add_argument("--client-key", help="PEM key of the client certificate")
-    ap.add_argument("--timeout", type=float, default=300.0, help="deadline of each call, seconds (default 300)")
-    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_globals(ap, defaults=True)
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text (streams to the terminal)")
     g.add_argument("prompt", help="the prompt; with --chat, the user message")
     g.add_argument("--adapter", "-a", default="", help="adapter id (name or name@version); default: the base model")
-    g.add_argument("--chat", action="store_true", help="send the prompt as a user chat message (model's chat template)")
-    g.add_argument("--system", help="with --chat: a system message first")
+    form = g.add_mutually_exclusive_group()
+    form.add_argument("--chat", action="store_true",
+                      help="send the prompt as a user chat message, rendered with the model's chat template "
+                           "(the default when the model has one)")
+    form.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
+    g.add_argument("--system", help="a system message before the prompt (chat only)")
     g.add_argument("--max-new-tokens", "-n", type=int, default=64)
     g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 is greedy")
     g.add_argument("--top-k", type=int, default=0)
@@ -132,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_parser("show", help="one job: its hyperparameters (which were automatic), quality report and samples").add_argument("job_id")
     jobs.add_parser("watch", help="follow a job with a progress bar until it ends").add_argument("job_id")
     jobs.add_parser("cancel", help="stop a job (nothing is registered)").add_argument("job_id")
+    _accept_globals_everywhere(ap)
     return ap
 
 
@@ -290,7 +370,11 @@ def _client(args: argparse.Namespace) -> Client:
 def _generate(c: Client, args: argparse.Namespace) -> None:
     kw = dict(adapter=args.adapter, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
-    if args.chat:
+    if args.raw and args.system:
+        raise SystemExit("error: --system needs the chat template; leave out --raw")
+    # An instruct model given a bare prompt without its template often ends at once (EOS):
+    # use the template whenever the model has one, unless asked not to.
+    if args.chat or (not args.raw and c.model_info().has_chat_template):
         msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
         kw["messages"] = msgs
     else:

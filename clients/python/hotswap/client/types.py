@@ -128,6 +128,8 @@ class ModelInfo:
     max_batch_size: int
     max_lora_rank: int
     adapter_types: list[str]
+    quantization_reason: str = ""
+    """Set by the operator, or chosen by the server (nf4 with CUDA, none on CPU) and why."""
 
 
 @dataclass

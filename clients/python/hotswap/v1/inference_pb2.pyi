@@ -199,7 +199,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("source", "model_type", "quantization", "dtype", "device", "fingerprint", "vocab_size", "hidden_size", "num_layers", "has_chat_template", "max_seq_len", "max_batch_size", "max_lora_rank", "adapter_types")
+    __slots__ = ("source", "model_type", "quantization", "dtype", "device", "fingerprint", "vocab_size", "hidden_size", "num_layers", "has_chat_template", "max_seq_len", "max_batch_size", "max_lora_rank", "adapter_types", "quantization_reason")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,7 @@ class ModelInfoResponse(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_TYPES_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_REASON_FIELD_NUMBER: _ClassVar[int]
     source: str
     model_type: str
     quantization: str
@@ -228,7 +229,8 @@ class ModelInfoResponse(_message.Message):
     max_batch_size: int
     max_lora_rank: int
     adapter_types: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, source: _Optional[str] = ..., model_type: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., adapter_types: _Optional[_Iterable[str]] = ...) -> None: ...
+    quantization_reason: str
+    def __init__(self, source: _Optional[str] = ..., model_type: _Optional[str] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., max_seq_len: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., adapter_types: _Optional[_Iterable[str]] = ..., quantization_reason: _Optional[str] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
     __slots__ = ("adapter_id", "text", "messages", "request_id")

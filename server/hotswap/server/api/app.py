@@ -25,6 +25,7 @@ from hotswap.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference
 from ..adapters.registry import AdapterRegistry
 from ..engine.request import GenerateRequest, SamplingParams
 from ..metrics import Metrics
+from ..model.sources import model_name
 from ..options import ServerOptions, parse_options
 from ..serving import ServingCore
 from .adapters import AdapterService
@@ -88,6 +89,11 @@ class Server:
         creds = _credentials(opts)
         self.port = self.grpc.add_secure_port(address, creds) if creds else self.grpc.add_insecure_port(address)
         self.metrics_port: int | None = None
+        self.http = None
+        if opts.http_port:
+            from ..http.server import HTTPServer  # the HTTP stack is loaded only when asked for
+
+            self.http = HTTPServer(self.state, opts.served_model_name or model_name(opts.model))
         self.stopping = asyncio.Event()
 
     async def _set_health(self, status: int) -> None:
@@ -108,15 +114,20 @@ class Server:
     async def run(self) -> int:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
+        if self.http is not None:
+            await self.http.start()
         if self.opts.metrics_port >= 0:
             httpd, _ = self.metrics.serve(self.opts.metrics_port, self.opts.metrics_host)
             self.metrics_port = httpd.server_port
         # One line a supervisor (or a test) can parse for the bound ports.
-        print(f"hotswap: grpc port {self.port} metrics port {self.metrics_port if self.metrics_port is not None else 'off'}", flush=True)
+        print(f"hotswap: grpc port {self.port} metrics port {self.metrics_port if self.metrics_port is not None else 'off'} "
+              f"http port {self.http.port if self.http is not None else 'off'}", flush=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
 
+        quantization, why = self.opts.quantization_choice()
+        print(f"hotswap: loading {model_name(self.opts.model)}, {'no quantization' if quantization == 'none' else quantization} ({why})", flush=True)
         load = asyncio.ensure_future(asyncio.to_thread(self._load))
         stop = asyncio.ensure_future(self.stopping.wait())
         await asyncio.wait([load, stop], return_when=asyncio.FIRST_COMPLETED)
@@ -124,12 +135,13 @@ class Server:
             if load.exception() is not None:
                 log.error("could not start: %s", load.exception())
                 await self.grpc.stop(0)
+                if self.http is not None:
+                    await self.http.stop()
                 return 1
             self.state.core = load.result()
             self.metrics.attach(self.state.core)
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-            log.info("serving %s on port %d", self.opts.model, self.port)
-            print("hotswap: serving", flush=True)
+            print(self.banner(), flush=True)
             self.start_workers()
             await stop
         return await self.drain(load)
@@ -141,8 +153,8 @@ class Server:
         await asyncio.sleep(min(self.opts.drain_notice_seconds, self.opts.drain_seconds))  # ...while the listener still answers
         for w in self.workers:  # their jobs resume from the last checkpoint on the next start
             w.terminate()
-        # grpc stops accepting calls at once and cancels those still running after the grace.
-        await self.grpc.stop(self.opts.drain_seconds)
+        # grpc stops accepting calls at once and cancels those still running after the grace; uvicorn the same.
+        await asyncio.gather(self.grpc.stop(self.opts.drain_seconds), *([self.http.stop()] if self.http is not None else []))
         if not load.done():
             await asyncio.wait([load])  # a model load cannot be interrupted; let it finish, then close
         if load.done() and not load.cancelled() and load.exception() is None:
@@ -154,6 +166,22 @@ class Server:
                 w.kill()  # its job resumes from the last periodic checkpoint instead
         print("hotswap: stopped", flush=True)
         return 0
+
+    def banner(self) -> str:
+        """The last lines of start-up: what is served, where, and a command to try."""
+        loaded, opts = self.state.core.loaded, self.opts
+        host = "localhost" if opts.host in ("0.0.0.0", "::", "127.0.0.1", "") else opts.host
+        quant = loaded.config.quantization
+        lines = [f"hotswap: serving {model_name(opts.model)} on {loaded.device} ({'no quantization' if quant == 'none' else quant}, "
+                 f"{str(loaded.dtype).removeprefix('torch.')})",
+                 f"  gRPC        {host}:{self.port}" + ("  (TLS)" if opts.tls_cert else "") + ("  (bearer token)" if opts.auth_token else "")]
+        if self.http is not None:
+            lines.append(f"  OpenAI API  http{'s' if opts.tls_cert else ''}://{host}:{self.http.port}/v1  (model \"{self.http.base_name}\")")
+        if self.metrics_port is not None:
+            lines.append(f"  metrics     http://{host}:{self.metrics_port}/metrics")
+        target = "" if (host, self.port) == ("localhost", 50051) else f" --target {host}:{self.port}"
+        lines.append(f'  try:        hotswap generate "Who are you?"{target}')
+        return "\n".join(lines)
 
     def start_workers(self) -> None:
         """Tuner workers beside the server, with the same options (so the same stores)."""

@@ -1,9 +1,11 @@
 """What the services share: the serving core once it is loaded, and the lifecycle."""
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from ..errors import Unavailable
+from .events import StepEventPump
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -19,6 +21,8 @@ class ServerState:
         self.draining = False
         self.inflight = 0
         """Generate calls accepted and not yet finished (the drain waits for these)."""
+        self._pump: StepEventPump | None = None
+        self._pump_core: ServingCore | None = None
 
     def ready(self) -> ServingCore:
         """The core, or UNAVAILABLE while starting or draining (clients retry elsewhere)."""
@@ -27,3 +31,10 @@ class ServerState:
         if self.core is None:
             raise Unavailable("the server is starting: the base model is still loading")
         return self.core
+
+    def event_pump(self, core: ServingCore) -> StepEventPump:
+        """One per serving core, shared by gRPC and HTTP, created on the server's event loop at the first call."""
+        if self._pump is None or self._pump_core is not core:
+            self._pump, self._pump_core = StepEventPump(asyncio.get_running_loop()), core
+            core.loop.step_listeners.append(self._pump.flush)
+        return self._pump

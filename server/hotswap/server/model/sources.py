@@ -34,6 +34,17 @@ def default_gguf() -> Path:
     )
 
 
+def model_name(source: str) -> str:
+    """A model's own name, for people and for the HTTP API's `model`: the default model's
+    name, a hub id as given, a GGUF file's or a folder's name."""
+    if source == DEFAULT_MODEL:
+        return DEFAULT_GGUF.split(".")[0]  # SmolLM2-135M-Instruct
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.resolve().name if path.exists() else source
+
+
 def _hub_cache_dir() -> str | None:
     """huggingface_hub reads its cache location at import; read it again at call time so a
     process (or test) that sets HF_HUB_CACHE / HF_HOME later is honoured."""

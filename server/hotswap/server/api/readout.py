@@ -1,0 +1,87 @@
+"""Classify and Score as a network caller runs them: prefill-only rows submitted together,
+waited for together, failed together.
+
+Like generation.py, submitting (which tokenises) runs on TOKENIZER_POOL and events arrive
+through the state's StepEventPump; a caller that leaves cancels every row of its call."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import TYPE_CHECKING, Callable
+
+from ..engine.loop import RequestStream
+from ..engine.request import GenerateRequest, GenerateResult, StreamEvent
+from ..errors import DeadlineExceeded, HotswapError, Unavailable
+from .generation import TOKENIZER_POOL
+
+if TYPE_CHECKING:
+    from ..serving import ServingCore
+    from .state import ServerState
+
+
+async def results(state: ServerState, requests: list[GenerateRequest], timeout: float | None,
+                  fields: dict[str, str]) -> tuple[list[GenerateResult], str]:
+    """Submit prefill-only rows together and wait for all: (their results, the versioned adapter
+    id that served them). Any failure fails the call (the others are cancelled). `fields`
+    renames the engine's field names to the caller's API."""
+    core = state.ready()
+    events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+    notify = state.event_pump(core).notifier(events)
+    submitted = asyncio.get_running_loop().run_in_executor(TOKENIZER_POOL, _submit_all, core, requests, notify, fields)
+    try:
+        streams = await asyncio.shield(submitted)
+    except asyncio.CancelledError:
+        submitted.add_done_callback(lambda f: None if f.cancelled() or f.exception() else [core.cancel(s) for s in f.result()])
+        raise
+    state.inflight += 1
+    left, failure = len(streams), None
+    try:
+        async with asyncio.timeout(timeout):
+            while left and failure is None:  # one row failed: the call fails, the rest need not finish
+                event = await events.get()
+                left -= event.finished
+                failure = event.error
+    except TimeoutError:
+        raise DeadlineExceeded("the call's deadline passed before the request finished", field="deadline") from None
+    finally:
+        state.inflight -= 1
+        if left:
+            for s in streams:
+                core.cancel(s)
+    if failure is not None:
+        raise _renamed(failure, fields) if isinstance(failure, HotswapError) else Unavailable(f"the request failed: {failure}")
+    # every row's last event reached its stream before this queue: results are complete
+    return [s.result(0) for s in streams], streams[0].request.adapter_id
+
+
+def _renamed(error: HotswapError, fields: dict[str, str]) -> HotswapError:
+    error.field = fields.get(error.field, error.field)
+    return error
+
+
+def _submit_all(core: ServingCore, requests: list[GenerateRequest], notify: Callable[[StreamEvent], None],
+                fields: dict[str, str]) -> list[RequestStream]:
+    """Tokenizer thread: submit every row or none (a refused one cancels those already queued)."""
+    streams: list[RequestStream] = []
+    if len(requests) > 1 and requests[0].prompt_ids is None:  # Score: the prompt is tokenised once for all candidates
+        try:
+            ids = core.engine.prompt_tokens(requests[0])
+        except HotswapError as e:
+            if e.field == "continuation":  # its size is checked with the prompt's
+                e.field = "candidates[0]"
+            raise _renamed(e, fields) from None
+        fields = {**fields, "prompt_ids": "messages" if requests[0].messages is not None else "prompt"}
+        requests = [dataclasses.replace(r, prompt=None, messages=None, prompt_ids=ids) for r in requests]
+    try:
+        for i, req in enumerate(requests):
+            try:
+                streams.append(core.submit(req, notify))
+            except HotswapError as e:
+                if e.field == "continuation":  # the i-th candidate of a Score call
+                    e.field = f"candidates[{i}]"
+                raise _renamed(e, fields) from None
+    except BaseException:
+        for s in streams:
+            core.cancel(s)
+        raise
+    return streams
