@@ -13,9 +13,10 @@ from transformers import AutoModelForCausalLM
 from hotswap.server.adapters.load import load_adapter
 from hotswap.server.adapters.registry import AdapterRegistry
 from hotswap.v1 import inference_pb2, inference_pb2_grpc
-from peft_fixtures import save_adapter
+from peft_fixtures import save_adapter, save_cls_adapter
 from ports import free_port
 from test_engine_fidelity import reference
+from test_engine_readout import classify_reference, score_reference
 
 ADAPTERS = [f"a{i}" for i in range(5)]
 PER_REPLICA = 2
@@ -39,6 +40,8 @@ def cluster(tiny_checkpoints, tmp_path_factory):
     for i, name in enumerate(ADAPTERS):
         paths[name] = save_adapter(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), "lora", adapters / name, seed=i)
         reg.register(name, str(paths[name]), lambda p: load_adapter(p, p.name, base, 64), "fp")
+    paths["cls"] = save_cls_adapter(ckpt, "lora", adapters / "cls", seed=7, num_labels=2, id2label={0: "no", 1: "yes"})
+    reg.register("cls", str(paths["cls"]), lambda p: load_adapter(p, p.name, base, 64), "fp")
 
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     port = free_port()
@@ -71,6 +74,30 @@ def test_our_proto_through_rays_grpc_proxy_matches_peft(cluster, tiny_checkpoint
     with pytest.raises(grpc.RpcError) as e:
         grpc_generate(cluster["target"], "absent", "hello")
     assert e.value.code() == grpc.StatusCode.NOT_FOUND and "absent" in e.value.details()
+
+
+def test_classify_and_score_through_rays_grpc_proxy_match_peft(cluster):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cluster["ckpt"])
+    text, prompt, candidates = "the quick brown fox", "once upon a", [" time", " lazy dog"]
+    with grpc.insecure_channel(cluster["target"]) as ch:
+        stub = inference_pb2_grpc.InferenceServiceStub(ch)
+        r = stub.Classify(inference_pb2.ClassifyRequest(text=text), timeout=120,
+                          metadata=[("application", "hotswap"), ("multiplexed_model_id", "cls")])
+        want = classify_reference(cluster["ckpt"], cluster["paths"]["cls"], tok(text)["input_ids"], num_labels=2)
+        assert list(r.labels) == ["no", "yes"] and r.adapter_id == "cls@1" and r.label == r.labels[int(want.argmax())]
+        torch.testing.assert_close(torch.tensor(list(r.logits)), want, atol=1e-4, rtol=1e-4)
+        s = stub.Score(inference_pb2.ScoreRequest(prompt=prompt, candidates=candidates, adapter_id="a2"), timeout=120,
+                       metadata=[("application", "hotswap"), ("multiplexed_model_id", "a2")])
+        assert s.adapter_id == "a2@1" and ["".join(c.tokens) for c in s.candidates] == candidates
+        for c in s.candidates:
+            lp, greedy = score_reference(cluster["ckpt"], cluster["paths"]["a2"], tok(prompt)["input_ids"], list(c.token_ids))
+            torch.testing.assert_close(torch.tensor(list(c.token_logprobs)), lp, atol=2e-4, rtol=1e-4)
+        with pytest.raises(grpc.RpcError) as e:  # a causal adapter has no classification head: the same status as the server
+            stub.Classify(inference_pb2.ClassifyRequest(text=text, adapter_id="a2"), timeout=120,
+                          metadata=[("application", "hotswap"), ("multiplexed_model_id", "a2")])
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "adapter_id" in e.value.details()
 
 
 def test_requests_for_an_adapter_stick_to_a_replica_whose_cache_stays_bounded(cluster):

@@ -69,3 +69,15 @@ def test_sampling_follows_the_distribution():
     for _ in range(2000):
         counts[process_and_sample(logits, torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1.0]), [gen])] += 1
     assert torch.allclose(counts / 2000, torch.tensor([0.7, 0.2, 0.1]), atol=0.04)
+
+
+def test_filters_that_are_off_are_skipped_without_changing_a_draw():
+    """top_k / top_p None (every row has them off) skips the sorts and draws exactly as top_k 0 / top_p 1."""
+    logits = _logits(rows=4, vocab=5000)
+    logits[1, :4000] = -200.0  # probabilities that underflow to 0 must stay out of the draw either way
+    temps = torch.tensor([0.7, 1.0, 1.3, 2.0])
+    for seed in range(20):
+        gens = [torch.Generator().manual_seed(seed * 4 + i) for i in range(4)]
+        filtered = process_and_sample(logits, temps, torch.zeros(4, dtype=torch.long), torch.ones(4), gens)
+        gens = [torch.Generator().manual_seed(seed * 4 + i) for i in range(4)]
+        assert torch.equal(process_and_sample(logits, temps, None, None, gens), filtered)

@@ -155,6 +155,9 @@ def test_sdk_lora_scale_and_weighted_combination_match_peft(server, registered, 
         scaled = c.generate("the cat sat", adapter="lora", lora_scale=0.5, max_new_tokens=NEW, ignore_eos=True)
         combined = c.generate("the cat sat", adapter=[("lora", 0.5)], max_new_tokens=NEW, ignore_eos=True)
         assert scaled.token_ids == want and combined.token_ids == want
+        assert combined.adapter_id == "" and combined.adapters == [(registered["lora"], 0.5)]
+        chunks = list(c.stream("the cat sat", adapter=[("lora", 0.5)], max_new_tokens=2))
+        assert all(ch.adapters == [(registered["lora"], 0.5)] for ch in chunks) and scaled.adapters == []
         assert want != c.generate("the cat sat", adapter="lora", max_new_tokens=NEW, ignore_eos=True).token_ids
         with pytest.raises(InvalidArgument, match="lora_scale"):
             c.generate("hi", adapter="lora", lora_scale=11.0, max_new_tokens=2)

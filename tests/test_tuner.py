@@ -275,7 +275,7 @@ def test_cli_train_watch_and_jobs(server, tmp_path):
     assert "succeeded: adapter cli-ident@1" in r.stdout and "step 12/12" in r.stderr
     assert "quality: train loss" in r.stderr and "[control]" in r.stderr  # the report and samples, as they arrive
     r = subprocess.run([*cli, "jobs", "list", "--state", "succeeded"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stdout.split()[:4] == ["ID", "ADAPTER_NAME", "METHOD", "STATE"] and "cli-ident@1" in r.stdout
+    assert r.returncode == 0 and r.stdout.split()[:4] == ["ID", "NAME", "METHOD", "STATE"] and "cli-ident@1" in r.stdout
     job_id = next(line.split()[0] for line in r.stdout.splitlines() if "cli-ident@1" in line)
     r = subprocess.run([*cli, "jobs", "show", job_id], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -438,7 +438,7 @@ CLASSIFY = [{"text": f"{w} {t}", "label": lab} for lab, w in KEYWORDS.items() fo
 # ^ the label is the keyword's: a 4-way multiple choice the tiny random model can learn in a few epochs
 
 
-def test_a_classifier_trains_reports_its_metrics_and_loads_in_peft(server, tiny_checkpoints):
+def test_a_classifier_trains_reports_its_metrics_loads_in_peft_and_serves_through_classify(server, tiny_checkpoints):
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     hp = dict(epochs=8, batch_size=4, learning_rate=1e-2, lora_r=8, target_modules=["all-linear"], class_weights=[1, 1, 1, 2])
@@ -480,8 +480,22 @@ def test_a_classifier_trains_reports_its_metrics_and_loads_in_peft(server, tiny_
 
     # the registered files load in plain PEFT
     untrained = accuracy(base().eval())
-    trained = accuracy(PeftModel.from_pretrained(base(), path).eval())
+    peft = PeftModel.from_pretrained(base(), path).eval()
+    trained = accuracy(peft)
     assert trained >= 0.75 and trained >= untrained + 0.25, (trained, untrained)
+
+    # and Classify serves the new adapter at once, with its labels, agreeing with PEFT (the server runs
+    # the tiny model in its automatic dtype, so logits agree to bf16 precision, not bit for bit)
+    with Client(server.target) as c:
+        served = [c.classify(e["text"], adapter="cls") for e in CLASSIFY]
+    assert all(r.labels == ["A", "B", "C", "D"] and r.adapter_id == "cls@1" for r in served)
+    with torch.inference_mode():
+        want = [peft(input_ids=torch.tensor([tok(e["text"])["input_ids"]])).logits[0] for e in CLASSIFY]
+    for r, w in zip(served, want):
+        top2 = w.topk(2).values
+        if top2[0] - top2[1] > 0.25:  # a clear answer: bf16 rounding cannot flip it
+            assert r.label == "ABCD"[int(w.argmax())], (r.logits, w.tolist())
+        assert torch.allclose(torch.tensor(r.logits), w, atol=0.25 + 0.05 * float(w.abs().max())), (r.logits, w.tolist())
 
 
 def test_soft_prompt_classifiers_train_and_bad_classifier_requests_name_the_field(server, tmp_path):

@@ -23,7 +23,8 @@ from ray.serve.grpc_util import RayServegRPCContext
 from hotswap.v1 import inference_pb2
 
 from .adapters.registry import AdapterRegistry
-from .api import convert
+from .api import convert, readout
+from .engine.request import GenerateRequest, GenerateResult
 from .errors import HotswapError, InvalidArgument
 from .options import options_from_dict
 from .serving import ServingCore
@@ -45,6 +46,12 @@ class AdapterLease:
             self.core.adapters.evict(self.id)
         except (HotswapError, AttributeError):
             pass  # in use by running rows: unpinned, it leaves by LRU once they finish
+
+
+def _set_status(grpc_context: RayServegRPCContext, e: HotswapError) -> None:
+    """The same status codes as hotswap-server."""
+    grpc_context.set_code(getattr(grpc.StatusCode, e.code, grpc.StatusCode.INTERNAL))
+    grpc_context.set_details(str(e))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
@@ -77,14 +84,50 @@ class HotswapReplica:
             adapter = await self._adapter(request.adapter_id)
             req = convert.generate_request(request)
             req.adapter_id = adapter
-            result = await asyncio.to_thread(self.core.submit(req).result)
+            stream = self.core.submit(req)
+            result = await asyncio.to_thread(stream.result)
             if result.error is not None:
                 raise result.error
-        except HotswapError as e:  # the same status codes as hotswap-server
-            grpc_context.set_code(getattr(grpc.StatusCode, e.code, grpc.StatusCode.INTERNAL))
-            grpc_context.set_details(str(e))
+        except HotswapError as e:
+            _set_status(grpc_context, e)
             return inference_pb2.GenerateResponse()
-        return convert.generate_response(result, adapter, self.core.loaded.tokenizer)
+        return convert.generate_response(result, stream.request, self.core.loaded.tokenizer)
+
+    async def _readout(self, requests: list[GenerateRequest], fields: dict[str, str]) -> list[GenerateResult]:
+        """Classify / Score rows: all submitted, all waited for; one failure fails the call."""
+        streams = await asyncio.to_thread(readout.submit_all, self.core, requests, fields)
+        try:
+            results = await asyncio.to_thread(lambda: [s.result() for s in streams])
+        finally:
+            for s in streams:
+                if s.finish_reason is None:  # the caller went away
+                    self.core.cancel(s)
+        for r in results:
+            if r.error is not None:
+                raise readout.failed(r.error, fields)
+        return results
+
+    async def Classify(self, request: inference_pb2.ClassifyRequest, grpc_context: RayServegRPCContext) -> inference_pb2.ClassifyResponse:
+        try:
+            req = convert.classify_request(request, serve.get_multiplexed_model_id())
+            req.adapter_id = await self._adapter(request.adapter_id)
+            (result,) = await self._readout([req], {"prompt": "text"})
+        except HotswapError as e:
+            _set_status(grpc_context, e)
+            return inference_pb2.ClassifyResponse()
+        return convert.classify_response(result, req.adapter_id)
+
+    async def Score(self, request: inference_pb2.ScoreRequest, grpc_context: RayServegRPCContext) -> inference_pb2.ScoreResponse:
+        try:
+            reqs = convert.score_requests(request)
+            adapter = await self._adapter(request.adapter_id)
+            for r in reqs:
+                r.adapter_id = adapter
+            results = await self._readout(reqs, {})
+        except HotswapError as e:
+            _set_status(grpc_context, e)
+            return inference_pb2.ScoreResponse()
+        return await asyncio.to_thread(convert.score_response, results, adapter, self.core.loaded.tokenizer)
 
     async def GenerateStream(self, request: inference_pb2.GenerateStreamRequest):
         adapter = await self._adapter(request.adapter_id)
@@ -100,7 +143,7 @@ class HotswapReplica:
                 if event.error is not None:
                     raise event.error
                 chunk = inference_pb2.GenerateStreamResponse(text=event.text, token_ids=event.token_ids,
-                                                             request_id=req.request_id, adapter_id=adapter)
+                                                             request_id=req.request_id, **convert.served_by(stream.request))
                 if event.finished:
                     result = stream.result(0)
                     chunk.finish_reason = convert.FINISH_REASONS[event.finish_reason]

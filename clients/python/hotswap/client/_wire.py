@@ -107,7 +107,8 @@ def timing(t) -> Timing:
 def generation(r: inference_pb2.GenerateResponse) -> Generation:
     return Generation(text=r.text, token_ids=list(r.token_ids), finish_reason=FINISH.get(r.finish_reason, ""),
                       prompt_tokens=r.prompt_tokens, generated_tokens=r.generated_tokens, timing=timing(r.timing),
-                      request_id=r.request_id, adapter_id=r.adapter_id, logprobs=logprobs(r.logprobs))
+                      request_id=r.request_id, adapter_id=r.adapter_id, logprobs=logprobs(r.logprobs),
+                      adapters=[(a.adapter_id, a.weight) for a in r.adapters])
 
 
 def classify_request(text: str | None, messages: list[dict] | None, adapter: str, request_id: str) -> inference_pb2.ClassifyRequest:
@@ -142,7 +143,7 @@ def scores(r: inference_pb2.ScoreResponse, candidates: list[str]) -> Scores:
 def chunk(r: inference_pb2.GenerateStreamResponse) -> StreamChunk:
     last = r.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
     return StreamChunk(text=r.text, token_ids=list(r.token_ids), request_id=r.request_id, adapter_id=r.adapter_id,
-                       logprobs=logprobs(r.logprobs), finish_reason=FINISH.get(r.finish_reason) if last else None,
+                       logprobs=logprobs(r.logprobs), adapters=[(a.adapter_id, a.weight) for a in r.adapters], finish_reason=FINISH.get(r.finish_reason) if last else None,
                        prompt_tokens=r.prompt_tokens, generated_tokens=r.generated_tokens,
                        timing=timing(r.timing) if last else None)
 

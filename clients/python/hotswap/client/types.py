@@ -32,8 +32,10 @@ class Generation:
     timing: Timing
     request_id: str
     adapter_id: str
-    """The adapter that served it, with its version ("name@3"); "" for the base model."""
+    """The adapter that served it, with its version ("name@3"); "" for the base model and a combination."""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    adapters: list[tuple[str, float]] = field(default_factory=list)
+    """A weighted combination's members, versioned: [("name@3", 0.7), ...]."""
 
 
 @dataclass
@@ -45,6 +47,7 @@ class StreamChunk:
     request_id: str
     adapter_id: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    adapters: list[tuple[str, float]] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
     generated_tokens: int = 0

@@ -147,11 +147,17 @@ def timing(result: GenerateResult) -> inference_pb2.Timing:
                                 total_seconds=result.total_time)
 
 
-def generate_response(result: GenerateResult, adapter_id: str, tokenizer) -> inference_pb2.GenerateResponse:
+def served_by(request: GenerateRequest) -> dict:
+    """The response fields naming what served `request`: its versioned adapter id, or a combination's members."""
+    members = [inference_pb2.WeightedAdapter(adapter_id=a, weight=w) for a, w in request.adapters or ()]
+    return {"adapter_id": request.adapter_id, "adapters": members}
+
+
+def generate_response(result: GenerateResult, request: GenerateRequest, tokenizer) -> inference_pb2.GenerateResponse:
     return inference_pb2.GenerateResponse(
         text=result.text, token_ids=result.token_ids, finish_reason=FINISH_REASONS[result.finish_reason],
         prompt_tokens=result.prompt_tokens, generated_tokens=len(result.token_ids), timing=timing(result),
-        logprobs=logprobs(result.logprobs, tokenizer), request_id=result.request_id, adapter_id=adapter_id,
+        logprobs=logprobs(result.logprobs, tokenizer), request_id=result.request_id, **served_by(request),
     )
 
 

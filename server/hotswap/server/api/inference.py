@@ -71,7 +71,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                 if event.finished:
                     self._raise_if_failed(event)
                     result = stream.result(0)
-                    return convert.generate_response(result, stream.request.adapter_id, self.state.core.loaded.tokenizer)
+                    return convert.generate_response(result, stream.request, self.state.core.loaded.tokenizer)
         raise Unavailable("generation ended without a result")  # pragma: no cover - the engine always finishes
 
     async def GenerateStream(self, request: inference_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext):
@@ -81,7 +81,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                 chunk = inference_pb2.GenerateStreamResponse(
                     text=event.text, token_ids=event.token_ids,
                     logprobs=convert.logprobs(event.logprobs, self.state.core.loaded.tokenizer),
-                    request_id=stream.request.request_id, adapter_id=stream.request.adapter_id,
+                    request_id=stream.request.request_id, **convert.served_by(stream.request),
                 )
                 if event.finished:
                     result = stream.result(0)

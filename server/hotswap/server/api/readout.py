@@ -27,7 +27,7 @@ async def results(state: ServerState, requests: list[GenerateRequest], timeout: 
     core = state.ready()
     events: asyncio.Queue[StreamEvent] = asyncio.Queue()
     notify = state.event_pump(core).notifier(events)
-    submitted = asyncio.get_running_loop().run_in_executor(TOKENIZER_POOL, _submit_all, core, requests, notify, fields)
+    submitted = asyncio.get_running_loop().run_in_executor(TOKENIZER_POOL, submit_all, core, requests, fields, notify)
     try:
         streams = await asyncio.shield(submitted)
     except asyncio.CancelledError:
@@ -49,9 +49,14 @@ async def results(state: ServerState, requests: list[GenerateRequest], timeout: 
             for s in streams:
                 core.cancel(s)
     if failure is not None:
-        raise _renamed(failure, fields) if isinstance(failure, HotswapError) else Unavailable(f"the request failed: {failure}")
+        raise failed(failure, fields)
     # every row's last event reached its stream before this queue: results are complete
     return [s.result(0) for s in streams], streams[0].request.adapter_id
+
+
+def failed(error: BaseException, fields: dict[str, str]) -> HotswapError:
+    """A failed row's error as the caller is told it (fields in the caller's names)."""
+    return _renamed(error, fields) if isinstance(error, HotswapError) else Unavailable(f"the request failed: {error}")
 
 
 def _renamed(error: HotswapError, fields: dict[str, str]) -> HotswapError:
@@ -59,9 +64,10 @@ def _renamed(error: HotswapError, fields: dict[str, str]) -> HotswapError:
     return error
 
 
-def _submit_all(core: ServingCore, requests: list[GenerateRequest], notify: Callable[[StreamEvent], None],
-                fields: dict[str, str]) -> list[RequestStream]:
-    """Tokenizer thread: submit every row or none (a refused one cancels those already queued)."""
+def submit_all(core: ServingCore, requests: list[GenerateRequest], fields: dict[str, str],
+               notify: Callable[[StreamEvent], None] | None = None) -> list[RequestStream]:
+    """Submit every row or none (a refused one cancels those already queued). Tokenises:
+    call it off the event loop."""
     streams: list[RequestStream] = []
     if len(requests) > 1 and requests[0].prompt_ids is None:  # Score: the prompt is tokenised once for all candidates
         try:

@@ -34,8 +34,12 @@ class PagedKVCache:
                  device: torch.device, dtype: torch.dtype) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+        # On CPU the pages are touched now (zeros, not empty): the server holds its KV budget from
+        # the start, so its memory does not creep up for minutes as traffic reaches block after
+        # block, and a node too small for the budget fails here rather than mid-request.
+        alloc = torch.zeros if device.type == "cpu" else torch.empty
+        self.keys = alloc(shape, device=device, dtype=dtype)
+        self.values = alloc(shape, device=device, dtype=dtype)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

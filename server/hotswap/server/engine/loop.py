@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 
 from ..errors import HotswapError, ResourceExhausted, Unavailable
 from .engine import Engine
+from .host_memory import PeriodicTrim
 from .request import FinishReason, GenerateRequest, GenerateResult, StreamEvent
 from .row import Row
 from .scheduler import SchedulerOutput
@@ -222,11 +223,15 @@ class EngineLoop:
                     log.exception("step listener failed")
 
     def _run(self) -> None:
+        trim, busy = PeriodicTrim(), False
         while not self._stopping:
             self._drain_inbox()
             if not self.engine.has_work:
                 self._deliver()
                 self._publish(None)
+                if busy:  # the batch just emptied: give back what its steps freed
+                    trim(force=True)
+                    busy = False
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -239,6 +244,8 @@ class EngineLoop:
                 continue
             self._deliver()
             self._publish(out)
+            busy = True
+            trim()
             if out.empty:
                 # Everything waiting is blocked on an adapter load; sleep until it lands.
                 self._wake.wait(0.01)

@@ -65,8 +65,8 @@ def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | Non
 def process_and_sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
     generators: list[torch.Generator | None],
     stochastic: list[int] | None = None,
     shared: torch.Generator | None = None,
@@ -74,7 +74,8 @@ def process_and_sample(
     """logits [B, V] (penalties already applied) -> next token ids [B].
 
     Rows with temperature 0 are greedy; the others (`stochastic`, their indices, read from
-    `temperature` when not given) are scaled, filtered and drawn."""
+    `temperature` when not given) are scaled, filtered and drawn. `top_k` / `top_p` None:
+    no row filters that way (skips a [B, V] sort and its transient memory)."""
     greedy = logits.argmax(dim=-1)
     if stochastic is None:
         stochastic = (temperature > 0).nonzero().squeeze(1).tolist()
@@ -85,8 +86,10 @@ def process_and_sample(
         shared.seed()
     idx = torch.tensor(stochastic, device=logits.device)
     sub = logits.index_select(0, idx).float() / temperature.index_select(0, idx)[:, None]
-    sub = apply_top_k(sub, top_k.index_select(0, idx))
-    sub = apply_top_p(sub, top_p.index_select(0, idx))
+    if top_k is not None:
+        sub = apply_top_k(sub, top_k.index_select(0, idx))
+    if top_p is not None:
+        sub = apply_top_p(sub, top_p.index_select(0, idx))
     drawn = exponential_race(sub.softmax(dim=-1), [generators[i] for i in stochastic], shared)
     return greedy.index_put((idx,), drawn)
 
@@ -121,9 +124,10 @@ def sample_step(logits: torch.Tensor, temperature: list[float], top_k: list[int]
     if stochastic:
         idx = torch.tensor(stochastic, device=dev)
         sub = torch.nan_to_num(scores.index_select(0, idx))
+        ks, ps = [top_k[i] for i in stochastic], [top_p[i] for i in stochastic]
         drawn = process_and_sample(sub, torch.tensor([temperature[i] for i in stochastic], device=dev),
-                                   torch.tensor([top_k[i] for i in stochastic], device=dev),
-                                   torch.tensor([top_p[i] for i in stochastic], device=dev),
+                                   torch.tensor(ks, device=dev) if any(k > 0 for k in ks) else None,
+                                   torch.tensor(ps, device=dev) if any(p < 1 for p in ps) else None,
                                    [generators[i] for i in stochastic], list(range(len(stochastic))), shared)
         tokens = tokens.index_put((idx,), drawn)
     cols = [tokens.double()[:, None], finite.double()[:, None]]
