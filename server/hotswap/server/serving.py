@@ -14,6 +14,7 @@ from .adapters.validate import BaseShape
 from .adapters.weights import Adapter
 from .config import AdapterCacheConfig, EngineConfig, ModelConfig
 from .engine.engine import Engine
+from .engine.host_memory import bound_cpu_kernel_caches
 from .engine.loop import EngineLoop, RequestStream
 from .engine.request import GenerateRequest, GenerateResult, StreamEvent, check_lora_controls
 from .errors import InvalidArgument
@@ -50,6 +51,7 @@ class ServingCore:
         cache_cfg: AdapterCacheConfig | None = None,
         registry: AdapterRegistry | None = None,
     ) -> "ServingCore":
+        bound_cpu_kernel_caches()  # before the model's first matmul
         return cls(load_base_model(model_cfg), engine_cfg, cache_cfg, registry)
 
     def _load_from_store(self, adapter_id: str) -> Adapter:

@@ -1,14 +1,25 @@
-"""Handing freed host memory back to the operating system.
+"""Keeping the server's host memory flat.
 
 glibc keeps freed heap memory for reuse; per-step tensors of a few MiB (logits
 [rows, vocab], sampling scratch) land in its arenas and their high-water mark
 would otherwise stay in the server's RSS for good. `malloc_trim` returns the
-unused part. Elsewhere (musl, macOS) this is a no-op."""
+unused part. Elsewhere (musl, macOS) this is a no-op.
+
+On CPU, oneDNN (primitive cache) and ideep (LRU cache) keep one compiled kernel
+per matmul shape, a fraction of a MiB each, 1,024 entries apiece by default. The
+packed forward meets a new token count most steps, so under varied traffic those
+caches grow for minutes (measured in bench/RESULTS.md, load test 18:19)."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import time
+
+CPU_KERNEL_CACHE_ENTRIES = 512
+"""Per cache. Half the libraries' default: half the memory they can reach (~360
+rather than ~790 MiB in a micro-benchmark of server-like shapes, ~5% slower there;
+~300 MiB less RSS for 2.5% fewer tokens/s in the 10-minute load test)."""
 
 _libc = None
 try:
@@ -35,3 +46,10 @@ class PeriodicTrim:
         if force or now - self._last >= self.interval:
             self._last = now
             release_free_memory()
+
+
+def bound_cpu_kernel_caches(entries: int = CPU_KERNEL_CACHE_ENTRIES) -> None:
+    """Cap oneDNN's and ideep's per-shape kernel caches unless the environment already
+    does. Both libraries read the variable at their first matmul: call this before it."""
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(entries))
