@@ -97,6 +97,15 @@ def test_chat_and_text_completions_match_grpc(server, oai):
             got = oai.completions.create(model=model, prompt="the quick brown fox", max_tokens=NEW, temperature=0,
                                          extra_body={"ignore_eos": True})
             assert got.choices[0].text == want.text and got.usage.total_tokens == want.prompt_tokens + NEW
+        # lora_scale (an extension, sent in extra_body) as gRPC's; refused for the base, naming the field
+        want = c.generate(messages=MESSAGES, adapter="lora", lora_scale=0.5, max_new_tokens=NEW, ignore_eos=True)
+        got = oai.chat.completions.create(model="lora", messages=MESSAGES, max_tokens=NEW, temperature=0,
+                                          extra_body={"ignore_eos": True, "lora_scale": 0.5})
+        assert got.choices[0].message.content == want.text
+        assert want.token_ids != c.generate(messages=MESSAGES, adapter="lora", max_new_tokens=NEW, ignore_eos=True).token_ids
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.completions.create(model="llama", prompt="hi", max_tokens=2, extra_body={"lora_scale": 0.5})
+        assert _error(e)["param"] == "lora_scale" and "adapter" in _error(e)["message"]
         # the adapter changes the answer (else the comparison above would prove little)
         assert c.generate(messages=MESSAGES, max_new_tokens=NEW, ignore_eos=True).token_ids != \
             c.generate(messages=MESSAGES, adapter=server.adapter, max_new_tokens=NEW, ignore_eos=True).token_ids

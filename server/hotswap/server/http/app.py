@@ -74,7 +74,8 @@ def build_app(state: ServerState, base_name: str) -> FastAPI:
     async def run(request: Request, body: ChatCompletionRequest | CompletionRequest, requests: list[GenerateRequest],
                   fields: dict[str, str], per_prompt: int, chat: bool) -> Response:
         core = state.ready()
-        prepare = convert.prepare(body.model, base_name, fill_max_tokens=body.new_tokens is None)
+        prepare = convert.prepare(body.model, base_name, fill_max_tokens=body.new_tokens is None,
+                                  lora_scale=1.0 if body.lora_scale is None else body.lora_scale)
         try:
             gens = await completions.start_all(state, requests, prepare)
         except HotswapError as e:

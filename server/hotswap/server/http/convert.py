@@ -50,9 +50,9 @@ def completion_requests(body: CompletionRequest) -> list[GenerateRequest]:
     return out
 
 
-def prepare(model: str, base_name: str, fill_max_tokens: bool) -> Prepare:
+def prepare(model: str, base_name: str, fill_max_tokens: bool, lora_scale: float = 1.0) -> Prepare:
     """What runs on the tokeniser thread before submit: `model` → the adapter it names
-    ("" for the base), and an unset max_tokens → all the room the context leaves."""
+    ("" for the base) with its `lora_scale`, and an unset max_tokens → all the room the context leaves."""
 
     def run(core: ServingCore, request: GenerateRequest) -> GenerateRequest:
         adapter_id = ""
@@ -61,7 +61,7 @@ def prepare(model: str, base_name: str, fill_max_tokens: bool) -> Prepare:
                 adapter_id = core.resolve(model)
             except (NotFound, InvalidArgument):
                 raise NotFound(f"no base model or adapter named {shown(model)} (GET /v1/models lists them)", field="model") from None
-        request = dataclasses.replace(request, adapter_id=adapter_id)
+        request = dataclasses.replace(request, adapter_id=adapter_id, lora_scale=lora_scale)  # checked here, with the adapter
         return _fill_max_tokens(core, request) if fill_max_tokens else request
 
     return run

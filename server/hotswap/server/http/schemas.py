@@ -41,6 +41,8 @@ class _Body(BaseModel):
     top_k: StrictInt | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     ignore_eos: StrictBool = False
+    # hotswap's: the named LoRA adapter's delta scaled for this request (PEFT's set_scale), as gRPC's lora_scale
+    lora_scale: float | None = Field(None, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _supported(self) -> "_Body":
