@@ -29,6 +29,12 @@ class HotswapError(Exception):
         return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "…"
 
 
+def renamed(error: HotswapError, fields: dict[str, str]) -> HotswapError:
+    """`error` with its field as the caller's API names it (`fields`: the engine's name → the caller's)."""
+    error.field = fields.get(error.field, error.field)
+    return error
+
+
 class InvalidArgument(HotswapError):
     code = "INVALID_ARGUMENT"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable, TypeVar
 
 from ..engine.loop import RequestStream
 from ..engine.request import GenerateRequest, StreamEvent
@@ -22,6 +22,7 @@ TOKENIZER_POOL = ThreadPoolExecutor(1, thread_name_prefix="hotswap-tokenize")
 """Prompts are tokenised here, one at a time, never on the event loop."""
 
 Prepare = Callable[["ServingCore", GenerateRequest], GenerateRequest]
+T = TypeVar("T")
 
 
 class Generation:
@@ -67,13 +68,18 @@ async def start(state: ServerState, request: GenerateRequest, prepare: Prepare |
     def submit() -> RequestStream:
         return core.submit(prepare(core, request) if prepare else request, notify)
 
+    return Generation(state, core, await submit_off_loop(submit, core.cancel), queue)
+
+
+async def submit_off_loop(submit: Callable[[], T], drop: Callable[[T], None]) -> T:
+    """Run `submit` (it tokenises and enqueues) on TOKENIZER_POOL. If the caller leaves
+    meanwhile, what it enqueued is handed to `drop` once the thread is done with it."""
     submitted = asyncio.get_running_loop().run_in_executor(TOKENIZER_POOL, submit)
     try:
-        stream = await asyncio.shield(submitted)
-    except asyncio.CancelledError:  # the caller left while its prompt was being tokenised: drop the row it became
-        submitted.add_done_callback(lambda f: None if f.cancelled() or f.exception() else core.cancel(f.result()))
+        return await asyncio.shield(submitted)
+    except asyncio.CancelledError:
+        submitted.add_done_callback(lambda f: None if f.cancelled() or f.exception() else drop(f.result()))
         raise
-    return Generation(state, core, stream, queue)
 
 
 def failure(event: StreamEvent) -> HotswapError | None:

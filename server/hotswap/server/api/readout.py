@@ -1,7 +1,7 @@
 """Classify and Score as a network caller runs them: prefill-only rows submitted together,
 waited for together, failed together.
 
-Like generation.py, submitting (which tokenises) runs on TOKENIZER_POOL and events arrive
+Like generation.py, submitting (which tokenises) runs on its TOKENIZER_POOL and events arrive
 through the state's StepEventPump; a caller that leaves cancels every row of its call."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Callable
 
 from ..engine.loop import RequestStream
 from ..engine.request import GenerateRequest, GenerateResult, StreamEvent
-from ..errors import DeadlineExceeded, HotswapError, Unavailable
-from .generation import TOKENIZER_POOL
+from ..errors import DeadlineExceeded, HotswapError, Unavailable, renamed
+from .generation import submit_off_loop
 
 if TYPE_CHECKING:
     from ..serving import ServingCore
@@ -27,12 +27,8 @@ async def results(state: ServerState, requests: list[GenerateRequest], timeout: 
     core = state.ready()
     events: asyncio.Queue[StreamEvent] = asyncio.Queue()
     notify = state.event_pump(core).notifier(events)
-    submitted = asyncio.get_running_loop().run_in_executor(TOKENIZER_POOL, submit_all, core, requests, fields, notify)
-    try:
-        streams = await asyncio.shield(submitted)
-    except asyncio.CancelledError:
-        submitted.add_done_callback(lambda f: None if f.cancelled() or f.exception() else [core.cancel(s) for s in f.result()])
-        raise
+    streams = await submit_off_loop(lambda: submit_all(core, requests, fields, notify),
+                                    lambda queued: [core.cancel(s) for s in queued])
     state.inflight += 1
     left, failure = len(streams), None
     try:
@@ -56,12 +52,7 @@ async def results(state: ServerState, requests: list[GenerateRequest], timeout: 
 
 def failed(error: BaseException, fields: dict[str, str]) -> HotswapError:
     """A failed row's error as the caller is told it (fields in the caller's names)."""
-    return _renamed(error, fields) if isinstance(error, HotswapError) else Unavailable(f"the request failed: {error}")
-
-
-def _renamed(error: HotswapError, fields: dict[str, str]) -> HotswapError:
-    error.field = fields.get(error.field, error.field)
-    return error
+    return renamed(error, fields) if isinstance(error, HotswapError) else Unavailable(f"the request failed: {error}")
 
 
 def submit_all(core: ServingCore, requests: list[GenerateRequest], fields: dict[str, str],
@@ -75,7 +66,7 @@ def submit_all(core: ServingCore, requests: list[GenerateRequest], fields: dict[
         except HotswapError as e:
             if e.field == "continuation":  # its size is checked with the prompt's
                 e.field = "candidates[0]"
-            raise _renamed(e, fields) from None
+            raise renamed(e, fields) from None
         fields = {**fields, "prompt_ids": "messages" if requests[0].messages is not None else "prompt"}
         requests = [dataclasses.replace(r, prompt=None, messages=None, prompt_ids=ids) for r in requests]
     try:
@@ -85,7 +76,7 @@ def submit_all(core: ServingCore, requests: list[GenerateRequest], fields: dict[
             except HotswapError as e:
                 if e.field == "continuation":  # the i-th candidate of a Score call
                     e.field = f"candidates[{i}]"
-                raise _renamed(e, fields) from None
+                raise renamed(e, fields) from None
     except BaseException:
         for s in streams:
             core.cancel(s)

@@ -21,10 +21,8 @@ CPU_KERNEL_CACHE_ENTRIES = 512
 rather than ~790 MiB in a micro-benchmark of server-like shapes, ~5% slower there;
 ~300 MiB less RSS for 2.5% fewer tokens/s in the 10-minute load test)."""
 
-_libc = None
 try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    _trim = _libc.malloc_trim
+    _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
 except (OSError, AttributeError):
     _trim = None

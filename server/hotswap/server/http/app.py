@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..api.state import ServerState
 from ..engine.request import GenerateRequest
-from ..errors import HotswapError, NotFound, Unauthenticated, shown
+from ..errors import HotswapError, NotFound, Unauthenticated, renamed, shown
 from . import completions, convert, errors
 from .schemas import ChatCompletionRequest, CompletionRequest
 
@@ -79,7 +79,7 @@ def build_app(state: ServerState, base_name: str) -> FastAPI:
         try:
             gens = await completions.start_all(state, requests, prepare)
         except HotswapError as e:
-            raise convert.renamed(e, fields) from None
+            raise renamed(e, fields) from None
         shape = completions.Shape(chat, body.model, core.loaded.tokenizer, body.engine_logprobs is not None, core.loaded.fingerprint)
         if body.stream:
             def count(e: HotswapError) -> None:
@@ -89,7 +89,7 @@ def build_app(state: ServerState, base_name: str) -> FastAPI:
         try:
             return JSONResponse(await completions.whole(request, gens, shape, per_prompt))
         except HotswapError as e:
-            raise convert.renamed(e, fields) from None
+            raise renamed(e, fields) from None
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):

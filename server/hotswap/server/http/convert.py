@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..api.generation import Prepare
 from ..engine.request import FinishReason, GenerateRequest, SamplingParams, TokenLogprob
-from ..errors import HotswapError, InvalidArgument, NotFound, shown
+from ..errors import InvalidArgument, NotFound, shown
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 if TYPE_CHECKING:
@@ -18,11 +18,6 @@ FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", Fini
 # The engine's field names → the ones the caller sent.
 CHAT_FIELDS = {"max_new_tokens": "max_tokens", "logprobs": "top_logprobs", "adapter_id": "model"}
 COMPLETION_FIELDS = {"max_new_tokens": "max_tokens", "adapter_id": "model", "prompt_ids": "prompt"}
-
-
-def renamed(e: HotswapError, fields: dict[str, str]) -> HotswapError:
-    e.field = fields.get(e.field, e.field)
-    return e
 
 
 def _sampling(body: ChatCompletionRequest | CompletionRequest, logprobs: int | None, choice: int) -> SamplingParams:
