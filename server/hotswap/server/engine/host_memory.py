@@ -17,8 +17,8 @@ import os
 import time
 
 CPU_KERNEL_CACHE_ENTRIES = 512
-"""Per cache. Half the libraries' default: half the memory they can reach (~360
-rather than ~790 MiB in a micro-benchmark of server-like shapes, ~5% slower there;
+"""Per cache. Half the libraries' default: half the memory they can reach (369
+rather than 791 MiB on bench/kernel_cache_memory.py's server mix, no slower there;
 ~300 MiB less RSS for 2.5% fewer tokens/s in the 10-minute load test)."""
 
 try:
