@@ -236,3 +236,16 @@ def test_out_of_memory_ends_only_the_row_that_does_not_fit(llama):
     assert "out of device memory" in str(results[1].error)
     for p, r in zip((PROMPTS[0], PROMPTS[1]), (results[0], results[2])):
         assert r.error is None and r.token_ids == reference(llama, None, p)[0]
+
+
+def test_engines_built_one_after_another_on_one_loaded_model_serve_alike(tiny_checkpoints):
+    """The first engine leaves its paged attention selected on the model; the next one still probes
+    against the model's own attention (it failed with a KeyError), and answers the same."""
+    loaded = load_base_model(ModelConfig(source=str(tiny_checkpoints["llama"]), dtype="float32", device="cpu"))
+    answers = []
+    for _ in range(2):
+        with ServingCore(loaded, EngineConfig(max_batch_size=4, max_seq_len=64)) as core:
+            assert core.engine.runner.layout.paged
+            answers.append(core.generate(GenerateRequest(prompt_ids=[5, 6, 7, 8], params=SamplingParams(max_new_tokens=6)), timeout=60))
+    assert answers[0].error is None and answers[0].token_ids == answers[1].token_ids
+    assert answers[0].token_ids == reference(tiny_checkpoints["llama"], None, [5, 6, 7, 8], new=6)[0]

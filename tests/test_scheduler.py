@@ -49,7 +49,7 @@ def step(s: Scheduler, next_token: int = 7):
 
 def test_admits_up_to_max_batch_size_in_arrival_order():
     s = scheduler(max_batch_size=3)
-    rows = [row(5) for _ in range(5)]
+    rows = [row(5, first=100 * i) for i in range(5)]  # different prompts: nothing shared to wait for
     for r in rows:
         s.add(r)
     out = step(s)
@@ -228,3 +228,42 @@ def test_more_lora_adapters_than_slots_wait_for_a_free_slot():
     again = row(3, new=2, adapter=lora("a2@1"))
     s.add(again)
     assert step(s).lora_loads == []  # already in a slot: no copy
+
+
+def test_rows_sharing_a_prompt_wait_for_its_blocks_and_cached_rows_go_first():
+    """Cache-aware admission: a row whose next block another row is computing waits for it
+    (one computes a shared prompt, the others read it), and once cached, rows that reuse
+    it pass older rows that would compute everything."""
+    s = scheduler(max_batch_size=8, max_tokens_per_step=32)
+    shared = list(range(1, 25))  # 6 blocks
+    first, copy_a, copy_b = (row(0) for _ in range(3))
+    for r in (first, copy_a, copy_b):
+        r.prompt_ids[:] = shared + [99]
+    other = row(25, first=500)  # arrives before the copies, shares nothing
+    s.add(first), s.add(other), s.add(copy_a), s.add(copy_b)
+    out = step(s)  # 32 tokens: first (25) + a chunk of other; the copies wait for first's blocks
+    assert [x.row for x in out.scheduled] == [first, other] and list(s.waiting) == [copy_a, copy_b]
+    out = step(s)  # first decodes, other finishes its prompt, the copies read 6 cached blocks and compute 1 token each
+    assert [(x.row, x.start, x.num_tokens) for x in out.scheduled][2:] == [(copy_a, 24, 1), (copy_b, 24, 1)]
+    assert s.kv.stats.hits == 48
+
+
+def test_cached_rows_go_first_but_a_passed_over_row_is_not_starved():
+    from hotswap.server.engine.scheduler import MAX_BYPASS
+    s = scheduler(max_batch_size=1, max_tokens_per_step=64, blocks=256)
+    warm = row(20, new=1)
+    s.add(warm)
+    step(s)
+    s.finish(warm)  # its 5 blocks stay cached
+    old = row(20, new=1, first=700)  # nothing cached
+    s.add(old)
+    for i in range(MAX_BYPASS + 1):  # one row a step; a new row that reuses the cached prompt arrives each step
+        hit = row(0, new=1)
+        hit.prompt_ids[:] = warm.prompt_ids + [1000 + i]
+        s.add(hit)
+        admitted = [x.row for x in step(s).scheduled]
+        for r in list(s.running):
+            s.finish(r)
+        if old in admitted:
+            break
+    assert old in admitted and old.bypassed == MAX_BYPASS and i == MAX_BYPASS

@@ -2,7 +2,8 @@
 hotswap-server with its tuner worker and the server's default dtype: the identity set of
 clients/python/examples/identity_data.py (40 chat examples) trained by every method with
 DEFAULT hyperparameters. Each adapter answers held-out paraphrases with the identity
-(LoRA 5 of 5, the others at least 4), answers no unrelated control question with it, and
+(LoRA 5 of 5, the others at least 4), answers no unrelated control question with it (served
+alone; in the mixed batches an answer may leave the adapter's own only at a bf16 near-tie), and
 the base model, served in the same batches, answers exactly as before any training.
 One job per method, trained once for the module; the assertions share them."""
 from __future__ import annotations
@@ -27,9 +28,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # five default-model
 
 
 BF16_TIE = 0.25
-"""nats: the widest gap between the base's top two tokens that batch composition may flip. The default dtype here
+"""nats: the widest gap between a model's top two tokens that batch composition may flip. The default dtype here
 is bf16, whose matmuls round differently at different batch sizes, and its logits come in steps of 0.125 here, so
-ties are common: base-only batches flip 5 of these 10 answers the same way. Exactness is the fp32 fidelity tests' job."""
+ties are common: base-only batches flip 5 of these 10 answers the same way, and an adapter's answer to a control
+question can sit at such a tie between a plain answer and its trained identity. Exactness is the fp32 fidelity
+tests' job."""
 
 
 def ask(c: Client, adapter: str, **kw):
@@ -59,18 +62,23 @@ def trained(default_model_cache, tmp_path_factory):
         for m, job in done.items():
             assert job.state == "succeeded", (m, job.error_message)
         adapters = ["", *[done[m].adapter_id for m in METHODS]]
+        alone = {m: ask(c, done[m].adapter_id, logprobs=5) for m in METHODS}  # each request alone in its batch
         with ThreadPoolExecutor(len(adapters)) as ex:  # every adapter and the base, in the same batches
             answers = dict(zip(["", *METHODS], ex.map(lambda a: ask(c, a, **({} if a else {"logprobs": 5})), adapters)))
-    return {"base_alone": base_alone, "answers": answers, "jobs": done, "events": events}
+    return {"base_alone": base_alone, "alone": alone, "answers": answers, "jobs": done, "events": events}
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_default_hyperparameters_teach_the_identity_and_nothing_else(trained, method):
     out = [g.text for g in trained["answers"][method]]
     hits = [has_identity(a) for a in out[:len(PARAPHRASES)]]
-    leaks = [q for q, a in zip(CONTROLS, out[len(PARAPHRASES):]) if has_identity(a)]
     assert sum(hits) >= BAR.get(method, 4), list(zip(PARAPHRASES, out))
-    assert not leaks, list(zip(CONTROLS, out[len(PARAPHRASES):]))
+    alone, batched = trained["alone"][method][len(PARAPHRASES):], trained["answers"][method][len(PARAPHRASES):]
+    leaks = {q: a.text for q, a in zip(CONTROLS, alone) if has_identity(a.text)}
+    assert not leaks, leaks
+    # in the mixed batches, a leak counts unless the answer left the adapter's own only at a near-tie
+    leaks = {q: (b.text, same_up_to_ties(a, b)) for q, a, b in zip(CONTROLS, alone, batched) if has_identity(b.text) and same_up_to_ties(a, b)}
+    assert not leaks, leaks
     job = trained["jobs"][method]
     # nothing was given: every choice is the tuner's, recorded in the job
     assert {"learning_rate", "epochs", "batch_size", "warmup_ratio", "base_protection"} <= set(job.plan.automatic)

@@ -24,6 +24,7 @@ from hotswap.v1 import inference_pb2
 
 from .adapters.registry import AdapterRegistry
 from .api import convert, readout
+from .api.offload import off_loop
 from .engine.request import GenerateRequest, GenerateResult
 from .errors import HotswapError, InvalidArgument
 from .options import options_from_dict
@@ -66,7 +67,7 @@ class HotswapReplica:
 
         async def lease(adapter_id: str) -> AdapterLease:
             resolved = core.resolve(adapter_id)
-            await asyncio.to_thread(core.adapters.load, resolved, True)  # pinned while leased
+            await off_loop(core.adapters.load, resolved, True)  # pinned while leased; a serial thread (cpu_threads.py)
             return AdapterLease(core, resolved)
 
         # Built per replica (not as a class decorator) so the bound is a deployment argument.

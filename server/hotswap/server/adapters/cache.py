@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..config import AdapterCacheConfig
+from ..cpu_threads import serial
 from ..errors import HotswapError, InvalidArgument, ResourceExhausted
 from .weights import Adapter
 
@@ -54,7 +55,7 @@ class AdapterCache:
         self._failures: dict[str, HotswapError] = {}
         self._stats = CacheStats()
         self._lock = threading.Condition()
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="hotswap-adapter-load")
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="hotswap-adapter-load", initializer=serial)
 
     # -- the engine's calls (non-blocking) -------------------------------------
     def acquire(self, adapter_id: str) -> Adapter | None:

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -23,6 +24,7 @@ from hotswap.tuner.jobs import JobStore
 from hotswap.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc, tuner_pb2, tuner_pb2_grpc
 
 from ..adapters.registry import AdapterRegistry
+from ..cpu_threads import serial
 from ..engine.request import GenerateRequest, SamplingParams
 from ..metrics import Metrics
 from ..model.sources import model_name
@@ -112,6 +114,8 @@ class Server:
         return core
 
     async def run(self) -> int:
+        # asyncio.to_thread / run_in_executor(None) threads live as long as the loop: serial (cpu_threads.py).
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(thread_name_prefix="hotswap-default", initializer=serial))
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
         if self.http is not None:

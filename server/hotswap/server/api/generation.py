@@ -10,6 +10,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, AsyncIterator, Callable, TypeVar
 
+from ..cpu_threads import serial
 from ..engine.loop import RequestStream
 from ..engine.request import GenerateRequest, StreamEvent
 from ..errors import DeadlineExceeded, HotswapError, Unavailable
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from ..serving import ServingCore
     from .state import ServerState
 
-TOKENIZER_POOL = ThreadPoolExecutor(1, thread_name_prefix="hotswap-tokenize")
+TOKENIZER_POOL = ThreadPoolExecutor(1, thread_name_prefix="hotswap-tokenize", initializer=serial)
 """Prompts are tokenised here, one at a time, never on the event loop."""
 
 Prepare = Callable[["ServingCore", GenerateRequest], GenerateRequest]

@@ -12,9 +12,11 @@ import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
+from ..cpu_threads import serial
+
 T = TypeVar("T")
 
-BLOCKING_POOL = ThreadPoolExecutor(4, thread_name_prefix="hotswap-blocking")
+BLOCKING_POOL = ThreadPoolExecutor(4, thread_name_prefix="hotswap-blocking", initializer=serial)
 
 
 async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

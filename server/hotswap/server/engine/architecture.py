@@ -140,13 +140,19 @@ def _probe_own(model: PreTrainedModel, ids: torch.Tensor, num_layers: int) -> tu
     return _geometry(shapes, num_layers)
 
 
+OWN_ATTENTION = "_hotswap_own_attention"
+"""Attribute on a probed model: its attention implementation before any engine selected the paged one."""
+
+
 @torch.inference_mode()
 def probe_attention(model: PreTrainedModel) -> AttentionLayout:
     """Leaves the model on the paged attention when it can take it, else on its own attention;
     raises ModelLoadError naming the architecture when neither path can serve it exactly."""
     num_layers = model.config.get_text_config().num_hidden_layers
     ids = torch.arange(1, PROBE_TOKENS + 1, device=model.device)[None]  # [1, PROBE_TOKENS]
-    original = model.config._attn_implementation
+    # The model's own attention, also when an earlier engine on this model left ours selected.
+    original = getattr(model, OWN_ATTENTION, None) or model.config._attn_implementation
+    setattr(model, OWN_ATTENTION, original)
     paged = _probe_paged(model, ids, num_layers)
     if not isinstance(paged, str):
         mismatch = _verify_paged(model, paged, num_layers, original)

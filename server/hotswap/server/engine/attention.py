@@ -5,9 +5,11 @@ The model sees one packed sequence of all rows' new tokens ([1, num_tokens]).
 Each layer writes its new keys/values into the cache slots the scheduler gave
 them, then every query token attends to its own row's positions 0..p (or the
 sliding window) read straight from the row's blocks, in one paged-attention call
-for the whole batch. The native CPU kernel wins at every chunk length
-(bench/bench_kernels.py); on the torch path a long prompt chunk goes through SDPA
-over its row's gathered blocks instead, where a dense kernel's matrix products win."""
+for the whole batch. A long prompt chunk may go through SDPA over its row's
+gathered blocks instead, where a dense kernel's matrix products win: always on the
+torch path, and on the native path from the chunk length `dense_threshold` measures
+at load on this machine (on AVX-512 without AMX the native kernel won at every
+length; with AMX, torch's SDPA halves a 4,000-token prefill)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,6 +26,8 @@ ATTENTION_NAME = "hotswap_paged"
 BATCH_KWARG = "hotswap_attention"
 DENSE_MIN_TOKENS = 32
 """On the torch path, chunks of at least this many query tokens use SDPA over gathered blocks."""
+DENSE_CANDIDATES = (32, 64, 128, 256, 512)
+"""Chunk lengths `dense_threshold` times, each over a context of 1,024 keys before it."""
 
 
 @dataclass
@@ -117,9 +121,48 @@ def dense_chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     mask = k_pos <= q_pos  # [n, keys]
     if window:
         mask &= k_pos > q_pos - window
+    # A chunk that starts its row is plain causal attention: SDPA's fused causal kernel, no mask.
+    causal = lo == 0 and start == 0 and not window
     o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                       attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+                                       attn_mask=None if causal else mask, is_causal=causal, scale=scale,
+                                       enable_gqa=q.shape[1] != k.shape[1])
     return o[0].transpose(0, 1)
+
+
+@torch.inference_mode()
+def dense_threshold(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                    block_size: int, reps: int = 3) -> int | None:
+    """The shortest chunk (of DENSE_CANDIDATES) for which SDPA over gathered blocks beats the native
+    paged kernel here, timed on random data in the model's geometry; None when it never does."""
+    import time
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ctx = 1024 + DENSE_CANDIDATES[-1]
+    blocks = -(-ctx // block_size)
+    k_cache = torch.randn(blocks, block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
+    v_cache = torch.randn(blocks, block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
+    table = torch.arange(blocks, dtype=torch.int32, device=device)
+    scale = head_dim ** -0.5
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    for n in DENSE_CANDIDATES:
+        q = torch.randn(n, heads, head_dim, generator=gen).to(device, dtype)
+        out = torch.empty_like(q)
+        rows = torch.zeros(n, dtype=torch.int32, device=device)
+        positions = torch.arange(1024, 1024 + n, dtype=torch.int32, device=device)
+        native = best(lambda: kernels.paged_attention(out, q, k_cache, v_cache, table[None], rows, positions, scale, 0, backend="native"))
+        dense = best(lambda: dense_chunk_attention(q, k_cache, v_cache, table, 1024, scale, 0))
+        if dense < native:
+            return n
+    return None
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from ..cpu_threads import use_threads
 from ..errors import HotswapError, ResourceExhausted, Unavailable
 from .engine import Engine
 from .host_memory import PeriodicTrim
@@ -223,6 +224,7 @@ class EngineLoop:
                     log.exception("step listener failed")
 
     def _run(self) -> None:
+        use_threads()  # the process's one thread with parallel regions (cpu_threads.py)
         trim, busy = PeriodicTrim(), False
         while not self._stopping:
             self._drain_inbox()

@@ -45,6 +45,8 @@ class Row:
     lora_slot: int = -1
     """Device LoRA slot while running with a LoRA adapter, else -1."""
     num_preemptions: int = 0
+    bypassed: int = 0
+    """Steps in which later rows were admitted ahead of this waiting one (scheduler's cache-aware order)."""
     admitted_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None

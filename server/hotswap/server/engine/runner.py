@@ -19,12 +19,13 @@ from ..config import EngineConfig
 from ..errors import ModelLoadError
 from . import kernels, readout
 from .architecture import probe_attention
-from .attention import BATCH_KWARG, AttentionBatch
+from .attention import BATCH_KWARG, DENSE_MIN_TOKENS, AttentionBatch, dense_threshold
 from .head import check_final_logits, decoder_of, final_logit_transform
 from .inputs import build_inputs
 from .kv_cache import PagedKVCache, default_kv_cache_bytes
 from .lora import LoraStep, attach_lora
 from .own_attention import forward_rows
+from .packed_linears import can_pack, pack_linears
 from .readout import ForwardOutput
 from .scheduler import ScheduledRow
 from .token_tables import embed_rows, head_logits
@@ -54,6 +55,8 @@ class ModelRunner:
         self.context_length = int(getattr(text, "max_position_embeddings", 0) or 0)
         self.backend = resolve_backend(cfg.attention_backend, self.device)
         self.block_size = cfg.block_size
+        self.dense_min_tokens = self._dense_min_tokens(text)
+        """Prompt chunks of at least this many tokens attend through SDPA (attention.py); None: never."""
         self.lora = attach_lora(self.model, cfg.max_loras, self.device, self.dtype)
         self.decoder = decoder_of(self.model)
         self.embed = self.model.get_input_embeddings()
@@ -61,6 +64,9 @@ class ModelRunner:
         self.final = final_logit_transform(self.model)
         check_final_logits(self.model, self.final)
         self.cache: PagedKVCache | None = None
+        # Last: the load-time checks above compare the model's own forward with the engine's.
+        self.packed_linears, self.packed_bytes = (pack_linears(self.model, cfg.max_batch_size)
+                                                  if cfg.prepack_linears and can_pack(self.device, self.dtype) else (0, 0))
 
     def allocate_cache(self, budget_bytes: int, max_blocks: int, reserved: int = 0) -> int:
         """Allocate the paged cache within `budget_bytes` (0 = the device default, leaving
@@ -73,6 +79,16 @@ class ModelRunner:
         self.cache = PagedKVCache(self.num_layers, num_blocks, self.block_size, self.kv_heads, self.head_dim, self.device, self.dtype)
         return num_blocks
 
+    def _dense_min_tokens(self, text) -> int | None:
+        if self.backend == "torch":
+            return DENSE_MIN_TOKENS
+        if not self.layout.paged:
+            return None
+        heads = int(getattr(text, "num_attention_heads", 0) or 0)
+        if heads <= 0 or heads % self.kv_heads:
+            return None
+        return dense_threshold(heads, self.kv_heads, self.head_dim, self.dtype, self.device, self.block_size)
+
     def load_lora(self, slot: int, weights: LoraWeights) -> None:
         self.lora.slots.load(slot, weights)
 
@@ -82,7 +98,7 @@ class ModelRunner:
         """Logits [rows that sample, vocab] (float32) in scheduled order, and what the
         prefill-only rows read from the same forward (readout.read)."""
         dev = self.device
-        step = build_inputs(scheduled, self.block_size, dense_chunks=self.backend == "torch")
+        step = build_inputs(scheduled, self.block_size, self.dense_min_tokens)
         positions = step.positions.to(dev)
         embeds = self._embeddings(scheduled, step.ids.to(dev), step.first)  # [num_tokens, hidden]
         self._copy_prefixes(scheduled)

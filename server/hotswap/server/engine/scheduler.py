@@ -3,11 +3,17 @@ tested without a model.
 
 Every step spends a token budget: first one token for each decoding row, then
 chunks of prompts (a long prompt is spread over several steps, so decoding rows
-never stall behind it), then new rows in arrival order. A row needs KV blocks
-for what it computes; when the pool runs dry the newest running row is
-preempted — its blocks are freed and it is recomputed later — so the cache never
-runs out of memory. A new row starts from the longest prefix of its tokens
-already cached for its adapter."""
+never stall behind it), then new rows. A row needs KV blocks for what it
+computes; when the pool runs dry the newest running row is preempted — its
+blocks are freed and it is recomputed later — so the cache never runs out of
+memory. A new row starts from the longest prefix of its tokens already cached
+for its adapter.
+
+New rows are admitted cache-aware (SGLang's longest-prefix-match order, with
+aging): among the first waiting rows, those with more of their prompt cached go
+first, since they cost a fraction of their length; and a row whose next block
+another row is computing waits for it instead of computing it again. A row
+passed over MAX_BYPASS times goes first, so nothing waits forever."""
 from __future__ import annotations
 
 from collections import deque
@@ -26,6 +32,12 @@ from .row import Row
 
 if TYPE_CHECKING:
     from ..adapters.cache import AdapterCache
+
+ORDER_WINDOW = 128
+"""Waiting rows looked up in the prefix cache each step to order admission (SGLang falls back to
+arrival order past a similar queue length: the lookups are per row and step)."""
+MAX_BYPASS = 32
+"""Steps a waiting row may be passed over by later rows with more cached before it goes first."""
 
 
 @dataclass
@@ -152,8 +164,31 @@ class Scheduler:
             budget -= n
             i += 1
         if not out.preempted:  # the pool is dry: admitting now would only preempt again
+            computing |= self._pending_keys()
+            self._cache_aware_order()
             self._admit(out, budget, prompts, computing)
         return out
+
+    def _pending_keys(self) -> set[bytes]:
+        """Prefix-cache keys of the prompt blocks running rows have yet to compute."""
+        keys: set[bytes] = set()
+        for row in self.running:
+            if self.kv.caching and row.num_computed < row.compute_from:
+                keys.update(self.kv.new_block_keys(row, row.compute_from))
+        return keys
+
+    def _cache_aware_order(self) -> None:
+        """Reorder the first ORDER_WINDOW waiting rows: rows passed over MAX_BYPASS times first (in
+        arrival order), then by cached prompt tokens, most first; ties keep arrival order."""
+        if not self.kv.caching or len(self.waiting) < 2:
+            return
+        window = [self.waiting.popleft() for _ in range(min(len(self.waiting), ORDER_WINDOW))]
+        cached = [len(self.kv.cached_prefix(r)) if r.adapter is not None or not r.adapter_ids else 0 for r in window]
+        order = sorted(range(len(window)), key=lambda i: (window[i].bypassed < MAX_BYPASS, -cached[i], i))
+        for place, i in enumerate(order):
+            if place > i:  # a later row went ahead of it
+                window[i].bypassed += 1
+        self.waiting.extendleft(reversed([window[i] for i in order]))
 
     def observe(self, out: SchedulerOutput, seconds: float) -> None:
         """The engine's wall time for the step `out` described (paces the next prompt chunks)."""
@@ -190,9 +225,9 @@ class Scheduler:
                 skipped.append(row)
                 continue
             hits = self.kv.cached_prefix(row)
-            if row.request.task is Task.SCORE and self.kv.first_missing_key(row, hits) in computing:
-                # the candidates of one Score call arrive together: one computes the shared prompt's
-                # blocks, the others wait a step and read them from the prefix cache
+            if self.kv.first_missing_key(row, hits) in computing:
+                # another row is computing this row's next block (requests sharing a system prompt, the
+                # candidates of one Score call): wait for it and read it from the prefix cache
                 skipped.append(row)
                 continue
             copy_from = len(hits) * self.kv.block_size

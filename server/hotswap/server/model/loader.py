@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..cpu_threads import in_passing_thread
 from ..config import ModelConfig
 from ..errors import ModelLoadError
 from ..hardware import resolve_device, resolve_dtype
@@ -83,7 +84,14 @@ def fingerprint(checkpoint: Path) -> str:
 
 def load_base_model(cfg: ModelConfig, model_class=AutoModelForCausalLM, **model_kwargs) -> LoadedModel:
     """`model_class` / `model_kwargs`: the tuner loads the same base with a classification head
-    (AutoModelForSequenceClassification, num_labels=...), same weights, dtype and quantization."""
+    (AutoModelForSequenceClassification, num_labels=...), same weights, dtype and quantization.
+
+    Loads on a thread of its own that ends with the load, so the caller's thread keeps no
+    OpenMP pool that would slow the engine's (cpu_threads.py)."""
+    return in_passing_thread(_load, cfg, model_class, **model_kwargs)
+
+
+def _load(cfg: ModelConfig, model_class, **model_kwargs) -> LoadedModel:
     checkpoint = resolve_checkpoint(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)

@@ -1,0 +1,70 @@
+"""bf16 linears on CPU run with weights packed once (engine/packed_linears.py): the same
+numbers as torch's own F.linear, the same tokens through the engine with LoRA, DoRA,
+prompt and prefix rows in one batch, and nothing changes for fp32 (the reference)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from hotswap.server.config import EngineConfig, ModelConfig
+from hotswap.server.engine.packed_linears import can_pack, pack_linears
+from hotswap.server.engine.request import GenerateRequest, SamplingParams
+from hotswap.server.model.loader import load_base_model
+from hotswap.server.serving import ServingCore
+from peft_fixtures import save_adapter
+
+pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="this CPU has no oneDNN bf16 path")
+
+
+def test_a_packed_linear_computes_what_f_linear_does():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 160), nn.Linear(160, 96, bias=False)).to(torch.bfloat16)
+    plain = [(m.weight.clone(), None if m.bias is None else m.bias.clone()) for m in model]
+    assert pack_linears(model, batch_hint=16) == (2, 2 * 96 * 160 * 2)
+    assert pack_linears(model, batch_hint=16)[0] == 2  # a second engine on the same model packs nothing again
+    with torch.inference_mode():
+        for shape in [(1, 96), (7, 96), (64, 96), (1, 33, 96)]:
+            x = torch.randn(shape, dtype=torch.bfloat16)
+            for m, (w, b) in zip(model, plain):
+                want = nn.functional.linear(x, w, b)
+                assert torch.equal(m(x), want), shape  # small batches: the very same kernel result
+                x = want
+        x = torch.randn(300, 96, dtype=torch.bfloat16)  # a prefill-sized batch may block the sums differently
+        torch.testing.assert_close(model[0](x), nn.functional.linear(x, *plain[0]), rtol=2e-2, atol=2e-2)
+    x = torch.randn(4, 96, dtype=torch.bfloat16, requires_grad=True)  # training on the model: torch's own path
+    model[0](x).sum().backward()
+    assert x.grad is not None
+
+
+def test_fp32_models_are_not_packed():
+    assert not can_pack(torch.device("cpu"), torch.float32)
+    model = nn.Linear(8, 8)
+    assert pack_linears(model, 4) == (0, 0) and "forward" not in vars(model)
+
+
+def test_engine_tokens_are_the_same_packed_or_not(tiny_checkpoints, tmp_path):
+    """A mixed batch of LoRA, DoRA, prompt-tuning, prefix and base rows in bf16: greedy tokens
+    and log-probs with packed linears equal those with torch's F.linear."""
+    ckpt = tiny_checkpoints["llama"]
+    kinds = ["lora", "dora", "prompt_random", "prefix"]
+    paths = {k: save_adapter(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), k, tmp_path / k, seed=i)
+             for i, k in enumerate(kinds)}
+    gen = torch.Generator().manual_seed(3)
+    jobs = [(a, torch.randint(3, 400, (n,), generator=gen).tolist()) for a, n in zip(kinds + ["", "lora"], [5, 9, 3, 12, 7, 30])]
+    params = SamplingParams(max_new_tokens=8, logprobs=0)
+    results = {}
+    for packed in (True, False):
+        loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="bfloat16", device="cpu"))
+        with ServingCore(loaded, EngineConfig(max_batch_size=8, max_seq_len=128, prepack_linears=packed)) as core:
+            assert (core.engine.runner.packed_linears > 0) == packed
+            for k, p in paths.items():
+                core.register_adapter(k, p)
+            streams = [core.submit(GenerateRequest(prompt_ids=p, adapter_id=a, params=params)) for a, p in jobs]
+            results[packed] = [s.result(timeout=120) for s in streams]
+    for a, b in zip(results[True], results[False]):
+        assert a.error is None and b.error is None
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor([lp.logprob for lp in a.logprobs]), torch.tensor([lp.logprob for lp in b.logprobs]),
+                                   rtol=0, atol=2e-2)
