@@ -25,12 +25,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from hotswap.server.config import AdapterCacheConfig, EngineConfig, ModelConfig
+from hotswap.server.cpu_threads import in_passing_thread, serial
+from hotswap.server.engine.packed_linears import can_pack
 from hotswap.server.engine.request import GenerateRequest, SamplingParams
 from hotswap.server.model.loader import load_base_model
 from hotswap.server.serving import ServingCore
 
 from adapters import adapter_set
-from machine import cpu_name, gemm_bound
+from machine import cpu_name, gemm_bound, model_order_pass
 
 HERE = Path(__file__).parent
 QUESTIONS = [
@@ -134,6 +136,32 @@ def peft_one_at_a_time(peft: PeftModel, jobs, new_tokens: int, pad: int) -> floa
     return tokens / (time.monotonic() - t0)
 
 
+def baselines(args, loaded, lora_paths, ids, base_jobs, lora_jobs) -> tuple[float, dict, dict]:
+    """transformers' batched generate and the GEMM bound on the base, and (with --peft) PEFT's
+    rates per LoRA workload: {(set name, distinct): (one at a time, mixed batch)}."""
+    n, T, pad = args.requests, args.new_tokens, loaded.tokenizer.pad_token_id
+    hf = hf_model(loaded.checkpoint_dir, args.quantization, loaded.dtype)
+    hf_base = hf_batched(hf, base_jobs, T, pad, batch=n)
+    bound = gemm_bound(hf, n, loaded.dtype)
+    bound["model_order"] = model_order_pass(hf, n, loaded.dtype)
+    if can_pack(torch.device("cpu"), loaded.dtype) and args.quantization == "none":
+        bound["model_order_packed"] = model_order_pass(hf, n, loaded.dtype, packed=True)
+    rates = {}
+    if args.peft and "lora" in (set(args.only.split(",")) if args.only else {"lora"}):
+        for name, paths in lora_paths.items():
+            peft = PeftModel.from_pretrained(hf, paths[0], adapter_name=ids[name][0])
+            for adapter_id, p in zip(ids[name][1:], paths[1:]):
+                peft.load_adapter(p, adapter_name=adapter_id)
+            peft.eval()
+            for distinct in (1, 16, 64):
+                jobs = lora_jobs[name, distinct]
+                rates[name, distinct] = (peft_one_at_a_time(peft, jobs[: args.one_at_a_time], T, pad),
+                                         hf_batched(peft, jobs, T, pad, batch=n, mixed=True))
+            hf = peft.unload()  # back to the plain base for the next set
+            del peft
+    return hf_base, bound, rates
+
+
 # -- workloads -----------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,6 +177,7 @@ def main() -> None:
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else {"lora", "mixed", "poisson", "many"}
     torch.manual_seed(0)
+    serial()  # this thread only submits and registers; the engine's thread computes (cpu_threads.py)
     n, T = args.requests, args.new_tokens
     loaded = load_base_model(ModelConfig(quantization=args.quantization))
     lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} — engine throughput, {args.quantization} ({loaded.dtype}), {n} requests × {T} new tokens",
@@ -161,7 +190,7 @@ def main() -> None:
         print(s, flush=True)
         lines.append(s)
 
-    tok, pad = loaded.tokenizer, loaded.tokenizer.pad_token_id
+    tok = loaded.tokenizer
     ckpt = loaded.checkpoint_dir
     fp32_base = lambda: AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)  # noqa: E731
     work = args.workdir
@@ -169,56 +198,52 @@ def main() -> None:
         "attention r16": ("lora-attn", [16]),
         "all-linear r8/16/32": ("lora", [8, 16, 32]),
     }
-    lora_paths = {name: adapter_set(fp32_base, work, kind, 64, ranks) for name, (kind, ranks) in lora_sets.items()}
+    # Everything but the engine runs on threads that end before the engine starts: libgomp
+    # slows every OpenMP pool once two long-lived threads hold one (server/hotswap/server/cpu_threads.py),
+    # which would slow the engine and the baselines alike. So the baselines run first.
+    lora_paths = in_passing_thread(lambda: {name: adapter_set(fp32_base, work, kind, 64, ranks) for name, (kind, ranks) in lora_sets.items()})
+    ids = {name: [f"lora{set_no}-{i}" for i in range(len(paths))] for set_no, (name, paths) in enumerate(lora_paths.items())}
+    ps = prompts(tok, n)
+    base_jobs = [("", p) for p in ps]
+    lora_jobs = {(name, distinct): [(ids[name][i % distinct], p) for i, p in enumerate(ps)]
+                 for name in lora_paths for distinct in (1, 16, 64)}
+    hf_base, bound, peft_rates = in_passing_thread(baselines, args, loaded, lora_paths, ids, base_jobs, lora_jobs)
+
     engine_cfg = EngineConfig(max_batch_size=64, max_loras=64, kv_cache_bytes=2 * 2**30)
     core = ServingCore(loaded, engine_cfg, AdapterCacheConfig(device_bytes=8 * 2**30, host_bytes=16 * 2**30))
-    ids = {}
-    for set_no, (name, paths) in enumerate(lora_paths.items()):
-        ids[name] = [f"lora{set_no}-{i}" for i in range(len(paths))]
+    for name, paths in lora_paths.items():
         for adapter_id, p in zip(ids[name], paths):
             core.register_adapter(adapter_id, p)
             core.adapters.load(core.resolve(adapter_id))  # steady state: already active (cold loads are measured below)
-    ps = prompts(tok, n)
-    base_jobs = [("", p) for p in ps]
     engine_run(core, base_jobs[:4], 4)  # warm-up
     base = engine_run(core, base_jobs, T)["tok_s"]
-
-    hf = hf_model(ckpt, args.quantization, loaded.dtype)
-    hf_base = hf_batched(hf, base_jobs, T, pad, batch=n)
-    bound = gemm_bound(hf, n, loaded.dtype)
     log("| workload | hotswap tok/s | baseline | baseline tok/s | ratio |\n|---|---|---|---|---|")
     log(f"| base only | {base:.0f} | transformers batched generate (batch {n}) | {hf_base:.0f} | {base / hf_base:.2f}× |")
     log(f"| base only | {base:.0f} | GEMM bound: the model's linears at batch {n} ({bound['gflops']:.0f} GFLOP/s) | {bound['tok_s']:.0f} | {base / bound['tok_s']:.0%} |")
+    for key, how in (("model_order", "F.linear"), ("model_order_packed", "weights prepacked as the engine runs them")):
+        if key in bound:
+            order = bound[key]
+            log(f"| base only | {base:.0f} | the model's linears once each, in model order, {how} (weights from memory; "
+                f"{order['seconds'] * 1e3:.1f} ms per pass) | {order['tok_s']:.0f} | {base / order['tok_s']:.0%} |")
     targets += [("base only vs transformers batched generate", base / hf_base, "≥ 2.0×", base / hf_base >= 2.0),
                 ("base only, fraction of the GEMM bound", base / bound["tok_s"], "≥ 50%", base / bound["tok_s"] >= 0.5)]
 
     if "lora" in only:
-        for name, paths in lora_paths.items():
-            peft = None
-            if args.peft:
-                peft = PeftModel.from_pretrained(hf, paths[0], adapter_name=ids[name][0])
-                for adapter_id, p in zip(ids[name][1:], paths[1:]):
-                    peft.load_adapter(p, adapter_name=adapter_id)
-                peft.eval()
+        for name in lora_paths:
             for distinct in (1, 16, 64):
-                jobs = [(ids[name][i % distinct], p) for i, p in enumerate(ps)]
-                ours = engine_run(core, jobs, T)["tok_s"]
+                ours = engine_run(core, lora_jobs[name, distinct], T)["tok_s"]
                 label = f"{distinct} LoRA ({name})"
                 log(f"| {label} | {ours:.0f} | hotswap base only | {base:.0f} | {ours / base:.2f}× |")
-                if peft is not None:
-                    one = peft_one_at_a_time(peft, jobs[: args.one_at_a_time], T, pad)
-                    mixed = hf_batched(peft, jobs, T, pad, batch=n, mixed=True)
+                if (name, distinct) in peft_rates:
+                    one, mixed = peft_rates[name, distinct]
                     log(f"| {label} | {ours:.0f} | PEFT one at a time | {one:.0f} | {ours / one:.2f}× |")
                     log(f"| {label} | {ours:.0f} | PEFT mixed batch (adapter_names) | {mixed:.0f} | {ours / mixed:.2f}× |")
                 if distinct == 64 and name.startswith("all-linear"):
                     targets.append(("64 distinct all-linear LoRA r8–32 vs own base only", ours / base, "≥ 0.85×", ours / base >= 0.85))
-            if peft is not None:
-                hf = peft.unload()  # back to the plain base for the next set
-                del peft
 
     if "mixed" in only:
-        prompt_paths = adapter_set(fp32_base, work, "prompt", 8, [8, 16])
-        prefix_paths = adapter_set(fp32_base, work, "prefix", 8, [8, 16])
+        prompt_paths = in_passing_thread(adapter_set, fp32_base, work, "prompt", 8, [8, 16])
+        prefix_paths = in_passing_thread(adapter_set, fp32_base, work, "prefix", 8, [8, 16])
         for i, p in enumerate(prompt_paths):
             core.register_adapter(f"prompt-{i}", p)
         for i, p in enumerate(prefix_paths):
@@ -243,7 +268,7 @@ def main() -> None:
     core.close()
 
     if "many" in only and args.many:
-        many_paths = adapter_set(fp32_base, work, "lora-qv", args.many, [8, 16, 24, 32, 40, 48, 56, 64])
+        many_paths = in_passing_thread(adapter_set, fp32_base, work, "lora-qv", args.many, [8, 16, 24, 32, 40, 48, 56, 64])
         sizes = [p.stat().st_size for p in (q / "adapter_model.safetensors" for q in many_paths)]
         device_budget = 24 * statistics.mean(sizes)  # bf16 on device is half the fp32 file: ~48 adapters fit
         core = ServingCore(loaded, engine_cfg, AdapterCacheConfig(device_bytes=int(device_budget), host_bytes=int(4 * device_budget)))

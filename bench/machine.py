@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hotswap.server.cpu_threads import COMPUTE_THREADS
+
 
 def cpu_name() -> str:
     """e.g. "AMD EPYC (avx512_bf16, amx: no), 2 threads"."""
@@ -22,7 +24,7 @@ def cpu_name() -> str:
     flags = set(re.search(r"flags\s*:\s*(.+)", info)[1].split()) if "flags" in info else set()
     ext = "avx512_bf16" if "avx512_bf16" in flags else "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
     amx = "amx" if "amx_bf16" in flags else "no amx"
-    return f"{name[1].strip() if name else platform.processor() or platform.machine()} ({ext}, {amx}), {torch.get_num_threads()} threads"
+    return f"{name[1].strip() if name else platform.processor() or platform.machine()} ({ext}, {amx}), {COMPUTE_THREADS} threads"
 
 
 def _time(fn, reps: int) -> float:
@@ -51,3 +53,22 @@ def gemm_bound(model: nn.Module, batch: int, dtype: torch.dtype, reps: int = 20)
         seconds += count * _time(lambda: torch.nn.functional.linear(x, w), reps)
         flops += count * 2 * fan_in * fan_out
     return {"seconds": seconds, "flops_per_token": flops, "tok_s": batch / seconds, "gflops": flops * batch / seconds / 1e9}
+
+
+@torch.inference_mode()
+def model_order_pass(model: nn.Module, batch: int, dtype: torch.dtype, reps: int = 10, packed: bool = False) -> dict:
+    """Seconds one pass over the model's own linear weights takes at `batch` tokens, each weight
+    once and in the model's order: what a decode step's matmuls cost when the weights (hundreds of
+    MB) come from memory rather than from the cache gemm_bound's repeated shape keeps them in; and
+    the tokens/s that caps. packed: with each weight packed once for oneDNN, as the engine runs bf16
+    on CPU (engine/packed_linears.py), instead of torch's F.linear."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    inputs = {m.in_features: torch.randn(batch, m.in_features, dtype=dtype) for m in linears}
+    if packed:
+        weights = [torch.ops.mkldnn._reorder_linear_weight(m.weight, batch) for m in linears]
+        run = lambda: [torch.ops.mkldnn._linear_pointwise(inputs[m.in_features], w, None, "none", [], "")  # noqa: E731
+                       for m, w in zip(linears, weights)]
+    else:
+        run = lambda: [torch.nn.functional.linear(inputs[m.in_features], m.weight) for m in linears]  # noqa: E731
+    seconds = _time(run, reps)
+    return {"seconds": seconds, "tok_s": batch / seconds}
