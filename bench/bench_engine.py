@@ -136,7 +136,7 @@ def peft_one_at_a_time(peft: PeftModel, jobs, new_tokens: int, pad: int) -> floa
     return tokens / (time.monotonic() - t0)
 
 
-def baselines(args, loaded, lora_paths, ids, base_jobs, lora_jobs) -> tuple[float, dict, dict]:
+def baselines(args, only: set[str], loaded, lora_paths, ids, base_jobs, lora_jobs) -> tuple[float, dict, dict]:
     """transformers' batched generate and the GEMM bound on the base, and (with --peft) PEFT's
     rates per LoRA workload: {(set name, distinct): (one at a time, mixed batch)}."""
     n, T, pad = args.requests, args.new_tokens, loaded.tokenizer.pad_token_id
@@ -147,7 +147,7 @@ def baselines(args, loaded, lora_paths, ids, base_jobs, lora_jobs) -> tuple[floa
     if can_pack(torch.device("cpu"), loaded.dtype) and args.quantization == "none":
         bound["model_order_packed"] = model_order_pass(hf, n, loaded.dtype, packed=True)
     rates = {}
-    if args.peft and "lora" in (set(args.only.split(",")) if args.only else {"lora"}):
+    if args.peft and "lora" in only:
         for name, paths in lora_paths.items():
             peft = PeftModel.from_pretrained(hf, paths[0], adapter_name=ids[name][0])
             for adapter_id, p in zip(ids[name][1:], paths[1:]):
@@ -207,7 +207,7 @@ def main() -> None:
     base_jobs = [("", p) for p in ps]
     lora_jobs = {(name, distinct): [(ids[name][i % distinct], p) for i, p in enumerate(ps)]
                  for name in lora_paths for distinct in (1, 16, 64)}
-    hf_base, bound, peft_rates = in_passing_thread(baselines, args, loaded, lora_paths, ids, base_jobs, lora_jobs)
+    hf_base, bound, peft_rates = in_passing_thread(baselines, args, only, loaded, lora_paths, ids, base_jobs, lora_jobs)
 
     engine_cfg = EngineConfig(max_batch_size=64, max_loras=64, kv_cache_bytes=2 * 2**30)
     core = ServingCore(loaded, engine_cfg, AdapterCacheConfig(device_bytes=8 * 2**30, host_bytes=16 * 2**30))

@@ -200,7 +200,8 @@ def main() -> None:
     log(f"\nOne {args.long_tokens}-token prompt: hotswap time to first token {lp['ours']:.2f}s; transformers forward "
         f"(logits of the last position only) {lp['theirs']:.2f}s — {lp['ours'] / lp['theirs']:.2f}× its time.")
     rss = lp["rss"]
-    # The packed copy of the bf16 weights (engine/packed_linears.py) is weights, not KV: counted apart.
+    # A packed copy of the bf16 weights this engine made (engine/packed_linears.py) is weights, not KV: counted
+    # apart. (An earlier engine on the same model may have packed them already: then it is in "before engine".)
     grown = rss[f"after the {args.long_tokens}-token requests"] - rss["before engine"] - lp["packed"]
     log("\nResident memory: " + "; ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in rss.items())
         + f". KV budget {lp['kv_budget'] / 2**20:.0f} MiB; the engine added {grown / 2**20:.0f} MiB besides "

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hotswap.server.cpu_threads import COMPUTE_THREADS
+from hotswap.server.engine.packed_linears import pack_weight, packed_linear
 
 
 def cpu_name() -> str:
@@ -65,9 +66,8 @@ def model_order_pass(model: nn.Module, batch: int, dtype: torch.dtype, reps: int
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     inputs = {m.in_features: torch.randn(batch, m.in_features, dtype=dtype) for m in linears}
     if packed:
-        weights = [torch.ops.mkldnn._reorder_linear_weight(m.weight, batch) for m in linears]
-        run = lambda: [torch.ops.mkldnn._linear_pointwise(inputs[m.in_features], w, None, "none", [], "")  # noqa: E731
-                       for m, w in zip(linears, weights)]
+        weights = [pack_weight(m.weight, batch) for m in linears]
+        run = lambda: [packed_linear(inputs[m.in_features], w, None) for m, w in zip(linears, weights)]  # noqa: E731
     else:
         run = lambda: [torch.nn.functional.linear(inputs[m.in_features], m.weight) for m in linears]  # noqa: E731
     seconds = _time(run, reps)

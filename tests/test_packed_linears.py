@@ -23,7 +23,7 @@ def test_a_packed_linear_computes_what_f_linear_does():
     model = nn.Sequential(nn.Linear(96, 160), nn.Linear(160, 96, bias=False)).to(torch.bfloat16)
     plain = [(m.weight.clone(), None if m.bias is None else m.bias.clone()) for m in model]
     assert pack_linears(model, batch_hint=16) == (2, 2 * 96 * 160 * 2)
-    assert pack_linears(model, batch_hint=16)[0] == 2  # a second engine on the same model packs nothing again
+    assert pack_linears(model, batch_hint=16) == (2, 0)  # a second engine on the same model packs nothing again
     with torch.inference_mode():
         for shape in [(1, 96), (7, 96), (64, 96), (1, 33, 96)]:
             x = torch.randn(shape, dtype=torch.bfloat16)

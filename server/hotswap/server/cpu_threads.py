@@ -27,11 +27,6 @@ COMPUTE_THREADS = torch.get_num_threads()
 (OMP_NUM_THREADS, else the cores this process may use), read before any helper went serial."""
 
 
-def threads_now() -> int:
-    """The intra-op thread count the calling thread uses (torch keeps it per thread)."""
-    return torch.get_num_threads()
-
-
 def use_threads(n: int = COMPUTE_THREADS) -> None:
     """For the engine's thread: parallel regions on this thread use `n` threads."""
     torch.set_num_threads(max(1, n))

@@ -12,6 +12,7 @@ at load on this machine (on AVX-512 without AMX the native kernel won at every
 length; with AMX, torch's SDPA halves a 4,000-token prefill)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -134,8 +135,6 @@ def dense_threshold(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype
                     block_size: int, reps: int = 3) -> int | None:
     """The shortest chunk (of DENSE_CANDIDATES) for which SDPA over gathered blocks beats the native
     paged kernel here, timed on random data in the model's geometry; None when it never does."""
-    import time
-
     gen = torch.Generator(device="cpu").manual_seed(0)
     ctx = 1024 + DENSE_CANDIDATES[-1]
     blocks = -(-ctx // block_size)

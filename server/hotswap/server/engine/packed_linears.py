@@ -28,6 +28,17 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def pack_weight(weight: torch.Tensor, batch_hint: int) -> torch.Tensor:
+    """A bf16 [out, in] weight in oneDNN's blocked layout (an opaque mkldnn tensor), chosen for
+    `batch_hint` tokens (any count works)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] bf16 on CPU -> [..., out]: F.linear with a weight from pack_weight."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class _PackedForward:
     """Replaces one nn.Linear's forward: x [..., in] -> [..., out], as F.linear. Anything but
     bf16 CPU inference (a caller training on the same model, another dtype) takes F.linear."""
@@ -39,22 +50,22 @@ class _PackedForward:
         lin = self.linear
         if x.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.is_grad_enabled():
             return nn.functional.linear(x, lin.weight, lin.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, lin.bias, "none", [], "")
+        return packed_linear(x, self.packed, lin.bias)
 
 
 @torch.no_grad()
 def pack_linears(model: nn.Module, batch_hint: int) -> tuple[int, int]:
     """Pack every bf16 nn.Linear of `model` (once: a model shared by several engines is packed
-    by the first); returns how many linears run packed and the bytes their packed weights take.
-    `batch_hint`: the token count the blocked layout is chosen for (any count works)."""
+    by the first); returns how many linears run packed and the bytes this call added (0 when an
+    earlier engine packed them). `batch_hint`: the token count the layout is chosen for."""
     packed = nbytes = 0
     for m in model.modules():
         if type(m) is not nn.Linear or m.weight.dtype != torch.bfloat16 or m.weight.device.type != "cpu":
             continue
         if not hasattr(m, _PACKED):
-            weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch_hint)  # opaque blocked layout
+            weight = pack_weight(m.weight, batch_hint)
             setattr(m, _PACKED, weight)
             m.forward = _PackedForward(m, weight)
+            nbytes += m.weight.numel() * m.weight.element_size()
         packed += 1
-        nbytes += m.weight.numel() * m.weight.element_size()
     return packed, nbytes

@@ -65,6 +65,7 @@ class ModelRunner:
         check_final_logits(self.model, self.final)
         self.cache: PagedKVCache | None = None
         # Last: the load-time checks above compare the model's own forward with the engine's.
+        # packed_bytes: what this engine's packing added (an earlier engine on the model may have packed it).
         self.packed_linears, self.packed_bytes = (pack_linears(self.model, cfg.max_batch_size)
                                                   if cfg.prepack_linears and can_pack(self.device, self.dtype) else (0, 0))
 

@@ -16,6 +16,7 @@ another row is computing waits for it instead of computing it again. A row
 passed over MAX_BYPASS times goes first, so nothing waits forever."""
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -164,31 +165,40 @@ class Scheduler:
             budget -= n
             i += 1
         if not out.preempted:  # the pool is dry: admitting now would only preempt again
-            computing |= self._pending_keys()
-            self._cache_aware_order()
+            if self.kv.caching and budget > 0 and len(self.running) < self.cfg.max_batch_size:
+                computing |= self._pending_keys()
+                self._cache_aware_order()
+            first = len(out.scheduled)
             self._admit(out, budget, prompts, computing)
+            if self.kv.caching:
+                self._count_bypasses(out.scheduled[first:])
         return out
 
     def _pending_keys(self) -> set[bytes]:
         """Prefix-cache keys of the prompt blocks running rows have yet to compute."""
         keys: set[bytes] = set()
         for row in self.running:
-            if self.kv.caching and row.num_computed < row.compute_from:
+            if row.num_computed < row.compute_from:
                 keys.update(self.kv.new_block_keys(row, row.compute_from))
         return keys
 
     def _cache_aware_order(self) -> None:
         """Reorder the first ORDER_WINDOW waiting rows: rows passed over MAX_BYPASS times first (in
         arrival order), then by cached prompt tokens, most first; ties keep arrival order."""
-        if not self.kv.caching or len(self.waiting) < 2:
+        if len(self.waiting) < 2:
             return
         window = [self.waiting.popleft() for _ in range(min(len(self.waiting), ORDER_WINDOW))]
         cached = [len(self.kv.cached_prefix(r)) if r.adapter is not None or not r.adapter_ids else 0 for r in window]
         order = sorted(range(len(window)), key=lambda i: (window[i].bypassed < MAX_BYPASS, -cached[i], i))
-        for place, i in enumerate(order):
-            if place > i:  # a later row went ahead of it
-                window[i].bypassed += 1
         self.waiting.extendleft(reversed([window[i] for i in order]))
+
+    def _count_bypasses(self, admitted: list[ScheduledRow]) -> None:
+        """A waiting row (among those the order looks at) that a row arriving after it was admitted
+        ahead of this step counts a bypass (row keys grow in arrival order)."""
+        newest = max((s.row.key for s in admitted), default=-1)
+        for row in itertools.islice(self.waiting, ORDER_WINDOW):
+            if row.key < newest:
+                row.bypassed += 1
 
     def observe(self, out: SchedulerOutput, seconds: float) -> None:
         """The engine's wall time for the step `out` described (paces the next prompt chunks)."""
