@@ -1,7 +1,6 @@
 """Real adapters, created and saved by PEFT itself, with non-zero random weights."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch

@@ -22,7 +22,7 @@ from hotswap.server.model.loader import load_base_model
 from hotswap.server.serving import ServingCore
 from peft_fixtures import save_adapter
 from test_engine_fidelity import reference, run_in_waves
-from tiny_archs import ARCHS, WINDOW
+from tiny_archs import ARCHS
 
 NEW = 6
 KINDS = {"lora": "lora", "prompt": "prompt_random", "ptuning": "ptuning", "prefix": "prefix"}

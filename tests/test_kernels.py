@@ -289,6 +289,27 @@ def test_native_lora_matches_reference(needs_native, dtype, IN, OUT, pattern):
 
 # ---- dispatch, fallback, build cache, torch.compile ----------------------------------
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D", [576, 100, 7])
+@pytest.mark.parametrize("weight_first", [False, True])
+def test_native_rms_norm_matches_reference(needs_native, dtype, D, weight_first):
+    """Row lengths off the 16-lane grid, both rounding orders: the same values as the eager formula
+    up to the order of the mean's fp32 sum (nearly every output bit-equal)."""
+    gen = torch.Generator().manual_seed(D)
+    x = (torch.randn(37, D, generator=gen) * 3).to(dtype)
+    w = torch.randn(D, generator=gen).to(dtype)
+    want = reference.rms_norm(x, w, 1e-6, weight_first)
+    got = kernels.rms_norm(x, w, 1e-6, weight_first, backend="native")
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype != torch.float32:
+        assert (got == want).float().mean() > 0.999
+    step = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 2**-20}[dtype]
+    assert ((got.float() - want.float()).abs() <= want.float().abs() * step + 1e-6).all()
+    rows = torch.randn(5, 3, D, generator=gen).to(dtype)[:, 1]  # strided rows: the op takes [..., D] views
+    torch.testing.assert_close(kernels.rms_norm(rows, w, 1e-6, weight_first, backend="native"),
+                               reference.rms_norm(rows, w, 1e-6, weight_first), rtol=step, atol=1e-6)
+
+
 def test_backend_selection(monkeypatch):
     case = lora_case(torch.float32, 16, 16, [0, 1])
     calls = []

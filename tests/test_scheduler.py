@@ -243,8 +243,8 @@ def test_rows_sharing_a_prompt_wait_for_its_blocks_and_cached_rows_go_first():
     s.add(first), s.add(other), s.add(copy_a), s.add(copy_b)
     out = step(s)  # 32 tokens: first (25) + a chunk of other; the copies wait for first's blocks
     assert [x.row for x in out.scheduled] == [first, other] and list(s.waiting) == [copy_a, copy_b]
-    out = step(s)  # first decodes, other finishes its prompt, the copies read 6 cached blocks and compute 1 token each
-    assert [(x.row, x.start, x.num_tokens) for x in out.scheduled][2:] == [(copy_a, 24, 1), (copy_b, 24, 1)]
+    out = step(s)  # first decodes; the copies read 6 cached blocks and compute 1 token each, before other's longer rest
+    assert [(x.row, x.start, x.num_tokens) for x in out.scheduled] == [(first, 25, 1), (copy_a, 24, 1), (copy_b, 24, 1), (other, 7, 18)]
     assert s.kv.stats.hits == 48
 
 
@@ -267,3 +267,77 @@ def test_cached_rows_go_first_but_a_passed_over_row_is_not_starved():
         if old in admitted:
             break
     assert old in admitted and old.bypassed == MAX_BYPASS and i == MAX_BYPASS
+
+
+def test_running_prompts_go_shortest_remaining_first_and_short_new_rows_pass_long_prompts():
+    """Prompt work goes to the least prompt left: a long prompt part-way through waits a step for a
+    row that needs a few tokens, and of two long prompts the one nearer its end finishes first."""
+    s = scheduler(max_tokens_per_step=24, blocks=128)
+    long_a, long_b = row(60, first=100), row(60, first=300)
+    s.add(long_a), s.add(long_b)
+    out = step(s)
+    assert [(x.row, x.num_tokens) for x in out.scheduled] == [(long_a, 24)]
+    out = step(s)  # a has 36 left, b 60: a first
+    assert [(x.row, x.num_tokens) for x in out.scheduled] == [(long_a, 24)]
+    short = row(5, first=600)
+    s.add(short)
+    out = step(s)  # short (5) before a (12 left) before b (60)
+    assert [(x.row, x.num_tokens) for x in out.scheduled] == [(short, 5), (long_a, 12), (long_b, 7)]
+    out = step(s)  # short and a decode; b's prompt goes on
+    assert [(x.row, x.num_tokens) for x in out.scheduled] == [(long_a, 1), (short, 1), (long_b, 22)]
+
+
+def test_a_long_prompt_passed_over_by_short_ones_is_not_starved():
+    from hotswap.server.engine.scheduler import MAX_BYPASS
+    s = scheduler(max_tokens_per_step=64, max_batch_size=64, blocks=1024)
+    long = row(200, new=1, first=5000)
+    s.add(long)
+    step(s)  # its first 64 tokens; 136 left
+    got = []
+    for i in range(MAX_BYPASS + 2):  # each step a new 64-token prompt arrives: shorter than the long one's rest
+        s.add(row(64, new=1, first=10_000 + 100 * i))
+        out = step(s)
+        got.append(sum(x.num_tokens for x in out.scheduled if x.row is long))
+        for x in out.scheduled:
+            if x.row is not long and x.row.finish_reason is None and len(x.row.output_ids) >= 1:
+                x.row.finish_reason = "length"
+                s.finish(x.row)
+    assert got[0] == 0 and long.num_computed > 64  # passed over at first, served once passed over MAX_BYPASS times
+
+
+def test_a_prompt_chunk_never_preempts_a_row_already_scheduled_this_step():
+    """Decoding rows are scheduled before prompt chunks: when the pool is dry, an older row's
+    prompt chunk waits rather than take a newer decoding row's blocks after its token was planned."""
+    s = scheduler(max_tokens_per_step=64, blocks=6)
+    older = row(8, new=1, first=100)  # 2 blocks
+    s.add(older)
+    s.schedule()  # admitted: its first chunk is planned, not yet computed
+    older.num_computed = 4  # as though only its first block was computed
+    newer = row(11, new=8, first=300)  # 3 blocks, then a 4th once it decodes past position 12
+    s.add(newer)
+    out = step(s)
+    assert newer in s.running
+    while not out.preempted and newer in s.running:
+        out = step(s)
+        assert all(x.row in s.running or x.row.finish_reason for x in out.scheduled)
+        for p in out.preempted:
+            assert all(x.row is not p for x in out.scheduled)
+
+
+def test_a_prompt_chunk_cut_by_the_budget_ends_the_step_on_the_grid():
+    """Steps carrying part of a prompt hold a multiple of STEP_GRID tokens (CPU matmul kernels are
+    built per token count), however many rows decode; the prompt's last chunk ends where it ends."""
+    from hotswap.server.engine.scheduler import STEP_GRID
+    s = scheduler(max_tokens_per_step=100, max_batch_size=8, blocks=512)
+    decoding = [row(3, new=200, first=1000 * (i + 1)) for i in range(5)]
+    for r in decoding:
+        s.add(r)
+    step(s)
+    long = row(240, new=1, first=9000)
+    s.add(long)
+    totals = []
+    while long.num_computed < 240 and len(totals) < 10:
+        out = step(s)
+        totals.append((out.num_tokens, long.num_computed < 240))
+    assert all(n % STEP_GRID == 0 for n, cut in totals if cut) and totals[0][0] == 96
+    assert sum(n - 5 for n, _ in totals) == 240  # every prompt token computed once

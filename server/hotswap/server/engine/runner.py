@@ -20,6 +20,7 @@ from ..errors import ModelLoadError
 from . import kernels, readout
 from .architecture import probe_attention
 from .attention import BATCH_KWARG, DENSE_MIN_TOKENS, AttentionBatch, dense_threshold
+from .fused_norms import fuse_norms
 from .head import check_final_logits, decoder_of, final_logit_transform
 from .inputs import build_inputs
 from .kv_cache import PagedKVCache, default_kv_cache_bytes
@@ -68,6 +69,7 @@ class ModelRunner:
         # packed_bytes: what this engine's packing added (an earlier engine on the model may have packed it).
         self.packed_linears, self.packed_bytes = (pack_linears(self.model, cfg.max_batch_size)
                                                   if cfg.prepack_linears and can_pack(self.device, self.dtype) else (0, 0))
+        self.fused_norms = fuse_norms(self.model, self.device, self.dtype) if self.backend == "native" else 0
 
     def allocate_cache(self, budget_bytes: int, max_blocks: int, reserved: int = 0) -> int:
         """Allocate the paged cache within `budget_bytes` (0 = the device default, leaving

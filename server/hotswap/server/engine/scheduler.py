@@ -3,7 +3,10 @@ tested without a model.
 
 Every step spends a token budget: first one token for each decoding row, then
 chunks of prompts (a long prompt is spread over several steps, so decoding rows
-never stall behind it), then new rows. A row needs KV blocks for what it
+never stall behind it) and new rows, the least prompt left first (a prompt found
+in the prefix cache costs a fraction of its length; finishing one prompt before
+starting the next gives first tokens sooner), a prompt passed over MAX_BYPASS
+times before all others. A row needs KV blocks for what it
 computes; when the pool runs dry the newest running row is preempted — its
 blocks are freed and it is recomputed later — so the cache never runs out of
 memory. A new row starts from the longest prefix of its tokens already cached
@@ -39,6 +42,10 @@ ORDER_WINDOW = 128
 arrival order past a similar queue length: the lookups are per row and step)."""
 MAX_BYPASS = 32
 """Steps a waiting row may be passed over by later rows with more cached before it goes first."""
+STEP_GRID = 32
+"""A prompt chunk cut short by the step's budget ends where the step's token count is a multiple of
+this: on CPU, oneDNN builds (and caches) kernels per token count, and a pass over the default
+model's linears at a token count not seen before took 43% longer (33 vs 23 ms at ~160 tokens)."""
 
 
 @dataclass
@@ -151,28 +158,65 @@ class Scheduler:
         decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed == 1)
         prompts = PromptBudget(self.pacer, self.pacer.spare(decoding))  # paced so decoding rows are spared
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0:  # decoding rows first: one token each, oldest first
             row = self.running[i]
-            need = row.num_tokens - row.num_computed
-            n = 1 if need == 1 else prompts.take(row.num_computed, min(need, budget))
-            if n <= 0:  # a prompt chunk that has to wait for the next step
-                i += 1
-                continue
-            if not self._grow_or_preempt(row, row.num_computed + n, out):
-                break  # the row preempted itself: nothing newer is left to run
-            computing.update(self.kv.new_block_keys(row, row.num_computed + n))
-            out.scheduled.append(ScheduledRow(row, row.num_computed, n, row.num_computed))
-            budget -= n
             i += 1
-        if not out.preempted:  # the pool is dry: admitting now would only preempt again
-            if self.kv.caching and budget > 0 and len(self.running) < self.cfg.max_batch_size:
-                computing |= self._pending_keys()
-                self._cache_aware_order()
-            first = len(out.scheduled)
-            self._admit(out, budget, prompts, computing)
-            if self.kv.caching:
-                self._count_bypasses(out.scheduled[first:])
+            if row.num_tokens - row.num_computed != 1:
+                continue
+            if not self._grow_or_preempt(row, row.num_computed + 1, out):
+                break  # the row preempted itself: nothing newer is left to run
+            self._schedule(out, computing, ScheduledRow(row, row.num_computed, 1, row.num_computed))
+            budget -= 1
+        # prompt work, shortest remaining first (a prompt mostly found in the prefix cache costs a
+        # fraction of its length, and finishing one prompt before the next starts its tokens sooner)
+        chunked = sorted((r for r in self.running if r.num_tokens - r.num_computed > 1), key=self._prompt_order)
+        admitting = not out.preempted and budget > 0  # a dry pool: admitting now would only preempt again
+        if admitting and self.kv.caching and len(self.running) < self.cfg.max_batch_size:
+            computing |= self._pending_keys()
+            self._cache_aware_order()
+        admitted: list[ScheduledRow] = []
+        if admitting and chunked:  # new rows cheaper than every running prompt go before them
+            head = chunked[0]
+            budget = self._admit(out, budget, prompts, computing, admitted,
+                                 max_need=self._remaining(head) if head.bypassed < MAX_BYPASS else 0)
+        for row in chunked:
+            if budget <= 0:
+                break
+            if row not in self.running:  # preempted for a chunk before it
+                continue
+            n = prompts.peek(row.num_computed, min(self._remaining(row), budget))
+            if n <= 0:
+                break  # this step's prompt work is spent
+            n = self._on_grid(n, self._remaining(row), budget)
+            if not self._grow_for_chunk(row, row.num_computed + n, out):
+                continue
+            prompts.take(row.num_computed, n)
+            self._schedule(out, computing, ScheduledRow(row, row.num_computed, n, row.num_computed))
+            budget -= n
+        if admitting and not out.preempted:
+            budget = self._admit(out, budget, prompts, computing, admitted)
+        self._count_bypasses(out, chunked, admitted)
         return out
+
+    def _on_grid(self, n: int, need: int, budget: int) -> int:
+        """A chunk of n of a prompt's `need` tokens, cut short (n < need), shortened so the step's
+        token count ends on STEP_GRID — unless that would leave nothing."""
+        if n >= need:
+            return n
+        over = (self.cfg.max_tokens_per_step - budget + n) % STEP_GRID
+        return n - over if n > over else n
+
+    @staticmethod
+    def _remaining(row: Row) -> int:
+        return row.num_tokens - row.num_computed
+
+    def _prompt_order(self, row: Row) -> tuple[bool, int]:
+        """Rows passed over MAX_BYPASS times first, then the least prompt left (ties: admission order)."""
+        return row.bypassed < MAX_BYPASS, self._remaining(row)
+
+    def _schedule(self, out: SchedulerOutput, computing: set[bytes], s: ScheduledRow) -> None:
+        computing.update(self.kv.new_block_keys(s.row, s.end))
+        out.scheduled.append(s)
 
     def _pending_keys(self) -> set[bytes]:
         """Prefix-cache keys of the prompt blocks running rows have yet to compute."""
@@ -192,13 +236,21 @@ class Scheduler:
         order = sorted(range(len(window)), key=lambda i: (window[i].bypassed < MAX_BYPASS, -cached[i], i))
         self.waiting.extendleft(reversed([window[i] for i in order]))
 
-    def _count_bypasses(self, admitted: list[ScheduledRow]) -> None:
-        """A waiting row (among those the order looks at) that a row arriving after it was admitted
-        ahead of this step counts a bypass (row keys grow in arrival order)."""
-        newest = max((s.row.key for s in admitted), default=-1)
-        for row in itertools.islice(self.waiting, ORDER_WINDOW):
-            if row.key < newest:
-                row.bypassed += 1
+    def _count_bypasses(self, out: SchedulerOutput, chunked: list[Row], admitted: list[ScheduledRow]) -> None:
+        """A row counts a bypass when a row that arrived after it (row keys grow in arrival order) got
+        prompt work this step and it got none: waiting rows (those the admission order looks at) passed
+        by an admitted row, and running prompts passed by any prompt chunk."""
+        if admitted:
+            newest = max(s.row.key for s in admitted)
+            for row in itertools.islice(self.waiting, ORDER_WINDOW):
+                if row.key < newest:
+                    row.bypassed += 1
+        served = {s.row.key for s in out.scheduled if not s.decode}
+        if served:
+            newest = max(served)
+            for row in chunked:
+                if row.key not in served and row.key < newest and row in self.running:
+                    row.bypassed += 1
 
     def observe(self, out: SchedulerOutput, seconds: float) -> None:
         """The engine's wall time for the step `out` described (paces the next prompt chunks)."""
@@ -214,6 +266,19 @@ class Scheduler:
                 return False
         return True
 
+    def _grow_for_chunk(self, row: Row, end: int, out: SchedulerOutput) -> bool:
+        """Blocks for a prompt chunk, preempting the newest rows until they fit — but never a row
+        already scheduled this step (prompts go after decoding rows): then the chunk waits."""
+        while not self.kv.grow(row, end):
+            victim = self.running[-1]
+            if any(s.row is victim for s in out.scheduled):
+                return False
+            self.running.pop()
+            self._preempt(victim, out)
+            if victim is row:
+                return False
+        return True
+
     def _preempt(self, row: Row, out: SchedulerOutput) -> None:
         self.kv.free(row)
         self._release_slot(row)
@@ -222,9 +287,18 @@ class Scheduler:
         self.waiting.appendleft(row)
         out.preempted.append(row)
 
-    def _admit(self, out: SchedulerOutput, budget: int, prompts: "PromptBudget", computing: set[bytes]) -> None:
+    def _admit(self, out: SchedulerOutput, budget: int, prompts: PromptBudget, computing: set[bytes],
+               admitted: list[ScheduledRow], max_need: int | None = None) -> int:
+        """Admit waiting rows in queue order while blocks, rows and the prompt budget last (rows
+        waiting on their adapter or on a block another row computes are passed); with `max_need`,
+        only rows with at most that many prompt tokens left, among the first ORDER_WINDOW. Returns
+        the budget left."""
         skipped: list[Row] = []  # waiting on their own resource (adapter load, LoRA slot); later rows may pass
+        looked = 0
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_batch_size:
+            if max_need is not None and looked == ORDER_WINDOW:
+                break
+            looked += 1
             row = self.waiting.popleft()
             ready = self._resolve_adapter(row)
             if isinstance(ready, HotswapError) or (ready and (ready := self._check_fits(row)) is not True) \
@@ -242,7 +316,13 @@ class Scheduler:
                 continue
             copy_from = len(hits) * self.kv.block_size
             start = max(copy_from, row.num_virtual) if row.prefix is not None else copy_from
-            n = prompts.peek(start, min(row.num_tokens - start, budget))
+            if max_need is not None and row.num_tokens - start > max_need:
+                if row.bypassed >= MAX_BYPASS:  # passed over long enough: nothing behind it goes first
+                    self.waiting.appendleft(row)
+                    break
+                skipped.append(row)  # a running prompt is shorter: it goes first
+                continue
+            n = self._on_grid(prompts.peek(start, min(row.num_tokens - start, budget)), row.num_tokens - start, budget)
             if n <= 0:
                 self.waiting.appendleft(row)  # this step's prompt work is spent
                 break
@@ -255,12 +335,13 @@ class Scheduler:
             prompts.take(start, n)
             self.kv.admit(row, hits)
             self.kv.grow(row, start + n)
-            computing.update(self.kv.new_block_keys(row, start + n))
             row.mark_admitted()
             self.running.append(row)
-            out.scheduled.append(ScheduledRow(row, start, n, copy_from))
+            self._schedule(out, computing, ScheduledRow(row, start, n, copy_from))
+            admitted.append(out.scheduled[-1])
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+        return budget
 
     # -- per-row resources ---------------------------------------------------------------
     def _resolve_adapter(self, row: Row) -> HotswapError | bool:

@@ -1,4 +1,5 @@
-"""CPU kernels for the packed engine step: paged attention and per-token LoRA.
+"""CPU kernels for the packed engine step: paged attention, per-token LoRA, and
+the RMSNorm of the layers around them.
 
 Each op runs the native C++ kernel (csrc/, built on first use for this machine)
 on CPU tensors and falls back to the pure-torch `reference` everywhere else.
@@ -12,6 +13,7 @@ from .ops import (
     native_available,
     native_unavailable_reason,
     paged_attention,
+    rms_norm,
     set_backend,
 )
 
@@ -28,5 +30,6 @@ __all__ = [
     "native_unavailable_reason",
     "paged_attention",
     "reference",
+    "rms_norm",
     "set_backend",
 ]

@@ -27,7 +27,7 @@ import torch
 log = logging.getLogger("hotswap.kernels")
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("ops.cpp", "paged_attention.cpp", "lora.cpp")
+SOURCES = ("ops.cpp", "paged_attention.cpp", "lora.cpp", "elementwise.cpp")
 HEADERS = ("attention_engines.h", "kernels.h", "parallel.h", "vec.h")
 # -fopenmp-simd: vectorisation pragmas. -ffp-contract=fast: cpp_extension
 # compiles in ISO C++ mode, where GCC would otherwise not fuse a * b + c into
@@ -188,6 +188,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("hotswap::lora_expand")
     def _(y, t, b_slots, token_slots, ranks):
+        return None
+
+    @torch.library.register_fake("hotswap::rms_norm")
+    def _(out, x, weight, eps, weight_first):
         return None
 
 

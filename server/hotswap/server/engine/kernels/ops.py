@@ -112,3 +112,16 @@ def lora_expand(
         torch.ops.hotswap.lora_expand(y, t, b_slots, token_slots, ranks)
     else:
         reference.lora_expand(y, t, b_slots, token_slots, ranks)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_first: bool, *, backend: str | None = None) -> torch.Tensor:
+    """RMSNorm over the last axis of x [..., D] with weight [D], in x's dtype: the mean of squares
+    in fp32, x times its reciprocal root rounded to x's dtype and then times the weight
+    (transformers' Llama) or, with weight_first, times the weight before the one rounding."""
+    if _use_native(x, backend) and x.stride(-1) == 1 and x.dim() >= 1:
+        x2 = x.reshape(-1, x.shape[-1])
+        out = torch.empty_like(x2)
+        torch.ops.hotswap.rms_norm(out, x2, weight.contiguous(), float(eps), bool(weight_first))
+        return out.view(x.shape)
+    return reference.rms_norm(x, weight, eps, weight_first)
+

@@ -135,3 +135,10 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, b_slots: torch.Tensor, token_s
         tt = torch.where(in_rank, t[c], 0.0)
         delta = torch.bmm(tt.unsqueeze(1), b).squeeze(1)  # [n, OUT]
         y[c] = torch.where((slots >= 0)[:, None], (y[c].float() + delta).to(y.dtype), y[c])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_first: bool) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * h).to(x.dtype) if weight_first else weight * h.to(x.dtype)
+

@@ -38,8 +38,18 @@ struct LoraParams {
   int64_t out_s0, in_s0, w_s0, w_s1;
 };
 
+struct NormParams {
+  void* out;        // [N, D]
+  const void* x;    // [N, D]
+  const void* weight;  // [D]
+  int64_t N, D, out_s0, x_s0;
+  double eps;
+  bool weight_first;  // multiply by the weight before rounding (else after, as Llama's RMSNorm)
+};
+
 void paged_attention_kernel(const AttentionParams& p, Dtype dtype);
 void lora_shrink_kernel(const LoraParams& p, Dtype dtype);
 void lora_expand_kernel(const LoraParams& p, Dtype dtype);
+void rms_norm_kernel(const NormParams& p, Dtype dtype);
 
 }  // namespace hotswap

@@ -109,6 +109,27 @@ void lora_expand_cpu(const at::Tensor& y, const at::Tensor& t, const at::Tensor&
   lora_expand_kernel(p, dtype_of(y, op));
 }
 
+void check_rows(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type() && t.stride(1) == 1,
+              op, ": ", name, " must be ", like.scalar_type(), " ", like.sizes(), " with a contiguous last axis, got ",
+              t.scalar_type(), " ", t.sizes());
+}
+
+void rms_norm_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps, bool weight_first) {
+  const char* op = "rms_norm";
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, op, ": x must be [N, D] with a contiguous last axis, got ", x.sizes());
+  check_rows(out, x, op, "out");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.scalar_type() == x.scalar_type() &&
+                  weight.stride(0) == 1,
+              op, ": weight must be a contiguous ", x.scalar_type(), " [", x.size(1), "], got ", weight.scalar_type(), " ",
+              weight.sizes());
+  const Dtype dtype = dtype_of(x, op);
+  if (x.size(0) == 0) return;
+  NormParams p{out.mutable_data_ptr(), x.const_data_ptr(), weight.const_data_ptr(), x.size(0), x.size(1),
+               out.stride(0), x.stride(0), eps, weight_first};
+  rms_norm_kernel(p, dtype);
+}
+
 }  // namespace
 }  // namespace hotswap
 
@@ -119,10 +140,12 @@ TORCH_LIBRARY(hotswap, m) {
       "int sliding_window) -> ()");
   m.def("lora_shrink(Tensor(a!) out, Tensor x, Tensor a_slots, Tensor token_slots, Tensor ranks) -> ()");
   m.def("lora_expand(Tensor(a!) y, Tensor t, Tensor b_slots, Tensor token_slots, Tensor ranks) -> ()");
+  m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps, bool weight_first) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hotswap, CPU, m) {
   m.impl("paged_attention", &hotswap::paged_attention_cpu);
   m.impl("lora_shrink", &hotswap::lora_shrink_cpu);
   m.impl("lora_expand", &hotswap::lora_expand_cpu);
+  m.impl("rms_norm", &hotswap::rms_norm_cpu);
 }
