@@ -1,5 +1,6 @@
 """The scheduler and the KV block manager without a model: token budget, chunked
 prefill, preemption, prefix caching, LoRA slots, rows that can never run."""
+import pytest
 import torch
 
 from hotswap.server.adapters.weights import Adapter, LoraModuleWeights, LoraWeights, PrefixWeights
@@ -341,3 +342,38 @@ def test_a_prompt_chunk_cut_by_the_budget_ends_the_step_on_the_grid():
         totals.append((out.num_tokens, long.num_computed < 240))
     assert all(n % STEP_GRID == 0 for n, cut in totals if cut) and totals[0][0] == 96
     assert sum(n - 5 for n, _ in totals) == 240  # every prompt token computed once
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_random_traffic_on_a_small_pool_keeps_every_invariant(seed):
+    """Seeded random arrivals (shared prompts, long and short, a pool that runs dry): every step
+    schedules only running rows, each at most once and from where it stopped, never a row it
+    preempts, within the token budget; every row finishes with its tokens and no block leaks."""
+    import random
+    rnd = random.Random(seed)
+    s = scheduler(blocks=40, max_batch_size=6, max_tokens_per_step=48)
+    shared = list(range(500, 530))
+    rows, steps = [], 0
+    while steps < 2000 and (len(rows) < 60 or s.running or s.waiting):
+        if len(rows) < 60 and rnd.random() < 0.4:
+            r = row(rnd.choice([2, 5, 17, 40, 90]), new=rnd.randint(1, 12), first=rnd.randrange(1, 10_000))
+            if rnd.random() < 0.3:
+                r.prompt_ids[:] = shared[: rnd.randint(8, 30)] + r.prompt_ids[:5]
+            rows.append(r)
+            s.add(r)
+        before = {id(r): r.num_computed for r in s.running}
+        out = step(s)
+        steps += 1
+        assert len({id(x.row) for x in out.scheduled}) == len(out.scheduled) and out.num_tokens <= 48
+        assert not {id(p) for p in out.preempted} & {id(x.row) for x in out.scheduled}
+        for x in out.scheduled:
+            assert x.row in s.running and x.start == before.get(id(x.row), x.start)
+            assert len(x.row.block_ids) * BS >= x.end
+        for r in list(s.running):
+            if len(r.output_ids) >= r.request.params.max_new_tokens:
+                r.finish_reason = "length"
+                s.finish(r)
+        assert not out.failed
+    assert all(len(r.output_ids) == r.request.params.max_new_tokens for r in rows), steps
+    assert s.kv.num_used == 0 and not s.running and not s.waiting
+    assert s.num_preemptions > 0 and s.kv.stats.hits > 0  # the pool did run dry; shared prompts were reused
