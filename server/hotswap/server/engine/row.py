@@ -46,7 +46,8 @@ class Row:
     """Device LoRA slot while running with a LoRA adapter, else -1."""
     num_preemptions: int = 0
     bypassed: int = 0
-    """Steps in which later rows were admitted ahead of this waiting one (scheduler's cache-aware order)."""
+    """Steps in which a later row got prompt work and this one, waiting or part-way through its prompt,
+    got none (the scheduler's cache-aware and shortest-remaining orders; MAX_BYPASS puts it first)."""
     admitted_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None

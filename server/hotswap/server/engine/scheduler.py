@@ -155,13 +155,13 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.cfg.max_tokens_per_step
         computing: set[bytes] = set()  # prefix-cache keys of the full blocks this step completes
-        decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed == 1)
+        decoding = sum(1 for r in self.running if self._remaining(r) == 1)
         prompts = PromptBudget(self.pacer, self.pacer.spare(decoding))  # paced so decoding rows are spared
         i = 0
         while i < len(self.running) and budget > 0:  # decoding rows first: one token each, oldest first
             row = self.running[i]
             i += 1
-            if row.num_tokens - row.num_computed != 1:
+            if self._remaining(row) != 1:
                 continue
             if not self._grow_or_preempt(row, row.num_computed + 1, out):
                 break  # the row preempted itself: nothing newer is left to run
@@ -169,7 +169,7 @@ class Scheduler:
             budget -= 1
         # prompt work, shortest remaining first (a prompt mostly found in the prefix cache costs a
         # fraction of its length, and finishing one prompt before the next starts its tokens sooner)
-        chunked = sorted((r for r in self.running if r.num_tokens - r.num_computed > 1), key=self._prompt_order)
+        chunked = sorted((r for r in self.running if self._remaining(r) > 1), key=self._prompt_order)
         admitting = not out.preempted and budget > 0  # a dry pool: admitting now would only preempt again
         if admitting and self.kv.caching and len(self.running) < self.cfg.max_batch_size:
             computing |= self._pending_keys()
@@ -188,7 +188,7 @@ class Scheduler:
             if n <= 0:
                 break  # this step's prompt work is spent
             n = self._on_grid(n, self._remaining(row), budget)
-            if not self._grow_for_chunk(row, row.num_computed + n, out):
+            if not self._grow_or_preempt(row, row.num_computed + n, out):
                 continue
             prompts.take(row.num_computed, n)
             self._schedule(out, computing, ScheduledRow(row, row.num_computed, n, row.num_computed))
@@ -258,17 +258,9 @@ class Scheduler:
         self.pacer.observe(out.num_decoding, chunks, seconds)
 
     def _grow_or_preempt(self, row: Row, end: int, out: SchedulerOutput) -> bool:
-        """Blocks for positions ..end-1, preempting the newest rows until they fit; False if `row` itself went."""
-        while not self.kv.grow(row, end):
-            victim = self.running.pop()
-            self._preempt(victim, out)
-            if victim is row:
-                return False
-        return True
-
-    def _grow_for_chunk(self, row: Row, end: int, out: SchedulerOutput) -> bool:
-        """Blocks for a prompt chunk, preempting the newest rows until they fit — but never a row
-        already scheduled this step (prompts go after decoding rows): then the chunk waits."""
+        """Blocks for positions ..end-1, preempting the newest rows until they fit; False if `row` itself
+        went, or if the newest row is already scheduled this step (a prompt chunk after the decoding rows):
+        then `row` waits. (A decoding row never meets one: the rows planned before it are older.)"""
         while not self.kv.grow(row, end):
             victim = self.running[-1]
             if any(s.row is victim for s in out.scheduled):
