@@ -2,8 +2,8 @@
 
 transformers' RMSNorm modules run eight eager ops per call (to fp32, pow, mean, add,
 rsqrt, mul, back, times the weight), each a pass over the rows with its own
-temporaries: 61 calls a step on the default model, 2.5 times the kernel's time at
-decode and at prefill (bench/RESULTS.md). Which modules are RMSNorms is judged by what
+temporaries: 61 calls a step on the default model, about 1.5 times the kernel's time
+at 64 rows and 7 times or more at 2,048 (`bench/token_counts.py`, bench/RESULTS.md). Which modules are RMSNorms is judged by what
 they do, not by class name: a leaf module with a 1-D weight, no bias and an epsilon
 whose forward gives the kernel's result on random rows (nearly every output bit-equal,
 the rest within one rounding step: only the order of the mean's fp32 sum differs),

@@ -45,7 +45,7 @@ MAX_BYPASS = 32
 STEP_GRID = 32
 """A prompt chunk cut short by the step's budget ends where the step's token count is a multiple of
 this: on CPU, oneDNN builds (and caches) kernels per token count, and a pass over the default
-model's linears at a token count not seen before took 43% longer (33 vs 23 ms at ~160 tokens)."""
+model's linears at token counts not seen before took ~1.5 times as long (bench/token_counts.py)."""
 
 
 @dataclass
