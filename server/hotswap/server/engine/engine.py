@@ -15,6 +15,7 @@ from ..config import EngineConfig
 from ..errors import Cancelled, HotswapError, InvalidArgument, ResourceExhausted
 from .detokenize import IncrementalDetokenizer, StopMatcher
 from .kv_blocks import KVBlockManager
+from .host_memory import reuse_freed_memory
 from .readout import ForwardOutput
 from .request import Classification, ContinuationScore, FinishReason, GenerateRequest, StreamEvent, Task, TokenLogprob
 from .row import Row
@@ -39,6 +40,8 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.adapters = adapters
         self.runner = ModelRunner(loaded, self.cfg)
+        if self.runner.device.type == "cpu":
+            reuse_freed_memory()  # steps reuse their activations' pages instead of faulting them in again
         self.max_seq_len = self.cfg.max_seq_len or self.runner.context_length or 4096
         per_row = -(-self.max_seq_len // self.cfg.block_size)
         # The adapter cache's device tier and the LoRA slots copying from it come later: keep room for both.

@@ -1,9 +1,21 @@
-"""Keeping the server's host memory flat.
+"""Keeping the server's host memory flat, and its steps off the page-fault path.
 
 glibc keeps freed heap memory for reuse; per-step tensors of a few MiB (logits
 [rows, vocab], sampling scratch) land in its arenas and their high-water mark
 would otherwise stay in the server's RSS for good. `malloc_trim` returns the
 unused part. Elsewhere (musl, macOS) this is a no-op.
+
+glibc's defaults work against a prefill step on CPU, though: blocks above a
+threshold that starts at 128 KiB are mapped fresh and unmapped on free, and a
+heap top above twice that threshold is given back after every free, so each of
+a step's MiB-sized activations (a 2,048-token step's MLP outputs, 6 MiB per op)
+is page-faulted in again, zero-filled by the kernel, layer after layer: the
+first 2,048-token prefills after start took 1.3-2.0 s and later ones ~0.9 s,
+against 0.71-0.74 s every time with the thresholds fixed high (python
+bench/allocator.py). So on CPU the engine fixes them (`reuse_freed_memory`): blocks
+up to 32 MiB (glibc's ceiling) come from the heap, and the heap is given back by
+the explicit trims above (when the batch empties and every 10 s), not after
+every free.
 
 On CPU, oneDNN (primitive cache) and ideep (LRU cache) keep one compiled kernel
 per matmul shape, a fraction of a MiB each, 1,024 entries apiece by default. The
@@ -22,10 +34,27 @@ rather than 791 MiB on bench/kernel_cache_memory.py's server mix, no slower ther
 ~300 MiB less RSS for 2.5% fewer tokens/s in the 10-minute load test)."""
 
 try:
-    _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _trim, _mallopt = _libc.malloc_trim, _libc.mallopt
     _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
+    _mallopt.argtypes, _mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
 except (OSError, AttributeError):
-    _trim = None
+    _trim = _mallopt = None
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 32 * 2**20
+"""Blocks above this are mapped fresh each time: glibc's largest allowed value on 64-bit."""
+TRIM_THRESHOLD = 2**30
+"""Free heap top kept without an explicit trim: above a step's working set, so steps reuse it."""
+
+
+def reuse_freed_memory() -> bool:
+    """Fix glibc's mmap and trim thresholds (see the module docstring) for the whole process,
+    unless the environment sets either; False where the C library has no mallopt or refuses."""
+    if _mallopt is None or any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
+        return False
+    return bool(_mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(_mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def release_free_memory() -> bool:

@@ -4,9 +4,9 @@ stores and copies.
 
 Layout per layer: [num_blocks, block_size, kv_heads, head_dim] (flash-attn's paged
 layout), so the token at slot s = block * block_size + offset is row s of a
-[num_blocks * block_size, kv_heads, head_dim] view. The pool is allocated empty:
-on CPU the pages become resident only as blocks are first written, so memory
-held tracks the tokens the cache has held, and never exceeds the budget."""
+[num_blocks * block_size, kv_heads, head_dim] view. The pool is allocated once at
+its budget and never grows, so the cache's memory never exceeds the budget; on
+CPU its pages are touched at start (see PagedKVCache)."""
 from __future__ import annotations
 
 import os

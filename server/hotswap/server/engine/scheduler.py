@@ -30,7 +30,7 @@ from ..config import EngineConfig
 from ..errors import AdapterIncompatible, HotswapError, InvalidArgument, NotFound, ResourceExhausted
 from .kv_blocks import KVBlockManager
 from .lora_slots import LoraSlotTable
-from .pacing import PrefillPacer
+from .pacing import PrefillPacer, context_sum
 from .request import Task
 from .row import Row
 
@@ -155,8 +155,8 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.cfg.max_tokens_per_step
         computing: set[bytes] = set()  # prefix-cache keys of the full blocks this step completes
-        decoding = sum(1 for r in self.running if self._remaining(r) == 1)
-        prompts = PromptBudget(self.pacer, self.pacer.spare(decoding))  # paced so decoding rows are spared
+        decoding = [r.num_computed for r in self.running if self._remaining(r) == 1]  # their tokens' contexts
+        prompts = PromptBudget(self.pacer, self.pacer.spare(len(decoding), sum(decoding)))  # paced so decoding rows are spared
         i = 0
         while i < len(self.running) and budget > 0:  # decoding rows first: one token each, oldest first
             row = self.running[i]
@@ -254,8 +254,8 @@ class Scheduler:
 
     def observe(self, out: SchedulerOutput, seconds: float) -> None:
         """The engine's wall time for the step `out` described (paces the next prompt chunks)."""
-        chunks = [(s.start, s.num_tokens) for s in out.scheduled if not s.decode]
-        self.pacer.observe(out.num_decoding, chunks, seconds)
+        context = sum(context_sum(s.start, s.num_tokens) for s in out.scheduled)
+        self.pacer.observe(out.num_tokens, context, seconds, prompts=out.num_decoding < len(out.scheduled))
 
     def _grow_or_preempt(self, row: Row, end: int, out: SchedulerOutput) -> bool:
         """Blocks for positions ..end-1, preempting the newest rows until they fit; False if `row` itself
