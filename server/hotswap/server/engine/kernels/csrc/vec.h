@@ -98,11 +98,19 @@ inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
 inline void store(c10::BFloat16* p, vf v) {
   // Round to nearest even, as c10::BFloat16(float) does; NaN stays a quiet NaN.
+#if defined(HOTSWAP_HAVE_BF16_DOT)
+  // One vcvtneps2bf16 (same rounding), NaN lanes set to c10's 0x7fc0 (the instruction keeps their payload).
+  const __m512 x = (__m512)v;
+  const __m256i r = (__m256i)_mm512_cvtneps_pbh(x);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_mask_set1_epi16(r, nan, 0x7fc0));
+#else
   vu u = (vu)v;
   vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   r = ((u & 0x7fffffffu) > 0x7f800000u) ? vu{} + 0x7fc0u : r;
   vh h = __builtin_convertvector(r, vh);
   std::memcpy(p, &h, sizeof h);
+#endif
 }
 
 inline void store(c10::Half* p, vf v) {
