@@ -310,6 +310,31 @@ def test_native_rms_norm_matches_reference(needs_native, dtype, D, weight_first)
                                reference.rms_norm(rows, w, 1e-6, weight_first), rtol=step, atol=1e-6)
 
 
+@pytest.mark.parametrize("V", [49152, 1000, 33, 16, 5, 1])
+def test_native_row_max_answers_as_torch_max(needs_native, V):
+    """Value and first index of each row's maximum, as torch.max(dim=-1): ties across vector lanes and
+    in the tail, NaN (the first one wins), infinities, rows of -inf, strided rows."""
+    gen = torch.Generator().manual_seed(V)
+    x = torch.randn(12, V, generator=gen)
+    top = x.max()
+    x[1, [V // 2, V - 1, 3 % V]] = top + 1  # a tie: the first index wins
+    x[2, [V - 1, 0]] = top + 2
+    x[3] = float("-inf")
+    x[4] = 2.0  # every element equal
+    x[5, V // 3] = float("inf")
+    x[6, [V - 1, V // 2]] = float("nan")  # NaN beats everything, the first NaN is the answer
+    x[7, 0] = float("nan")
+    x[8, V - 1] = float("nan")
+    x[9, [V // 2, V - 1]] = float("inf")
+    x[9, V // 4] = float("nan") if V > 4 else x[9, V // 4]
+    rows = torch.randn(12, 3, V, generator=gen)[:, 1]  # strided rows
+    for case in (x, rows, x[:0]):
+        values, indices = kernels.row_max(case, backend="native")
+        want_values, want_indices = case.max(dim=-1)
+        assert indices.dtype == torch.int64 and torch.equal(indices, want_indices)
+        torch.testing.assert_close(values, want_values, equal_nan=True, rtol=0, atol=0)
+
+
 def test_backend_selection(monkeypatch):
     case = lora_case(torch.float32, 16, 16, [0, 1])
     calls = []

@@ -288,7 +288,7 @@ class Engine:
         penalized = self._penalize(rows, logits) if any(p.repetition_penalty != 1.0 for p in params) else None
         want = [p.logprobs for p in params if p.logprobs is not None]
         return sample_step(logits, [p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
-                           [r.generator for r in rows], self.rng, bool(want), max(want, default=0), penalized)
+                           [r.generator for r in rows], self.rng, bool(want), max(want, default=0), penalized, self.runner.backend)
 
     def _advance(self, row: Row, tok: int, lps: list[TokenLogprob]) -> None:
         p = row.request.params

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
+
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, seen_mask: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor, per row.
@@ -109,8 +111,9 @@ class SampledStep:
 
 def sample_step(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
                 generators: list[torch.Generator | None], shared: torch.Generator, want_logprobs: bool, k_max: int,
-                penalized: torch.Tensor | None = None) -> SampledStep:
-    """logits [B, V] raw; `penalized` the same after repetition penalties (or None).
+                penalized: torch.Tensor | None = None, backend: str | None = None) -> SampledStep:
+    """logits [B, V] raw; `penalized` the same after repetition penalties (or None); `backend`: the
+    kernels' (kernels.row_max takes the greedy maximum natively on CPU).
 
     Every full pass over [B, V] costs as much as a small layer on CPU, so greedy rows
     take one: the row maximum gives both the token and the health check (a NaN or +inf
@@ -118,7 +121,7 @@ def sample_step(logits: torch.Tensor, temperature: list[float], top_k: list[int]
     pay for more."""
     dev = logits.device
     scores = logits if penalized is None else penalized
-    best, tokens = scores.max(dim=-1)  # [B]
+    best, tokens = kernels.row_max(scores, backend=backend)  # [B]
     finite = torch.isfinite(best) & (torch.isfinite(logits.max(dim=-1).values) if penalized is not None else True)
     stochastic = [i for i, t in enumerate(temperature) if t > 0]
     if stochastic:

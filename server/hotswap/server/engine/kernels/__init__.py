@@ -1,5 +1,5 @@
 """CPU kernels for the packed engine step: paged attention, per-token LoRA, and
-the RMSNorm of the layers around them.
+the RMSNorm of the layers around them, and the greedy token's row maximum.
 
 Each op runs the native C++ kernel (csrc/, built on first use for this machine)
 on CPU tensors and falls back to the pure-torch `reference` everywhere else.
@@ -14,6 +14,7 @@ from .ops import (
     native_unavailable_reason,
     paged_attention,
     rms_norm,
+    row_max,
     set_backend,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "paged_attention",
     "reference",
     "rms_norm",
+    "row_max",
     "set_backend",
 ]

@@ -194,6 +194,10 @@ def _register_fakes() -> None:
     def _(out, x, weight, eps, weight_first):
         return None
 
+    @torch.library.register_fake("hotswap::row_max")
+    def _(values, indices, x):
+        return None
+
 
 def _short_reason(e: Exception) -> str:
     """The exception's first line plus the compiler's error lines: a build log can be pages long."""

@@ -125,3 +125,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_first: bo
         return out.view(x.shape)
     return reference.rms_norm(x, weight, eps, weight_first)
 
+
+
+def row_max(x: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's maximum [B] and the index of its first occurrence [B] (int64) of x [B, V]: torch.max(x, dim=-1),
+    NaN included (a row holding a NaN answers that NaN at its first index). One native pass on fp32 CPU rows."""
+    if _use_native(x, backend) and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0 and x.stride(1) == 1:
+        values = torch.empty(x.shape[0], dtype=torch.float32)
+        indices = torch.empty(x.shape[0], dtype=torch.int64)
+        torch.ops.hotswap.row_max(values, indices, x)
+        return values, indices
+    return reference.row_max(x)

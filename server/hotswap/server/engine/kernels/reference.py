@@ -142,3 +142,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_first: bo
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return (weight.float() * h).to(x.dtype) if weight_first else weight * h.to(x.dtype)
 
+
+
+def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values, indices = x.max(dim=-1)
+    return values, indices

@@ -5,8 +5,14 @@
 // T() rounds to the tensors' dtype where eager code rounds, so the results
 // match the module up to the order of the mean's fp32 sum.
 // (A fused SiLU(gate) * up was measured too: no faster than torch's two ops here.)
+//
+// Each row's maximum and the index of its first occurrence, as torch.max(x, dim=-1)
+// answers on fp32 rows (a NaN anywhere makes the row's answer that NaN, at its first
+// index): the greedy token and the sampler's health check in one pass, where torch's
+// indexed reduction over [64, 49152] logits took ~2 ms of a ~55 ms decode step.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include "kernels.h"
@@ -58,7 +64,48 @@ void rms_norm(const NormParams& p) {
   });
 }
 
+void row_max(const RowMaxParams& p) {
+  const int64_t V = p.V, full = V / W * W;
+  const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  run_items(p.B, p.B * V, [&](auto take) {
+    for (int64_t r; (r = take()) >= 0;) {
+      const float* x = p.x + r * p.x_s0;
+      // One pass: each lane keeps its maximum and where it first reached it (strictly greater
+      // replaces, so a lane keeps its first occurrence); a NaN lane never wins a comparison.
+      vf m = splat(-std::numeric_limits<float>::infinity());
+      vi at = lane, nan{};
+      for (int64_t i = 0; i < full; i += W) {
+        const vf v = load(x + i);
+        const vi gt = v > m;
+        m = gt ? v : m;
+        at = gt ? lane + static_cast<int32_t>(i) : at;
+        nan |= v != v;
+      }
+      float best = full ? hmax(m) : -std::numeric_limits<float>::infinity();
+      int64_t first = V;
+      bool any_nan = false;
+      for (int l = 0; l < W && full; ++l) {
+        any_nan |= nan[l] != 0;
+        if (m[l] == best && at[l] < first) first = at[l];
+      }
+      for (int64_t i = full; i < V; ++i) {
+        any_nan |= x[i] != x[i];
+        if (first == V || x[i] > best) best = x[i], first = i;
+      }
+      if (any_nan) {
+        first = 0;
+        while (x[first] == x[first]) ++first;
+        best = x[first];
+      }
+      p.values[r] = best;
+      p.indices[r] = first;
+    }
+  });
+}
+
 }  // namespace
+
+void row_max_kernel(const RowMaxParams& p) { row_max(p); }
 
 void rms_norm_kernel(const NormParams& p, Dtype dtype) {
   switch (dtype) {

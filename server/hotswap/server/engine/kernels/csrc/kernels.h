@@ -47,9 +47,17 @@ struct NormParams {
   bool weight_first;  // multiply by the weight before rounding (else after, as Llama's RMSNorm)
 };
 
+struct RowMaxParams {
+  float* values;     // [B]
+  int64_t* indices;  // [B]
+  const float* x;    // [B, V]
+  int64_t B, V, x_s0;
+};
+
 void paged_attention_kernel(const AttentionParams& p, Dtype dtype);
 void lora_shrink_kernel(const LoraParams& p, Dtype dtype);
 void lora_expand_kernel(const LoraParams& p, Dtype dtype);
 void rms_norm_kernel(const NormParams& p, Dtype dtype);
+void row_max_kernel(const RowMaxParams& p);
 
 }  // namespace hotswap

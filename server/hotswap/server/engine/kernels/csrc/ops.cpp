@@ -130,6 +130,20 @@ void rms_norm_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   rms_norm_kernel(p, dtype);
 }
 
+void row_max_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& x) {
+  const char* op = "row_max";
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.stride(1) == 1 && x.scalar_type() == at::kFloat, op,
+              ": x must be float32 [B, V > 0] with a contiguous last axis, got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(values.dim() == 1 && values.size(0) == x.size(0) && values.scalar_type() == at::kFloat && values.is_contiguous(),
+              op, ": values must be a contiguous float32 [", x.size(0), "]");
+  TORCH_CHECK(indices.dim() == 1 && indices.size(0) == x.size(0) && indices.scalar_type() == at::kLong && indices.is_contiguous(),
+              op, ": indices must be a contiguous int64 [", x.size(0), "]");
+  if (x.size(0) == 0) return;
+  RowMaxParams p{values.mutable_data_ptr<float>(), indices.mutable_data_ptr<int64_t>(), x.const_data_ptr<float>(), x.size(0),
+                 x.size(1), x.stride(0)};
+  row_max_kernel(p);
+}
+
 }  // namespace
 }  // namespace hotswap
 
@@ -141,6 +155,7 @@ TORCH_LIBRARY(hotswap, m) {
   m.def("lora_shrink(Tensor(a!) out, Tensor x, Tensor a_slots, Tensor token_slots, Tensor ranks) -> ()");
   m.def("lora_expand(Tensor(a!) y, Tensor t, Tensor b_slots, Tensor token_slots, Tensor ranks) -> ()");
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps, bool weight_first) -> ()");
+  m.def("row_max(Tensor(a!) values, Tensor(b!) indices, Tensor x) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hotswap, CPU, m) {
@@ -148,4 +163,5 @@ TORCH_LIBRARY_IMPL(hotswap, CPU, m) {
   m.impl("lora_shrink", &hotswap::lora_shrink_cpu);
   m.impl("lora_expand", &hotswap::lora_expand_cpu);
   m.impl("rms_norm", &hotswap::rms_norm_cpu);
+  m.impl("row_max", &hotswap::row_max_cpu);
 }
