@@ -310,8 +310,9 @@ def test_native_rms_norm_matches_reference(needs_native, dtype, D, weight_first)
                                reference.rms_norm(rows, w, 1e-6, weight_first), rtol=step, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("V", [49152, 1000, 33, 16, 5, 1])
-def test_native_row_max_answers_as_torch_max(needs_native, V):
+def test_native_row_max_answers_as_torch_max(needs_native, V, dtype):
     """Value and first index of each row's maximum, as torch.max(dim=-1): ties across vector lanes and
     in the tail, NaN (the first one wins), infinities, rows of -inf, strided rows."""
     gen = torch.Generator().manual_seed(V)
@@ -328,10 +329,10 @@ def test_native_row_max_answers_as_torch_max(needs_native, V):
     x[9, [V // 2, V - 1]] = float("inf")
     x[9, V // 4] = float("nan") if V > 4 else x[9, V // 4]
     rows = torch.randn(12, 3, V, generator=gen)[:, 1]  # strided rows
-    for case in (x, rows, x[:0]):
+    for case in (x.to(dtype), rows.to(dtype), x[:0].to(dtype)):  # (rows stay strided in fp32 only)
         values, indices = kernels.row_max(case, backend="native")
-        want_values, want_indices = case.max(dim=-1)
-        assert indices.dtype == torch.int64 and torch.equal(indices, want_indices)
+        want_values, want_indices = case.float().max(dim=-1)
+        assert values.dtype == torch.float32 and indices.dtype == torch.int64 and torch.equal(indices, want_indices)
         torch.testing.assert_close(values, want_values, equal_nan=True, rtol=0, atol=0)
 
 

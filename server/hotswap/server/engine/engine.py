@@ -314,7 +314,7 @@ class Engine:
             mask[i, : len(s)] = True
         pen = torch.tensor([r.request.params.repetition_penalty for r in rows])
         dev = logits.device
-        return apply_repetition_penalty(logits, seen.to(dev), mask.to(dev), pen.to(dev))
+        return apply_repetition_penalty(logits.float(), seen.to(dev), mask.to(dev), pen.to(dev))
 
     def _finish(self, row: Row, reason: FinishReason, error: Exception | None, token_ids: list[int] | None = None,
                 lps: list[TokenLogprob] | None = None, text: str = "", readout: Classification | ContinuationScore | None = None) -> None:

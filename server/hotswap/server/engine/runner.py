@@ -128,8 +128,9 @@ class ModelRunner:
         return self.final(self.head(hidden)).float()
 
     def _logits(self, scheduled: list[ScheduledRow], hidden: torch.Tensor) -> torch.Tensor:
-        """The head's logits of the sampling rows [rows, vocab]; rows whose adapter has its own
-        head (or head rows) get theirs, computed once per distinct adapter in the step."""
+        """The head's logits of the sampling rows [rows, vocab] in the head's dtype (the sampler widens
+        what it needs: greedy rows need no fp32 copy); rows whose adapter has its own head (or head
+        rows) get theirs, computed once per distinct adapter in the step."""
         logits = self.head(hidden)
         groups: dict[int, tuple[TokenTables, list[int]]] = {}
         for i, s in enumerate(s for s in scheduled if s.samples):
@@ -139,7 +140,7 @@ class ModelRunner:
         for t, rows in groups.values():
             idx = torch.tensor(rows, device=hidden.device)
             logits[idx] = head_logits(t, hidden[idx], logits[idx], self.head.bias)
-        return self.final(logits).float()
+        return self.final(logits)
 
     def _embeddings(self, scheduled: list[ScheduledRow], ids: torch.Tensor, first: list[int]) -> torch.Tensor:
         """Token embeddings; prompt-tuning positions take the adapter's virtual-token embeddings,

@@ -112,7 +112,8 @@ class SampledStep:
 def sample_step(logits: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
                 generators: list[torch.Generator | None], shared: torch.Generator, want_logprobs: bool, k_max: int,
                 penalized: torch.Tensor | None = None, backend: str | None = None) -> SampledStep:
-    """logits [B, V] raw; `penalized` the same after repetition penalties (or None); `backend`: the
+    """logits [B, V] raw, in the head's dtype (widened to fp32 only where rows sample or want
+    log-probs); `penalized` the same after repetition penalties, fp32 (or None); `backend`: the
     kernels' (kernels.row_max takes the greedy maximum natively on CPU).
 
     Every full pass over [B, V] costs as much as a small layer on CPU, so greedy rows
@@ -126,7 +127,7 @@ def sample_step(logits: torch.Tensor, temperature: list[float], top_k: list[int]
     stochastic = [i for i, t in enumerate(temperature) if t > 0]
     if stochastic:
         idx = torch.tensor(stochastic, device=dev)
-        sub = torch.nan_to_num(scores.index_select(0, idx))
+        sub = torch.nan_to_num(scores.index_select(0, idx).float())
         ks, ps = [top_k[i] for i in stochastic], [top_p[i] for i in stochastic]
         drawn = process_and_sample(sub, torch.tensor([temperature[i] for i in stochastic], device=dev),
                                    torch.tensor(ks, device=dev) if any(k > 0 for k in ks) else None,
@@ -135,7 +136,7 @@ def sample_step(logits: torch.Tensor, temperature: list[float], top_k: list[int]
         tokens = tokens.index_put((idx,), drawn)
     cols = [tokens.double()[:, None], finite.double()[:, None]]
     if want_logprobs:
-        logp = torch.log_softmax(torch.nan_to_num(logits), dim=-1)
+        logp = torch.log_softmax(torch.nan_to_num(logits.float()), dim=-1)
         cols.append(logp.gather(1, tokens[:, None]).double())
         if k_max:
             top = logp.topk(k_max, dim=-1)

@@ -128,9 +128,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_first: bo
 
 
 def row_max(x: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's maximum [B] and the index of its first occurrence [B] (int64) of x [B, V]: torch.max(x, dim=-1),
-    NaN included (a row holding a NaN answers that NaN at its first index). One native pass on fp32 CPU rows."""
-    if _use_native(x, backend) and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0 and x.stride(1) == 1:
+    """Each row's maximum [B] (float32) and the index of its first occurrence [B] (int64) of x [B, V] (fp32, bf16
+    or fp16): torch.max(x, dim=-1), NaN included (a row holding a NaN answers that NaN at its first index). One
+    native pass on CPU rows."""
+    if _use_native(x, backend) and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.dim() == 2 \
+            and x.shape[1] > 0 and x.stride(1) == 1:
         values = torch.empty(x.shape[0], dtype=torch.float32)
         indices = torch.empty(x.shape[0], dtype=torch.int64)
         torch.ops.hotswap.row_max(values, indices, x)

@@ -146,4 +146,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_first: bo
 
 def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values, indices = x.max(dim=-1)
-    return values, indices
+    return values.float(), indices

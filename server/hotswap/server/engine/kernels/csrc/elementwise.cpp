@@ -7,9 +7,10 @@
 // (A fused SiLU(gate) * up was measured too: no faster than torch's two ops here.)
 //
 // Each row's maximum and the index of its first occurrence, as torch.max(x, dim=-1)
-// answers on fp32 rows (a NaN anywhere makes the row's answer that NaN, at its first
-// index): the greedy token and the sampler's health check in one pass, where torch's
-// indexed reduction over [64, 49152] logits took ~2 ms of a ~55 ms decode step.
+// answers (a NaN anywhere makes the row's answer that NaN, at its first
+// index), on fp32, bf16 or fp16 rows: the greedy token and the sampler's health check in
+// one pass, where torch's indexed reduction over [64, 49152] fp32 logits took ~2 ms of a
+// ~55 ms decode step (and bf16 logits need no fp32 copy for greedy rows).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -64,12 +65,13 @@ void rms_norm(const NormParams& p) {
   });
 }
 
+template <typename T>
 void row_max(const RowMaxParams& p) {
   const int64_t V = p.V, full = V / W * W;
   const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   run_items(p.B, p.B * V, [&](auto take) {
     for (int64_t r; (r = take()) >= 0;) {
-      const float* x = p.x + r * p.x_s0;
+      const T* x = static_cast<const T*>(p.x) + r * p.x_s0;
       // One pass: each lane keeps its maximum and where it first reached it (strictly greater
       // replaces, so a lane keeps its first occurrence); a NaN lane never wins a comparison.
       vf m = splat(-std::numeric_limits<float>::infinity());
@@ -81,7 +83,7 @@ void row_max(const RowMaxParams& p) {
         at = gt ? lane + static_cast<int32_t>(i) : at;
         nan |= v != v;
       }
-      float best = full ? hmax(m) : -std::numeric_limits<float>::infinity();
+      float best = full ? hmax(m) : -std::numeric_limits<float>::infinity();  // values widen exactly to fp32
       int64_t first = V;
       bool any_nan = false;
       for (int l = 0; l < W && full; ++l) {
@@ -89,13 +91,14 @@ void row_max(const RowMaxParams& p) {
         if (m[l] == best && at[l] < first) first = at[l];
       }
       for (int64_t i = full; i < V; ++i) {
-        any_nan |= x[i] != x[i];
-        if (first == V || x[i] > best) best = x[i], first = i;
+        const float xi = static_cast<float>(x[i]);
+        any_nan |= xi != xi;
+        if (first == V || xi > best) best = xi, first = i;
       }
       if (any_nan) {
         first = 0;
-        while (x[first] == x[first]) ++first;
-        best = x[first];
+        while (static_cast<float>(x[first]) == static_cast<float>(x[first])) ++first;
+        best = static_cast<float>(x[first]);
       }
       p.values[r] = best;
       p.indices[r] = first;
@@ -105,7 +108,13 @@ void row_max(const RowMaxParams& p) {
 
 }  // namespace
 
-void row_max_kernel(const RowMaxParams& p) { row_max(p); }
+void row_max_kernel(const RowMaxParams& p, Dtype dtype) {
+  switch (dtype) {
+    case Dtype::kFloat: return row_max<float>(p);
+    case Dtype::kBFloat16: return row_max<c10::BFloat16>(p);
+    case Dtype::kHalf: return row_max<c10::Half>(p);
+  }
+}
 
 void rms_norm_kernel(const NormParams& p, Dtype dtype) {
   switch (dtype) {

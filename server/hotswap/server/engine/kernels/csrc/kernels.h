@@ -50,7 +50,7 @@ struct NormParams {
 struct RowMaxParams {
   float* values;     // [B]
   int64_t* indices;  // [B]
-  const float* x;    // [B, V]
+  const void* x;     // [B, V]
   int64_t B, V, x_s0;
 };
 
@@ -58,6 +58,6 @@ void paged_attention_kernel(const AttentionParams& p, Dtype dtype);
 void lora_shrink_kernel(const LoraParams& p, Dtype dtype);
 void lora_expand_kernel(const LoraParams& p, Dtype dtype);
 void rms_norm_kernel(const NormParams& p, Dtype dtype);
-void row_max_kernel(const RowMaxParams& p);
+void row_max_kernel(const RowMaxParams& p, Dtype dtype);
 
 }  // namespace hotswap

@@ -132,16 +132,17 @@ void rms_norm_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
 
 void row_max_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& x) {
   const char* op = "row_max";
-  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.stride(1) == 1 && x.scalar_type() == at::kFloat, op,
-              ": x must be float32 [B, V > 0] with a contiguous last axis, got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.stride(1) == 1, op, ": x must be [B, V > 0] with a contiguous last axis, got ",
+              x.sizes());
+  const Dtype dtype = dtype_of(x, op);
   TORCH_CHECK(values.dim() == 1 && values.size(0) == x.size(0) && values.scalar_type() == at::kFloat && values.is_contiguous(),
               op, ": values must be a contiguous float32 [", x.size(0), "]");
   TORCH_CHECK(indices.dim() == 1 && indices.size(0) == x.size(0) && indices.scalar_type() == at::kLong && indices.is_contiguous(),
               op, ": indices must be a contiguous int64 [", x.size(0), "]");
   if (x.size(0) == 0) return;
-  RowMaxParams p{values.mutable_data_ptr<float>(), indices.mutable_data_ptr<int64_t>(), x.const_data_ptr<float>(), x.size(0),
-                 x.size(1), x.stride(0)};
-  row_max_kernel(p);
+  RowMaxParams p{values.mutable_data_ptr<float>(), indices.mutable_data_ptr<int64_t>(), x.const_data_ptr(), x.size(0), x.size(1),
+                 x.stride(0)};
+  row_max_kernel(p, dtype);
 }
 
 }  // namespace
