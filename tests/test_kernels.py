@@ -336,6 +336,24 @@ def test_native_row_max_answers_as_torch_max(needs_native, V, dtype):
         torch.testing.assert_close(values, want_values, equal_nan=True, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_kv_write_matches_index_copy(needs_native, dtype):
+    """Keys and values of strided [tokens, kv_heads, head_dim] views (how a layer hands them over)
+    land in the same slots as index_copy_ puts them; nothing else changes; a slot outside the
+    cache is refused."""
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache = (torch.randn(9, 4, 3, 16, generator=gen).to(dtype) for _ in range(2))
+    key = torch.randn(1, 3, 7, 16, generator=gen).to(dtype)[0].transpose(0, 1)  # [7, 3, 16], token axis strided
+    value = torch.randn(1, 3, 7, 16, generator=gen).to(dtype)[0].transpose(0, 1)
+    slots = torch.tensor([35, 0, 17, 18, 4, 33, 12])
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    reference.kv_write(want_k, want_v, key, value, slots)
+    kernels.kv_write(k_cache, v_cache, key, value, slots, backend="native")
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    with pytest.raises(RuntimeError, match="outside"):
+        kernels.kv_write(k_cache, v_cache, key[:1], value[:1], torch.tensor([36]), backend="native")
+
+
 def test_backend_selection(monkeypatch):
     case = lora_case(torch.float32, 16, 16, [0, 1])
     calls = []

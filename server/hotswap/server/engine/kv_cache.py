@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from . import kernels
+
 CPU_RAM_FRACTION = 0.10
 """Default KV budget on CPU: this fraction of physical RAM."""
 CUDA_FREE_FRACTION = 0.85
@@ -55,9 +57,7 @@ class PagedKVCache:
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
         """key/value [num_tokens, kv_heads, head_dim] into slots [num_tokens]."""
-        k, v = self.keys[layer], self.values[layer]
-        k.view(-1, *k.shape[2:]).index_copy_(0, slots, key.to(k.dtype))
-        v.view(-1, *v.shape[2:]).index_copy_(0, slots, value.to(v.dtype))
+        kernels.kv_write(self.keys[layer], self.values[layer], key, value, slots)
 
     def write_all_layers(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
         """Prefix tuning: keys/values [layers, kv_heads, n, head_dim] into slots [n] of every layer at once."""

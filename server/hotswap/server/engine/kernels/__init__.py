@@ -1,5 +1,5 @@
 """CPU kernels for the packed engine step: paged attention, per-token LoRA, and
-the RMSNorm of the layers around them, and the greedy token's row maximum.
+the RMSNorm of the layers around them, cache writes, and the greedy token's row maximum.
 
 Each op runs the native C++ kernel (csrc/, built on first use for this machine)
 on CPU tensors and falls back to the pure-torch `reference` everywhere else.
@@ -8,6 +8,7 @@ from . import native, reference
 from .ops import (
     BACKENDS,
     get_backend,
+    kv_write,
     lora_expand,
     lora_shrink,
     native_available,
@@ -23,6 +24,7 @@ load = native.load
 __all__ = [
     "BACKENDS",
     "get_backend",
+    "kv_write",
     "load",
     "lora_expand",
     "lora_shrink",

@@ -198,6 +198,10 @@ def _register_fakes() -> None:
     def _(values, indices, x):
         return None
 
+    @torch.library.register_fake("hotswap::kv_write")
+    def _(k_cache, v_cache, key, value, slots):
+        return None
+
 
 def _short_reason(e: Exception) -> str:
     """The exception's first line plus the compiler's error lines: a build log can be pages long."""

@@ -138,3 +138,15 @@ def row_max(x: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tenso
         torch.ops.hotswap.row_max(values, indices, x)
         return values, indices
     return reference.row_max(x)
+
+
+def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, *,
+             backend: str | None = None) -> None:
+    """key / value [tokens, kv_heads, head_dim] (token and head axes may be strided) into cache slots [tokens]
+    (int64) of k_cache / v_cache [blocks, block_size, kv_heads, head_dim]; slot s is block s // block_size,
+    offset s % block_size. Natively one byte copy per token and head."""
+    if _use_native(k_cache, backend) and key.dtype == value.dtype == k_cache.dtype == v_cache.dtype \
+            and key.stride(-1) == 1 and value.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous():
+        torch.ops.hotswap.kv_write(k_cache, v_cache, key, value, slots)
+    else:
+        reference.kv_write(k_cache, v_cache, key, value, slots)
