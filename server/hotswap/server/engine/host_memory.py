@@ -7,15 +7,15 @@ unused part. Elsewhere (musl, macOS) this is a no-op.
 
 glibc's defaults work against a prefill step on CPU, though: blocks above a
 threshold that starts at 128 KiB are mapped fresh and unmapped on free, and a
-heap top above twice that threshold is given back after every free, so each of
-a step's MiB-sized activations (a 2,048-token step's MLP outputs, 6 MiB per op)
-is page-faulted in again, zero-filled by the kernel, layer after layer: the
-first 2,048-token prefills after start took 1.3-2.0 s and later ones ~0.9 s,
-against 0.71-0.74 s every time with the thresholds fixed high (python
-bench/allocator.py). So on CPU the engine fixes them (`reuse_freed_memory`): blocks
-up to 32 MiB (glibc's ceiling) come from the heap, and the heap is given back by
-the explicit trims above (when the batch empties and every 10 s), not after
-every free.
+heap top above twice that threshold is given back after every free, so a step's
+MiB-sized activations (a 2,048-token step's MLP outputs, 6 MiB per op) are
+page-faulted in again, zero-filled by the kernel, layer after layer. With the
+thresholds fixed high, 2,048-token prefills took ~9% less time and decode ran
+~6% faster, with no more resident memory (`python bench/allocator.py`, fresh
+processes alternating; bench/RESULTS.md). So on CPU the engine fixes them
+(`reuse_freed_memory`): blocks up to 32 MiB (glibc's ceiling) come from the
+heap, and the heap is given back by the explicit trims above (when the batch
+empties and every 10 s), not after every free.
 
 On CPU, oneDNN (primitive cache) and ideep (LRU cache) keep one compiled kernel
 per matmul shape, a fraction of a MiB each, 1,024 entries apiece by default. The
