@@ -14,8 +14,8 @@ import torch
 from ..config import EngineConfig
 from ..errors import Cancelled, HotswapError, InvalidArgument, ResourceExhausted
 from .detokenize import IncrementalDetokenizer, StopMatcher
-from .kv_blocks import KVBlockManager
 from .host_memory import reuse_freed_memory
+from .kv_blocks import KVBlockManager
 from .readout import ForwardOutput
 from .request import Classification, ContinuationScore, FinishReason, GenerateRequest, StreamEvent, Task, TokenLogprob
 from .row import Row

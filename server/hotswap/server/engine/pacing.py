@@ -92,8 +92,9 @@ class PrefillPacer:
         return n, n * (per + b * n / 2)
 
     def cost_model(self) -> tuple[float, float, float] | None:
-        """(c, a, b): a step takes c + Σ over its tokens (a + b × context) seconds; None until a
-        step carrying prompt tokens and one of another size were measured."""
+        """(c, a, b): a step takes c + Σ over its tokens (a + b × context) seconds; None until a step
+        carrying prompt tokens was measured (until steps of other sizes tell them apart, the fit
+        drops c or b: the best fit whose costs are all non-negative)."""
         return self._model
 
     # -- measuring -------------------------------------------------------------------
