@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hotswap.server.engine.attention import dense_chunk_attention
+from hotswap.server.engine.attention import SPLIT_MIN_TOKENS, dense_chunk_attention
 
 BS = 16
 
@@ -23,7 +23,8 @@ def truth(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
-@pytest.mark.parametrize("start,n,window", [(0, 70, 0), (37, 70, 0), (300, 45, 0), (300, 45, 64), (90, 33, 500)])
+@pytest.mark.parametrize("start,n,window", [(0, 70, 0), (37, 70, 0), (300, 45, 0), (300, 45, 64), (90, 33, 500),
+                                            (37, SPLIT_MIN_TOKENS + 9, 0)])
 def test_chunk_attends_to_earlier_positions_and_itself_causally(dtype, tol, heads, kv_heads, start, n, window):
     g = torch.Generator().manual_seed(start * 1000 + n)
     blocks = -(-(start + n) // BS) + 3
@@ -39,12 +40,12 @@ def test_chunk_attends_to_earlier_positions_and_itself_causally(dtype, tol, head
 
 
 def test_a_continued_chunk_agrees_with_the_masked_pass():
-    """Continuing a row (start > 0) takes two flash passes merged by log-sum-exp on CPU; a window
-    wider than the row sends the same attention through one masked pass instead."""
+    """Continuing a row (start > 0) with a long chunk takes two flash passes merged by log-sum-exp on
+    CPU; a window wider than the row sends the same attention through one masked pass instead."""
     g = torch.Generator().manual_seed(0)
-    k_cache, v_cache = torch.randn(40, BS, 2, 64, generator=g), torch.randn(40, BS, 2, 64, generator=g)
-    table = torch.arange(40, dtype=torch.int32)
-    q = torch.randn(200, 6, 64, generator=g)
+    k_cache, v_cache = torch.randn(80, BS, 2, 64, generator=g), torch.randn(80, BS, 2, 64, generator=g)
+    table = torch.arange(80, dtype=torch.int32)
+    q = torch.randn(SPLIT_MIN_TOKENS, 6, 64, generator=g)
     split = dense_chunk_attention(q, k_cache, v_cache, table, 400, 0.125, 0)
     masked = dense_chunk_attention(q, k_cache, v_cache, table, 400, 0.125, 10_000)
     torch.testing.assert_close(split, masked, rtol=1e-5, atol=1e-6)
