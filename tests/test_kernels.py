@@ -310,6 +310,18 @@ def test_native_rms_norm_matches_reference(needs_native, dtype, D, weight_first)
                                reference.rms_norm(rows, w, 1e-6, weight_first), rtol=step, atol=1e-6)
 
 
+def test_native_bf16_stores_round_denormals_and_nans_as_torch(needs_native):
+    """The kernels' bf16 stores round like c10::BFloat16 also where the hardware conversion would not:
+    denormal results (flushed to zero by vcvtneps2bf16) and NaN (kept with its payload by it)."""
+    x = torch.ones(3, 40, dtype=torch.bfloat16)
+    w = torch.full((40,), 1e-39, dtype=torch.bfloat16)  # a bf16 denormal: every output is one too
+    w[5], w[33] = 0.5, float("nan")
+    got = kernels.rms_norm(x, w, 1e-6, False, backend="native")
+    want = reference.rms_norm(x, w, 1e-6, False)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))  # bit for bit, NaN's bits included
+    assert got[0, 0].item() != 0.0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("V", [49152, 1000, 33, 16, 5, 1])
 def test_native_row_max_answers_as_torch_max(needs_native, V, dtype):

@@ -96,19 +96,32 @@ inline vf load_n(const T* p, int n) {
 
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
-inline void store(c10::BFloat16* p, vf v) {
-  // Round to nearest even, as c10::BFloat16(float) does; NaN stays a quiet NaN.
-#if defined(HOTSWAP_HAVE_BF16_DOT)
-  // One vcvtneps2bf16 (same rounding), NaN lanes set to c10's 0x7fc0 (the instruction keeps their payload).
-  const __m512 x = (__m512)v;
-  const __m256i r = (__m256i)_mm512_cvtneps_pbh(x);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_mask_set1_epi16(r, nan, 0x7fc0));
-#else
+// Round to nearest even, as c10::BFloat16(float) does; NaN becomes the quiet NaN 0x7fc0.
+inline vh bf16_rne(vf v) {
   vu u = (vu)v;
   vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   r = ((u & 0x7fffffffu) > 0x7f800000u) ? vu{} + 0x7fc0u : r;
-  vh h = __builtin_convertvector(r, vh);
+  return __builtin_convertvector(r, vh);
+}
+
+inline void store(c10::BFloat16* p, vf v) {
+#if defined(HOTSWAP_HAVE_BF16_DOT)
+  // One vcvtneps2bf16 rounds the same way, except that it keeps a NaN's payload and flushes
+  // denormal inputs to zero: lanes holding either (rare) take the emulated rounding instead.
+  const __m512 x = (__m512)v;
+  __m256i r = (__m256i)_mm512_cvtneps_pbh(x);
+  const __mmask16 odd = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) |
+                        (_mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(1.17549435e-38f), _CMP_LT_OQ) &
+                         _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NEQ_OQ));
+  if (odd) {
+    const vh h = bf16_rne(v);
+    __m256i e;
+    std::memcpy(&e, &h, sizeof e);
+    r = _mm256_mask_blend_epi16(odd, r, e);
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), r);
+#else
+  const vh h = bf16_rne(v);
   std::memcpy(p, &h, sizeof h);
 #endif
 }
