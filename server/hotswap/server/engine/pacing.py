@@ -42,7 +42,6 @@ class _Sums:
         self.gram = [[0.0] * 3 for _ in range(3)]
         self.rhs = [0.0] * 3
         self.yy = 0.0
-        self.weight = 0.0
 
     def add(self, x: tuple[float, float, float], y: float) -> None:
         for i in range(3):
@@ -50,7 +49,11 @@ class _Sums:
             for j in range(3):
                 self.gram[i][j] = FORGET * self.gram[i][j] + x[i] * x[j]
         self.yy = FORGET * self.yy + y * y
-        self.weight = FORGET * self.weight + 1.0
+
+    @property
+    def weight(self) -> float:
+        """The steps' forgotten count: the constant feature is 1, so it is the Gram matrix's first entry."""
+        return self.gram[0][0]
 
 
 class PrefillPacer:

@@ -123,7 +123,7 @@ def sample_step(logits: torch.Tensor, temperature: list[float], top_k: list[int]
     dev = logits.device
     scores = logits if penalized is None else penalized
     best, tokens = kernels.row_max(scores, backend=backend)  # [B]
-    finite = torch.isfinite(best) & (torch.isfinite(logits.max(dim=-1).values) if penalized is not None else True)
+    finite = torch.isfinite(best) & (torch.isfinite(kernels.row_max(logits, backend=backend)[0]) if penalized is not None else True)
     stochastic = [i for i, t in enumerate(temperature) if t > 0]
     if stochastic:
         idx = torch.tensor(stochastic, device=dev)

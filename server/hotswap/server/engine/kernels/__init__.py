@@ -1,5 +1,5 @@
-"""CPU kernels for the packed engine step: paged attention, per-token LoRA, and
-the RMSNorm of the layers around them, cache writes, and the greedy token's row maximum.
+"""CPU kernels for the packed engine step: paged attention, per-token LoRA, the
+layers' RMSNorm and cache writes, and the row maximum that gives greedy tokens.
 
 Each op runs the native C++ kernel (csrc/, built on first use for this machine)
 on CPU tensors and falls back to the pure-torch `reference` everywhere else.
