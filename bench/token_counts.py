@@ -5,7 +5,9 @@
   (what pacing makes of nearly every mixed step), and at counts on the scheduler's
   32-token grid (engine/scheduler.py, STEP_GRID);
 - RMSNorm: transformers' Llama module against the native kernel (engine/fused_norms.py)
-  at decode (64 rows) and prefill (2,048 rows).
+  at decode (64 rows) and prefill (2,048 rows);
+- sibling linears (engine/packed_linears.py): a layer's q/k/v and gate/up projections as
+  separate prepacked matmuls against one matmul of their stacked weights, at 64 and 2,048 rows.
 
     python bench/token_counts.py
 
@@ -72,6 +74,17 @@ def main() -> None:
             fused = best_us(lambda: kernels.rms_norm(x, norm.weight, 1e-5, False, backend="native")) if have_native else float("nan")
         norms[rows] = (own, fused)
 
+    siblings = {}
+    for group, widths in (("q/k/v", (HIDDEN, KV, KV)), ("gate/up", (FFN, FFN))):
+        parts = [torch.randn(w, HIDDEN, dtype=torch.bfloat16) for w in widths]
+        apart = [pack_weight(w, 64) for w in parts]
+        stacked = pack_weight(torch.cat(parts), 64)
+        for rows in (64, 2048):
+            x = torch.randn(rows, HIDDEN, dtype=torch.bfloat16)
+            with torch.inference_mode():
+                siblings[group, rows] = (best_us(lambda: [packed_linear(x, w, None) for w in apart]),
+                                         best_us(lambda: packed_linear(x, stacked, None).split(widths, dim=-1)))
+
     print(f"`python bench/token_counts.py` on {cpu_name()}, torch {torch.__version__}\n")
     print("| 211 prepacked bf16 linears (the default model's shapes), one pass | ms |\n|---|---|")
     for name, ms in linears.items():
@@ -79,11 +92,16 @@ def main() -> None:
     print("\n| RMSNorm, 576 wide, bf16 | transformers' LlamaRMSNorm, µs | native kernel, µs |\n|---|---|---|")
     for rows, (own, fused) in norms.items():
         print(f"| {rows} rows | {own:.0f} | {fused:.0f} |")
+    print("\n| sibling linears, one layer, bf16 prepacked | separate matmuls, µs | one stacked matmul, µs |\n|---|---|---|")
+    for (group, rows), (apart, stacked) in siblings.items():
+        print(f"| {group}, {rows} rows | {apart:.0f} | {stacked:.0f} |")
     new, on_grid = linears["a new count each pass (100–229)"], linears["those counts on the 32-token grid"]
     print("\n| target | measured | goal | met / NOT met |\n|---|---|---|---|")
     print(f"| linear pass on the grid / at new counts | {on_grid / new:.2f}× | < 1 | {'met' if on_grid < new else 'NOT met'} |")
     for rows, (own, fused) in norms.items():
         print(f"| RMSNorm kernel / module, {rows} rows | {fused / own:.2f}× | < 1 | {'met' if fused < own else 'NOT met'} |")
+    for (group, rows), (apart, stacked) in siblings.items():
+        print(f"| {group} stacked / separate, {rows} rows | {stacked / apart:.2f}× | ≤ 1 | {'met' if stacked <= apart else 'NOT met'} |")
 
 
 if __name__ == "__main__":

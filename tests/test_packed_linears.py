@@ -9,7 +9,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from hotswap.server.config import EngineConfig, ModelConfig
-from hotswap.server.engine.packed_linears import can_pack, pack_linears
+from hotswap.server.engine.packed_linears import can_pack, pack_linears, sibling_groups
 from hotswap.server.engine.request import GenerateRequest, SamplingParams
 from hotswap.server.model.loader import load_base_model
 from hotswap.server.serving import ServingCore
@@ -68,3 +68,72 @@ def test_engine_tokens_are_the_same_packed_or_not(tiny_checkpoints, tmp_path):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(torch.tensor([lp.logprob for lp in a.logprobs]), torch.tensor([lp.logprob for lp in b.logprobs]),
                                    rtol=0, atol=2e-2)
+
+
+class _Layer(nn.Module):
+    """The sibling linears a Llama layer has, one with a bias (Qwen2's q/k/v have biases)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(64, 96), nn.Linear(64, 32, bias=False), nn.Linear(64, 32)
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(64, 80, bias=False), nn.Linear(64, 80, bias=False), nn.Linear(80, 64)
+
+
+def test_siblings_run_as_one_matmul_and_each_gets_its_own_output():
+    torch.manual_seed(0)
+    layer = _Layer().to(torch.bfloat16)
+    plain = {n: (m.weight.clone(), None if m.bias is None else m.bias.clone()) for n, m in layer.named_children()}
+    assert pack_linears(layer, batch_hint=8) == (6, sum(w.numel() * 2 for w, _ in plain.values()))
+    groups = sibling_groups(layer)
+    assert len(groups) == 2
+    want = lambda name, x: nn.functional.linear(x, *plain[name])  # noqa: E731
+    with torch.inference_mode():
+        x = torch.randn(1, 7, 64, dtype=torch.bfloat16)
+        q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
+        for name, y in zip(("q_proj", "k_proj", "v_proj"), (q, k, v)):
+            assert torch.equal(y, want(name, x)), name
+        # one matmul: the three outputs are slices of one buffer, handed out once
+        assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+        assert all(g._state is None for g in groups)
+        # any order; a member called twice, or on another input, computes anew
+        y = torch.randn(3, 64, dtype=torch.bfloat16)
+        for name in ("v_proj", "q_proj", "q_proj", "k_proj"):
+            assert torch.equal(getattr(layer, name)(y), want(name, y)), name
+        up = layer.up_proj(x)
+        other = torch.randn(1, 7, 64, dtype=torch.bfloat16)
+        assert torch.equal(layer.gate_proj(other), want("gate_proj", other))  # not up's sibling slice of x
+        assert torch.equal(up, want("up_proj", x))
+        # a slice nobody takes holds the input until released
+        z = torch.randn(2, 64, dtype=torch.bfloat16)
+        layer.q_proj(z)
+        assert groups[0]._state is not None and groups[0]._state[0] is z
+        for g in groups:
+            g.release()
+        assert groups[0]._state is None
+    x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)  # training: torch's own path, per linear
+    layer.k_proj(x).sum().backward()
+    assert x.grad is not None and groups[0]._state is None
+
+
+def test_a_sibling_called_from_another_thread_computes_its_own():
+    import threading
+    torch.manual_seed(1)
+    layer = _Layer().to(torch.bfloat16)
+    w, b = layer.k_proj.weight.clone(), layer.k_proj.bias
+    pack_linears(layer, batch_hint=8)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    out = {}
+    with torch.inference_mode():
+        q = layer.q_proj(x)
+        t = threading.Thread(target=lambda: out.setdefault("k", _inference(layer.k_proj, x)))
+        t.start()
+        t.join()
+        k_here = layer.k_proj(x)
+    assert torch.equal(out["k"], nn.functional.linear(x, w, b))
+    assert out["k"].untyped_storage().data_ptr() != q.untyped_storage().data_ptr()  # its own matmul
+    assert torch.equal(k_here, out["k"])  # the other thread's call replaced this one's slices: computed again
+
+
+def _inference(fn, x):
+    with torch.inference_mode():
+        return fn(x)

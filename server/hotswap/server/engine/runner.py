@@ -22,11 +22,11 @@ from .architecture import probe_attention
 from .attention import BATCH_KWARG, DENSE_MIN_TOKENS, AttentionBatch, dense_threshold
 from .fused_norms import fuse_norms
 from .head import check_final_logits, decoder_of, final_logit_transform
-from .inputs import build_inputs
+from .inputs import StepInputs, build_inputs
 from .kv_cache import PagedKVCache, default_kv_cache_bytes
 from .lora import LoraStep, attach_lora
 from .own_attention import forward_rows
-from .packed_linears import can_pack, pack_linears
+from .packed_linears import can_pack, pack_linears, sibling_groups
 from .readout import ForwardOutput
 from .scheduler import ScheduledRow
 from .token_tables import embed_rows, head_logits
@@ -69,6 +69,7 @@ class ModelRunner:
         # packed_bytes: what this engine's packing added (an earlier engine on the model may have packed it).
         self.packed_linears, self.packed_bytes = (pack_linears(self.model, cfg.max_batch_size)
                                                   if cfg.prepack_linears and can_pack(self.device, self.dtype) else (0, 0))
+        self.siblings = sibling_groups(self.model)
         self.fused_norms = fuse_norms(self.model, self.device, self.dtype) if self.backend == "native" else 0
 
     def allocate_cache(self, budget_bytes: int, max_blocks: int, reserved: int = 0) -> int:
@@ -105,21 +106,29 @@ class ModelRunner:
         positions = step.positions.to(dev)
         embeds = self._embeddings(scheduled, step.ids.to(dev), step.first)  # [num_tokens, hidden]
         self._copy_prefixes(scheduled)
-        if not self.layout.paged:
-            hidden = forward_rows(self.decoder, self.cache, scheduled, step, embeds, self.lora, self.backend)  # [num_tokens, hidden]
-        else:
-            paged_tokens = len(step.ids) - sum(d.num_tokens for d in step.dense)
-            batch = AttentionBatch(self.cache, step.slots.to(dev), step.block_tables.to(dev), step.token_rows.to(dev),
-                                   positions.to(torch.int32), step.dense, paged_tokens, self.backend, self._adaption(scheduled, step.first))
-            self.lora.step = None if step.lora_slots is None else LoraStep.of(
-                step.lora_slots.to(dev), None if step.lora_scales is None else step.lora_scales.to(dev), self.lora.slots.max_loras, self.backend)
-            try:
-                hidden = self.decoder(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
-                                      **{BATCH_KWARG: batch}).last_hidden_state[0]  # [num_tokens, hidden]
-            finally:
-                self.lora.step = None
+        try:
+            hidden = self._forward(step, scheduled, embeds, positions)  # [num_tokens, hidden]
+        finally:
+            for group in self.siblings:
+                group.release()
         logits = self._logits(scheduled, hidden[step.sample_at.to(dev)])  # [sampling rows, vocab]
         return ForwardOutput(logits, readout.read(scheduled, step.first, hidden, self.logits))
+
+    def _forward(self, step: StepInputs, scheduled: list[ScheduledRow], embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The decoder over the packed tokens: embeds [num_tokens, hidden] -> final hidden states [num_tokens, hidden]."""
+        dev = self.device
+        if not self.layout.paged:
+            return forward_rows(self.decoder, self.cache, scheduled, step, embeds, self.lora, self.backend)
+        paged_tokens = len(step.ids) - sum(d.num_tokens for d in step.dense)
+        batch = AttentionBatch(self.cache, step.slots.to(dev), step.block_tables.to(dev), step.token_rows.to(dev),
+                               positions.to(torch.int32), step.dense, paged_tokens, self.backend, self._adaption(scheduled, step.first))
+        self.lora.step = None if step.lora_slots is None else LoraStep.of(
+            step.lora_slots.to(dev), None if step.lora_scales is None else step.lora_scales.to(dev), self.lora.slots.max_loras, self.backend)
+        try:
+            return self.decoder(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
+                                **{BATCH_KWARG: batch}).last_hidden_state[0]
+        finally:
+            self.lora.step = None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [n, hidden] → the base head's next-token logits [n, vocab] float32, with
