@@ -150,12 +150,17 @@ def _earlier_then_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, star
     One masked pass over the [n, start + n] rectangle took ~1.5x as long on CPU: SDPA's flash kernel
     reads the mask tile by tile and skips nothing. In bf16 each pass rounds its output before the
     merge: about one more half-ulp of error than one pass."""
-    heads, kv_heads = q.shape[1], k.shape[1]
-    qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, heads or kv_heads, len, head_dim]
-    if heads != kv_heads:  # the flash op takes no enable_gqa
-        kh, vh = kh.repeat_interleave(heads // kv_heads, 1), vh.repeat_interleave(heads // kv_heads, 1)
-    o1, lse1 = _CPU_FLASH(qh, kh[:, :, :start], vh[:, :, :start], 0.0, False, scale=scale)  # [1, heads, n, d], [1, heads, n]
-    o2, lse2 = _CPU_FLASH(qh, kh[:, :, start:], vh[:, :, start:], 0.0, True, scale=scale)
+    n, heads, d = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    # Earlier keys, unmasked: each kv head's query heads stacked along the sequence (their order does
+    # not matter without a mask), so no key is repeated for GQA and each is read once per kv head.
+    qf = q.view(n, kv_heads, group, d).permute(1, 2, 0, 3).reshape(1, kv_heads, group * n, d)
+    o1, lse1 = _CPU_FLASH(qf, k[:start].transpose(0, 1)[None], v[:start].transpose(0, 1)[None], 0.0, False, scale=scale)
+    o1, lse1 = o1.reshape(1, heads, n, d), lse1.reshape(1, heads, n)  # [1, heads, n, d], [1, heads, n]
+    # The chunk's own keys, causally: the flash op takes no enable_gqa, so these (only these) are repeated.
+    kh, vh = (x[start:].transpose(0, 1)[None].repeat_interleave(group, 1) for x in (k, v))
+    o2, lse2 = _CPU_FLASH(q.transpose(0, 1)[None], kh, vh, 0.0, True, scale=scale)
     # softmax over both key sets = the passes' outputs weighted by their exp(lse) shares
     earlier = torch.sigmoid(lse1 - lse2)[..., None]  # [1, heads, n, 1] float32: exp(lse1) / (exp(lse1) + exp(lse2))
     o = torch.lerp(o2.float(), o1.float(), earlier)
