@@ -38,8 +38,11 @@ try:
     _trim, _mallopt = _libc.malloc_trim, _libc.mallopt
     _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
     _mallopt.argtypes, _mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _malloc, _free = _libc.malloc, _libc.free
+    _malloc.argtypes, _malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
+    _free.argtypes, _free.restype = [ctypes.c_void_p], None
 except (OSError, AttributeError):
-    _trim = _mallopt = None
+    _trim = _mallopt = _malloc = _free = None
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
@@ -47,19 +50,43 @@ MMAP_THRESHOLD = 32 * 2**20
 """Blocks above this are mapped fresh each time: glibc's largest allowed value on 64-bit."""
 TRIM_THRESHOLD = 2**30
 """Free heap top kept without an explicit trim: above a step's working set, so steps reuse it."""
+_KEEP_ON_TRIM = 2**20
+"""Free heap top a thread's arena keeps when it is trimmed (release_free_memory)."""
+_TRIGGER = 2**18
+"""A block whose free makes glibc consider trimming its arena (at least 64 KiB) and that comes from the heap."""
+_fixed = False
 
 
 def reuse_freed_memory() -> bool:
     """Fix glibc's mmap and trim thresholds (see the module docstring) for the whole process,
     unless the environment sets either; False where the C library has no mallopt or refuses."""
+    global _fixed
     if _mallopt is None or any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
         return False
-    return bool(_mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(_mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    _fixed = bool(_mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(_mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _fixed
 
 
 def release_free_memory() -> bool:
-    """Return free heap memory to the OS; False where the C library cannot."""
-    return bool(_trim is not None and _trim(0))
+    """Return free heap memory to the OS, the calling thread's arena's top included; False where
+    the C library cannot.
+
+    The engine thread allocates from a malloc arena of its own; a long prefill's freed
+    activations merge into that arena's top, which glibc shrinks when the free of a large block
+    finds the top above the trim threshold: with the threshold fixed high (reuse_freed_memory),
+    never, and malloc_trim did not return it either (tests/test_host_memory.py: ~30 MiB kept
+    after two 4,000-token prompts on the default model). So the threshold is lowered for one
+    such free on this thread, then restored."""
+    if _trim is None:
+        return False
+    trimmed = bool(_trim(0))
+    if _fixed:
+        _mallopt(_M_TRIM_THRESHOLD, _KEEP_ON_TRIM)
+        try:
+            _free(_malloc(_TRIGGER))
+        finally:
+            _mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    return trimmed
 
 
 class PeriodicTrim:
