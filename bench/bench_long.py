@@ -7,8 +7,11 @@ prefill and the KV memory bound, each against its named baseline in one process.
   rows' inter-token latency against their steady state (no long prompt arriving);
 - one 4,000-token prefill (time to first token) against transformers' forward on the
   same prompt;
-- memory: the process's resident memory after a 4,000-token request, against the
-  weights plus the configured KV budget.
+- memory: the process's resident memory after 4,000-token requests, against the
+  weights plus the configured KV budget: once the engine has idled 1 s (the level the
+  process stays at: the engine thread gives back what its steps freed when its batch
+  empties, while the caller already holds its answer), and at the moment the last
+  answer arrives (reported beside it).
 
     python bench/bench_long.py
 
@@ -124,6 +127,8 @@ def long_prefill(loaded, args) -> dict:
             r = core.generate(GenerateRequest(prompt_ids=prompt, params=SamplingParams(max_new_tokens=1)), 3600)
             ours.append(r.time_to_first_token)
         rss[f"after the {args.long_tokens}-token requests"] = rss_bytes()
+        time.sleep(1.0)  # the batch emptied: the engine thread gives back what its steps freed
+        rss["after the engine idled 1 s"] = rss_bytes()
         packed = core.engine.runner.packed_bytes
     return {"ours": min(ours), "theirs": min(in_passing_thread(transformers_prefill, loaded, prompts)), "rss": rss,
             "kv_budget": budget, "packed": packed}
@@ -203,17 +208,19 @@ def main() -> None:
     # A packed copy of the bf16 weights this engine made (engine/packed_linears.py) is weights, not KV: counted
     # apart. (An earlier engine on the same model may have packed them already: then it is in "before engine".)
     grown = rss[f"after the {args.long_tokens}-token requests"] - rss["before engine"] - lp["packed"]
+    idled = rss["after the engine idled 1 s"] - rss["before engine"] - lp["packed"]
     log("\nResident memory: " + "; ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in rss.items())
         + f". KV budget {lp['kv_budget'] / 2**20:.0f} MiB; the engine added {grown / 2**20:.0f} MiB besides "
-        f"{lp['packed'] / 2**20:.0f} MiB of prepacked linear weights.")
+        f"{lp['packed'] / 2**20:.0f} MiB of prepacked linear weights ({idled / 2**20:.0f} MiB once the engine idled 1 s: "
+        f"{idled / lp['kv_budget']:.3f} of the budget).")
     itl_ratio = busy["p99"] / steady["p50"]
     log("\n| target | measured | goal | met / NOT met |\n|---|---|---|---|")
     rows = [
         ("prefix caching: TTFT p50 without / with", f"{ttft_gain:.1f}×", "≥ 5×", ttft_gain >= 5),
         ("chunked prefill: decoding rows' p99 inter-token latency / steady p50", f"{itl_ratio:.1f}×", "≤ 3×", itl_ratio <= 3),
         (f"{args.long_tokens}-token prefill time / transformers", f"{lp['ours'] / lp['theirs']:.2f}×", "≤ 1.0×", lp["ours"] <= lp["theirs"]),
-        (f"memory added by the engine after a {args.long_tokens}-token request / KV budget", f"{grown / lp['kv_budget']:.2f}",
-         "≤ 1 (within the budget)", grown <= lp["kv_budget"]),
+        (f"memory added by the engine after {args.long_tokens}-token requests, once it idled 1 s / KV budget",
+         f"{idled / lp['kv_budget']:.3f}", "≤ 1 (within the budget)", idled <= lp["kv_budget"]),
     ]
     for target, measured, goal, ok in rows:
         log(f"| {target} | {measured} | {goal} | {'met' if ok else 'NOT met'} |")
