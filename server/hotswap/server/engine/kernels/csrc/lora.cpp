@@ -86,6 +86,8 @@ void shrink_block_bf16(const c10::BFloat16* x, int64_t x_s0, const c10::BFloat16
   const int chunks = (IN + 31) / 32;
   for (int c = 0; c < chunks; ++c) {
     __m512i av[RB];
+    // The next RB rows' same chunk (rows are contiguous: the next block of this adapter's A)
+    for (int rb = 0; rb < RB; ++rb) __builtin_prefetch(a + (RB + rb) * a_s1 + c * 32, 0, 3);
     for (int rb = 0; rb < RB; ++rb) av[rb] = load32(a + rb * a_s1, c, IN);
     for (int tt = 0; tt < TT; ++tt) {
       const __m512i xv = load32(x + tt * x_s0, c, IN);
@@ -164,9 +166,10 @@ inline void expand_block(int c0, int rank, const T* b, int64_t b_s1, const float
   for (int r = 0; r < rank; ++r) {
     const vf tr = splat(tv[r]);
     const T* row = b + r * b_s1 + c0 * W;
-    // The rows are `rank` separate streams: fetch each one's next block while this one computes.
+    // The rows are `rank` separate streams: fetch each one's next block while this one computes,
+    // into every cache level (a non-temporal prefetch read ~25% slower: bench/bench_kernels.py).
     const char* ahead = reinterpret_cast<const char*>(row + C * W);
-    for (int k = 0; k < static_cast<int>(C * W * sizeof(T)); k += 64) __builtin_prefetch(ahead + k, 0, 0);
+    for (int k = 0; k < static_cast<int>(C * W * sizeof(T)); k += 64) __builtin_prefetch(ahead + k, 0, 3);
     for (int c = 0; c < C; ++c) acc[c] += tr * load(row + c * W);
   }
   for (int c = 0; c < C; ++c) store(y + (c0 + c) * W, acc[c]);
