@@ -13,7 +13,9 @@ from hotswap.server.engine.packed_linears import can_pack, pack_linears, sibling
 from hotswap.server.engine.request import GenerateRequest, SamplingParams
 from hotswap.server.model.loader import load_base_model
 from hotswap.server.serving import ServingCore
+from conftest import save_tiny_checkpoint
 from peft_fixtures import save_adapter
+from tiny_archs import ARCHS as TINY_ARCHS
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="this CPU has no oneDNN bf16 path")
 
@@ -44,10 +46,13 @@ def test_fp32_models_are_not_packed():
     assert pack_linears(model, 4) == (0, 0) and "forward" not in vars(model)
 
 
-def test_engine_tokens_are_the_same_packed_or_not(tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen2_moe", "phi3"])
+def test_engine_tokens_are_the_same_packed_or_not(tiny_checkpoints, tmp_path, arch):
     """A mixed batch of LoRA, DoRA, prompt-tuning, prefix and base rows in bf16: greedy tokens
-    and log-probs with packed linears equal those with torch's F.linear."""
-    ckpt = tiny_checkpoints["llama"]
+    and log-probs with packed linears (q/k/v and gate/up as sibling groups where the model has
+    them) equal those with torch's F.linear. Qwen3 normalises its q/k slices per head; Qwen2-MoE
+    has q/k/v biases and experts with their own gate/up; Phi-3 fuses qkv and gate/up itself."""
+    ckpt = tiny_checkpoints[arch] if arch in tiny_checkpoints else save_tiny_checkpoint(TINY_ARCHS[arch](), tmp_path / arch)
     kinds = ["lora", "dora", "prompt_random", "prefix"]
     paths = {k: save_adapter(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), k, tmp_path / k, seed=i)
              for i, k in enumerate(kinds)}
