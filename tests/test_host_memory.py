@@ -4,6 +4,7 @@ top, which malloc_trim alone did not give back (+25–35 MiB after two 4,000-tok
 default model). The engine's idle trim must. A fresh process, so RSS sees only the engine."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -45,3 +46,24 @@ def test_long_prefills_leave_no_resident_memory_behind(default_model_cache):
     assert run.returncode == 0, run.stderr[-2000:]
     grown = float(run.stdout.split()[-1])
     assert grown < 12, f"{grown:.0f} MiB more resident after the engine idled"
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "lots"])
+def test_an_ideep_cache_capacity_that_would_crash_torch_is_refused(monkeypatch, value):
+    """LRU_CACHE_CAPACITY=0 makes torch's first bf16 CPU matmul die of a segmentation fault:
+    the server refuses it at start with a message naming the variable instead."""
+    from hotswap.server.errors import ModelLoadError
+
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", value)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    with pytest.raises(ModelLoadError, match="LRU_CACHE_CAPACITY") as err:
+        host_memory.bound_cpu_kernel_caches()
+    assert err.value.field == "LRU_CACHE_CAPACITY"
+
+
+def test_kernel_cache_capacities_default_to_the_servers_and_keep_the_operators(monkeypatch):
+    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    host_memory.bound_cpu_kernel_caches()
+    assert os.environ["LRU_CACHE_CAPACITY"] == str(host_memory.CPU_KERNEL_CACHE_ENTRIES)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"

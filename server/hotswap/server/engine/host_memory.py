@@ -28,6 +28,8 @@ import ctypes.util
 import os
 import time
 
+from ..errors import ModelLoadError
+
 CPU_KERNEL_CACHE_ENTRIES = 512
 """Per cache. Half the libraries' default: half the memory they can reach (369
 rather than 791 MiB on bench/kernel_cache_memory.py's server mix, no slower there;
@@ -104,6 +106,18 @@ class PeriodicTrim:
 
 def bound_cpu_kernel_caches(entries: int = CPU_KERNEL_CACHE_ENTRIES) -> None:
     """Cap oneDNN's and ideep's per-shape kernel caches unless the environment already
-    does. Both libraries read the variable at their first matmul: call this before it."""
+    does. Both libraries read the variable at their first matmul: call this before it.
+
+    Raises ModelLoadError for an LRU_CACHE_CAPACITY below 1: with 0, torch's first bf16
+    matmul on CPU dies of a segmentation fault inside ideep (torch 2.13), which would take
+    the server down with no message."""
     for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
         os.environ.setdefault(name, str(entries))
+    value = os.environ["LRU_CACHE_CAPACITY"]
+    try:
+        ok = int(value) >= 1
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ModelLoadError(f"{value!r} is not a whole number of at least 1 (ideep's kernel cache size; 0 crashes torch's "
+                             f"CPU matmuls): set one, or leave it unset ({entries})", field="LRU_CACHE_CAPACITY")
