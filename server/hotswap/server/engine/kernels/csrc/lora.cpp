@@ -191,8 +191,6 @@ void expand_one(int OUT, int rank, const T* b, int64_t b_s1, const float* tv, T*
   }
 }
 
-// Up to 4 tokens of one slot, 4 output chunks at a time: each B load serves
-// every token of the group.
 // C whole 16-output chunks from output o: a compile-time count, so the NT x C accumulators stay
 // in registers (a runtime count spilled them to the stack: 2-3x slower at a shared adapter's 64 tokens).
 template <typename T, int NT, int C>
@@ -214,6 +212,8 @@ inline void expand_group_block(int64_t o, int rank, const T* b, int64_t b_s1, co
     for (int c = 0; c < C; ++c) store(y + u * y_s0 + o + c * W, acc[u][c]);
 }
 
+// Up to 4 tokens of one slot, 4 output chunks at a time: each B load serves
+// every token of the group.
 template <typename T, int NT>
 void expand_group(int64_t o0, int64_t o1, int OUT, int rank, const T* b, int64_t b_s1, const float* tp, int64_t t_s0,
                   T* y, int64_t y_s0) {
