@@ -348,6 +348,47 @@ def test_native_row_max_answers_as_torch_max(needs_native, V, dtype):
         torch.testing.assert_close(values, want_values, equal_nan=True, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("H,KVH,D", [(9, 3, 64), (4, 4, 80), (2, 1, 2), (3, 1, 608)])
+def test_native_rotary_matches_the_eager_formula(needs_native, dtype, H, KVH, D):
+    """transformers' apply_rotary_pos_emb bit for bit in bf16 / fp16 (fp32 within its rounding: the kernel
+    may fuse a product into the sum): heads handed over as transposed [B, T, H, D] views (outputs keep
+    that layout), cos / sin shared by the batch (B = 1) or per batch row, half widths off the 16-lane grid
+    and above the cos / sin vectors held per pass (608), NaN and infinities carried through."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(D)
+    for B, T, cos_batch in [(1, 37, 1), (2, 5, 2), (2, 3, 1), (1, 0, 1)]:
+        q = (torch.randn(B, T, H, D, generator=gen) * 3).to(dtype).transpose(1, 2)
+        k = (torch.randn(B, T, KVH, D, generator=gen) * 3).to(dtype).transpose(1, 2)
+        if T:
+            q[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])[:D]
+        angles = torch.rand(cos_batch, T, D, generator=gen) * 100
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        want = apply_rotary_pos_emb(q, k, cos, sin)
+        got = kernels.rotary(q, k, cos, sin, backend="native")
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == dtype
+            assert [st for st, n in zip(g.stride(), g.shape) if n > 1] == [st for st, n in zip(w.stride(), w.shape) if n > 1]
+            if dtype == torch.float32:
+                torch.testing.assert_close(g, w, rtol=2e-6, atol=1e-5, equal_nan=True)
+            else:
+                assert torch.equal(g.nan_to_num(7.0), w.nan_to_num(7.0)) and torch.equal(g.isnan(), w.isnan())
+        for g, r in zip(got, reference.rotary(q, k, cos, sin)):
+            torch.testing.assert_close(g, r, rtol=2e-6 if dtype == torch.float32 else 0, atol=1e-5 if dtype == torch.float32 else 0,
+                                       equal_nan=True)
+
+
+def test_native_rotary_refuses_mismatched_shapes(needs_native):
+    q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+    cos = torch.randn(1, 5, 16)
+    with pytest.raises(RuntimeError, match="cos and sin must be"):
+        torch.ops.hotswap.rotary(torch.empty_like(q), torch.empty_like(k), q, k, cos[:, :4], cos[:, :4])
+    with pytest.raises(RuntimeError, match="head_dim must be even"):
+        q3, k3, c3 = q[..., :15], k[..., :15], cos[..., :15]
+        torch.ops.hotswap.rotary(torch.empty_like(q3), torch.empty_like(k3), q3, k3, c3, c3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_kv_write_matches_index_copy(needs_native, dtype):
     """Keys and values of strided [tokens, kv_heads, head_dim] views (how a layer hands them over)

@@ -9,6 +9,7 @@ Architectures whose attention cannot be paged (engine/architecture.py decides at
 load) run the same inputs row by row through their own attention (own_attention.py)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +22,7 @@ from . import kernels, readout
 from .architecture import probe_attention
 from .attention import BATCH_KWARG, DENSE_MIN_TOKENS, AttentionBatch, dense_threshold
 from .fused_norms import fuse_norms
+from .fused_rotary import engaged, fuse_rotary
 from .head import check_final_logits, decoder_of, final_logit_transform
 from .inputs import StepInputs, build_inputs
 from .kv_cache import PagedKVCache, default_kv_cache_bytes
@@ -71,6 +73,7 @@ class ModelRunner:
                                                   if cfg.prepack_linears and can_pack(self.device, self.dtype) else (0, 0))
         self.siblings = sibling_groups(self.model)
         self.fused_norms = fuse_norms(self.model, self.device, self.dtype) if self.backend == "native" else 0
+        self.fused_rotary = fuse_rotary(self.model, self.device, self.dtype, self.head_dim) if self.backend == "native" else 0
 
     def allocate_cache(self, budget_bytes: int, max_blocks: int, reserved: int = 0) -> int:
         """Allocate the paged cache within `budget_bytes` (0 = the device default, leaving
@@ -107,7 +110,8 @@ class ModelRunner:
         embeds = self._embeddings(scheduled, step.ids.to(dev), step.first)  # [num_tokens, hidden]
         self._copy_prefixes(scheduled)
         try:
-            hidden = self._forward(step, scheduled, embeds, positions)  # [num_tokens, hidden]
+            with engaged() if self.fused_rotary else nullcontext():
+                hidden = self._forward(step, scheduled, embeds, positions)  # [num_tokens, hidden]
         finally:
             for group in self.siblings:
                 group.release()

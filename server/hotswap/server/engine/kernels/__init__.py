@@ -15,6 +15,7 @@ from .ops import (
     native_unavailable_reason,
     paged_attention,
     rms_norm,
+    rotary,
     row_max,
     set_backend,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "paged_attention",
     "reference",
     "rms_norm",
+    "rotary",
     "row_max",
     "set_backend",
 ]

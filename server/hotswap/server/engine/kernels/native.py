@@ -202,6 +202,10 @@ def _register_fakes() -> None:
     def _(k_cache, v_cache, key, value, slots):
         return None
 
+    @torch.library.register_fake("hotswap::rotary")
+    def _(q_out, k_out, q, k, cos, sin):
+        return None
+
 
 def _short_reason(e: Exception) -> str:
     """The exception's first line plus the compiler's error lines: a build log can be pages long."""

@@ -140,6 +140,24 @@ def row_max(x: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tenso
     return reference.row_max(x)
 
 
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+           backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding as transformers' apply_rotary_pos_emb (unsqueeze_dim=1) computes it:
+    (q * cos + rotate_half(q) * sin, the same for k), each product and the sum rounded to the dtype as
+    the eager ops round, so bf16 / fp16 results are bit-equal to theirs. q [B, H, T, D], k [B, KVH, T, D]
+    (any batch / head / token strides: the outputs keep them); cos, sin [B or 1, T, D]. Natively one
+    pass over both."""
+    B, _, T, D = q.shape
+    if _use_native(q, backend) and k.dim() == 4 and k.shape[0] == B and k.shape[2] == T and k.shape[3] == D \
+            and cos.dim() == 3 and cos.shape[0] in (1, B) and cos.shape[1:] == (T, D) and sin.shape == cos.shape \
+            and q.dtype == k.dtype == cos.dtype == sin.dtype and D % 2 == 0 \
+            and q.stride(-1) == k.stride(-1) == cos.stride(-1) == sin.stride(-1) == 1:
+        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+        torch.ops.hotswap.rotary(q_out, k_out, q, k, cos.expand(B, T, D), sin.expand(B, T, D))
+        return q_out, k_out
+    return reference.rotary(q, k, cos, sin)
+
+
 def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, *,
              backend: str | None = None) -> None:
     """key / value [tokens, kv_heads, head_dim] (token and head axes may be strided) into cache slots [tokens]

@@ -47,6 +47,16 @@ struct NormParams {
   bool weight_first;  // multiply by the weight before rounding (else after, as Llama's RMSNorm)
 };
 
+struct RotaryParams {
+  void* out;         // [B, H, T, D], any batch / head / token strides
+  const void* x;     // [B, H, T, D]
+  const void* cos;   // [B, T, D] (batch stride 0 when shared)
+  const void* sin;   // [B, T, D]
+  int64_t B, H, T, D;
+  int64_t x_s0, x_s1, x_s2, o_s0, o_s1, o_s2;
+  int64_t c_s0, c_s1, s_s0, s_s1;
+};
+
 struct RowMaxParams {
   float* values;     // [B]
   int64_t* indices;  // [B]
@@ -59,5 +69,6 @@ void lora_shrink_kernel(const LoraParams& p, Dtype dtype);
 void lora_expand_kernel(const LoraParams& p, Dtype dtype);
 void rms_norm_kernel(const NormParams& p, Dtype dtype);
 void row_max_kernel(const RowMaxParams& p, Dtype dtype);
+void rotary_kernel(const RotaryParams& p, Dtype dtype);
 
 }  // namespace hotswap

@@ -182,6 +182,34 @@ void row_max_cpu(const at::Tensor& values, const at::Tensor& indices, const at::
   row_max_kernel(p, dtype);
 }
 
+void rotary_one(const at::Tensor& out, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const char* op,
+                const char* name) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1 && out.sizes() == x.sizes() && out.stride(3) == 1 &&
+                  out.scalar_type() == x.scalar_type(),
+              op, ": ", name, " and its output must be [B, heads, T, D] of one dtype with a contiguous last axis, got ",
+              x.sizes(), " and ", out.sizes());
+  TORCH_CHECK(cos.dim() == 3 && cos.size(0) == x.size(0) && cos.size(1) == x.size(2) && cos.size(2) == x.size(3) &&
+                  sin.sizes() == cos.sizes() && cos.stride(2) == 1 && sin.stride(2) == 1,
+              op, ": cos and sin must be [", x.size(0), ", ", x.size(2), ", ", x.size(3),
+              "] with a contiguous last axis, got ", cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(), op,
+              ": cos, sin and ", name, " must share one dtype");
+  TORCH_CHECK(x.size(3) % 2 == 0, op, ": head_dim must be even, got ", x.size(3));
+  const Dtype dtype = dtype_of(x, op);
+  if (x.numel() == 0) return;
+  RotaryParams p{out.mutable_data_ptr(), x.const_data_ptr(), cos.const_data_ptr(), sin.const_data_ptr(),
+                 x.size(0), x.size(1), x.size(2), x.size(3),
+                 x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                 cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1)};
+  rotary_kernel(p, dtype);
+}
+
+void rotary_cpu(const at::Tensor& q_out, const at::Tensor& k_out, const at::Tensor& q, const at::Tensor& k,
+                const at::Tensor& cos, const at::Tensor& sin) {
+  rotary_one(q_out, q, cos, sin, "rotary", "q");
+  rotary_one(k_out, k, cos, sin, "rotary", "k");
+}
+
 }  // namespace
 }  // namespace hotswap
 
@@ -194,6 +222,7 @@ TORCH_LIBRARY(hotswap, m) {
   m.def("lora_expand(Tensor(a!) y, Tensor t, Tensor b_slots, Tensor token_slots, Tensor ranks) -> ()");
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps, bool weight_first) -> ()");
   m.def("row_max(Tensor(a!) values, Tensor(b!) indices, Tensor x) -> ()");
+  m.def("rotary(Tensor(a!) q_out, Tensor(b!) k_out, Tensor q, Tensor k, Tensor cos, Tensor sin) -> ()");
   m.def("kv_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor key, Tensor value, Tensor slots) -> ()");
 }
 
@@ -204,4 +233,5 @@ TORCH_LIBRARY_IMPL(hotswap, CPU, m) {
   m.impl("rms_norm", &hotswap::rms_norm_cpu);
   m.impl("row_max", &hotswap::row_max_cpu);
   m.impl("kv_write", &hotswap::kv_write_cpu);
+  m.impl("rotary", &hotswap::rotary_cpu);
 }
