@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hotswap.server.engine.attention import SPLIT_MIN_TOKENS, dense_chunk_attention
+from hotswap.server.engine.attention import SPLIT_MIN_CONTEXT, SPLIT_MIN_TOKENS, DenseRule, dense_chunk_attention, dense_rule
+from hotswap.server.engine import kernels
 
 BS = 16
 
@@ -24,7 +25,7 @@ def truth(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
 @pytest.mark.parametrize("start,n,window", [(0, 70, 0), (37, 70, 0), (300, 45, 0), (300, 45, 64), (90, 33, 500),
-                                            (37, SPLIT_MIN_TOKENS + 9, 0)])
+                                            (37, SPLIT_MIN_TOKENS + 9, 0), (SPLIT_MIN_CONTEXT + 5, 11, 0)])
 def test_chunk_attends_to_earlier_positions_and_itself_causally(dtype, tol, heads, kv_heads, start, n, window):
     g = torch.Generator().manual_seed(start * 1000 + n)
     blocks = -(-(start + n) // BS) + 3
@@ -49,3 +50,21 @@ def test_a_continued_chunk_agrees_with_the_masked_pass():
     split = dense_chunk_attention(q, k_cache, v_cache, table, 400, 0.125, 0)
     masked = dense_chunk_attention(q, k_cache, v_cache, table, 400, 0.125, 10_000)
     torch.testing.assert_close(split, masked, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_rule_reads_the_threshold_of_the_chunks_context():
+    rule = DenseRule((256, 1024, 4096), (None, 16, 8))
+    assert not rule.takes(0, 10_000) and not rule.takes(1023, 10_000)  # below 1,024 keys: never
+    assert not rule.takes(1024, 15) and rule.takes(1024, 16) and rule.takes(4095, 16) and not rule.takes(4095, 8)
+    assert rule.takes(4096, 8) and rule.takes(100_000, 8) and not rule.takes(100_000, 7)
+
+
+@pytest.mark.skipif(not kernels.native_available(), reason="native kernels unavailable on this machine")
+def test_measured_dense_rule_never_asks_more_of_a_longer_context():
+    rule = dense_rule(6, 2, 32, torch.bfloat16, torch.device("cpu"), BS)
+    if rule is None:
+        return  # the native kernel won everywhere on this machine
+    assert rule.contexts == tuple(sorted(rule.contexts))
+    for shorter, longer in zip(rule.min_tokens, rule.min_tokens[1:]):
+        assert shorter is None or (longer is not None and longer <= shorter)
+    assert dense_rule(6, 2, 32, torch.bfloat16, torch.device("cpu"), BS) is rule  # measured once per geometry

@@ -7,13 +7,16 @@ them, then every query token attends to its own row's positions 0..p (or the
 sliding window) read straight from the row's blocks, in one paged-attention call
 for the whole batch. A long prompt chunk may go through SDPA over its row's
 gathered blocks instead, where a dense kernel's matrix products win: always on the
-torch path, and on the native path from the chunk length `dense_threshold` measures
-at load on this machine (on AVX-512 without AMX the native kernel won at every
-length; with AMX, torch's SDPA halves a 4,000-token prefill)."""
+torch path, and on the native path from the chunk lengths `dense_rule` measures at
+load on this machine, one for each of a few context lengths (the longer the context
+before a chunk, the shorter the chunk from which SDPA wins: at 1,000 earlier keys
+from 16 tokens, at 256 from 16-32; on AVX-512 without AMX the native kernel won at
+every length; with AMX, torch's SDPA halves a 4,000-token prefill)."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +30,27 @@ ATTENTION_NAME = "hotswap_paged"
 BATCH_KWARG = "hotswap_attention"
 DENSE_MIN_TOKENS = 32
 """On the torch path, chunks of at least this many query tokens use SDPA over gathered blocks."""
-DENSE_CANDIDATES = (32, 64, 128, 256, 512)
-"""Chunk lengths `dense_threshold` times, each over a context of 1,024 keys before it."""
+DENSE_CANDIDATES = (8, 16, 32, 64, 128, 256, 512)
+"""Chunk lengths `dense_rule` times, shortest first, at each of DENSE_CONTEXTS."""
+DENSE_CONTEXTS = (256, 1024, 4096)
+"""Keys before the chunk at which `dense_rule` measures."""
+
+
+@dataclass(frozen=True)
+class DenseRule:
+    """Which prompt chunks attend through SDPA over gathered blocks: those of at least min_tokens[i]
+    tokens, i the last of `contexts` at or below the chunk's start (the first one below contexts[0]);
+    None: never at that context."""
+
+    contexts: tuple[int, ...]
+    min_tokens: tuple[int | None, ...]
+
+    def takes(self, start: int, num_tokens: int) -> bool:
+        i = 0
+        while i + 1 < len(self.contexts) and self.contexts[i + 1] <= start:
+            i += 1
+        need = self.min_tokens[i]
+        return need is not None and num_tokens >= need
 
 
 @dataclass
@@ -117,7 +139,8 @@ def dense_chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     first = lo % bs
     k = k_cache[blocks].flatten(0, 1)[first: first + end - lo]  # [keys, kv_heads, head_dim]
     v = v_cache[blocks].flatten(0, 1)[first: first + end - lo]
-    if _CPU_FLASH is not None and q.device.type == "cpu" and start > 0 and not window and n >= SPLIT_MIN_TOKENS:
+    if _CPU_FLASH is not None and q.device.type == "cpu" and start > 0 and not window \
+            and (n >= SPLIT_MIN_TOKENS or start >= SPLIT_MIN_CONTEXT):
         return _earlier_then_causal(q, k, v, start, scale)
     # A chunk that starts its row is plain causal attention: SDPA's fused causal kernel, no mask.
     causal = lo == 0 and start == 0 and not window
@@ -135,10 +158,15 @@ def dense_chunk_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 SPLIT_MIN_TOKENS = 512
-"""Continued chunks of at least this many tokens take `_earlier_then_causal` on CPU. Below it one masked
-pass was as fast or faster (bf16, the default model's heads, by hand: 128 tokens after 1,000 took 2.5 ms
-split against 1.0 ms masked, 512 after 2,000 6.3 against 6.5, 1,952 after 2,048 29 against 45), and
-the split's extra rounding buys nothing."""
+"""Continued chunks of at least this many tokens take `_earlier_then_causal` on CPU. Below it (and below
+SPLIT_MIN_CONTEXT) one masked pass was about as fast (bf16, the default model's heads, by hand: 32-256 tokens
+after 1,024 keys within 10% either way; 1,952 after 2,048 took 29 ms split against 45 masked), and the
+split's extra rounding buys nothing."""
+SPLIT_MIN_CONTEXT = 2048
+"""Continued chunks of any length after at least this many keys take `_earlier_then_causal` on CPU too: with
+the query heads of a kv head stacked, its unmasked pass reads each earlier key once where one masked pass
+reads the whole rectangle (bf16, the default model's heads, by hand: 8-256 tokens after 2,048 keys 10-18%
+less, after 3,000 13-20%; after 1,536 it lost for some lengths, after 1,024 and 256 for most)."""
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 """SDPA's CPU flash kernel, called directly for the log-sum-exp it returns (F.scaled_dot_product_attention drops it)."""
 
@@ -167,14 +195,17 @@ def _earlier_then_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, star
     return o[0].transpose(0, 1).to(q.dtype)
 
 
+@lru_cache(maxsize=16)
 @torch.inference_mode()
-def dense_threshold(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                    block_size: int, reps: int = 3) -> int | None:
-    """The shortest chunk (of DENSE_CANDIDATES) for which SDPA over gathered blocks beats the native
-    paged kernel here, timed on random data in the model's geometry; None when it never does."""
+def dense_rule(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+               block_size: int, reps: int = 3) -> DenseRule | None:
+    """At each of DENSE_CONTEXTS, the shortest chunk (of DENSE_CANDIDATES) for which SDPA over gathered
+    blocks beats the native paged kernel here, timed on random data in the model's geometry (once per
+    geometry and process); None when it never does. A longer context never needs a longer chunk than a
+    shorter one did (the dense pass's fixed cost shrinks relative to the keys both read)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    ctx = 1024 + DENSE_CANDIDATES[-1]
-    blocks = -(-ctx // block_size)
+    ctx_max = DENSE_CONTEXTS[-1] + DENSE_CANDIDATES[-1]
+    blocks = -(-ctx_max // block_size)
     k_cache = torch.randn(blocks, block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
     v_cache = torch.randn(blocks, block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
     table = torch.arange(blocks, dtype=torch.int32, device=device)
@@ -189,16 +220,25 @@ def dense_threshold(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype
             times.append(time.perf_counter() - t)
         return min(times)
 
-    for n in DENSE_CANDIDATES:
-        q = torch.randn(n, heads, head_dim, generator=gen).to(device, dtype)
-        out = torch.empty_like(q)
-        rows = torch.zeros(n, dtype=torch.int32, device=device)
-        positions = torch.arange(1024, 1024 + n, dtype=torch.int32, device=device)
-        native = best(lambda: kernels.paged_attention(out, q, k_cache, v_cache, table[None], rows, positions, scale, 0, backend="native"))
-        dense = best(lambda: dense_chunk_attention(q, k_cache, v_cache, table, 1024, scale, 0))
-        if dense < native:
-            return n
-    return None
+    def shortest(ctx: int, below: int | None) -> int | None:
+        for n in DENSE_CANDIDATES:
+            if below is not None and n >= below:
+                return below
+            q = torch.randn(n, heads, head_dim, generator=gen).to(device, dtype)
+            out = torch.empty_like(q)
+            rows = torch.zeros(n, dtype=torch.int32, device=device)
+            positions = torch.arange(ctx, ctx + n, dtype=torch.int32, device=device)
+            native = best(lambda: kernels.paged_attention(out, q, k_cache, v_cache, table[None], rows, positions, scale, 0,
+                                                          backend="native"))
+            dense = best(lambda: dense_chunk_attention(q, k_cache, v_cache, table, ctx, scale, 0))
+            if dense < native:
+                return n
+        return below
+
+    found: list[int | None] = []
+    for ctx in DENSE_CONTEXTS:
+        found.append(shortest(ctx, found[-1] if found else None))
+    return DenseRule(DENSE_CONTEXTS, tuple(found)) if any(n is not None for n in found) else None
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import DenseChunk
+from .attention import DenseChunk, DenseRule
 from .scheduler import ScheduledRow
 
 
@@ -34,8 +34,8 @@ class StepInputs:
     """[sampling rows] packed index of the token whose logits give each sampling row's next token."""
 
 
-def build_inputs(scheduled: list[ScheduledRow], block_size: int, dense_min_tokens: int | None) -> StepInputs:
-    """`dense_min_tokens`: chunks of at least this many tokens attend through SDPA (attention.py); None: none."""
+def build_inputs(scheduled: list[ScheduledRow], block_size: int, dense_rule: DenseRule | None) -> StepInputs:
+    """`dense_rule`: which chunks attend through SDPA (attention.py); None: none."""
     counts = torch.tensor([s.num_tokens for s in scheduled])
     n_rows, n_tokens = len(scheduled), int(counts.sum())
     # Per-token row index and position with a handful of ops rather than a loop over tokens.
@@ -48,7 +48,7 @@ def build_inputs(scheduled: list[ScheduledRow], block_size: int, dense_min_token
     slots = tables[row_of, positions // block_size].long() * block_size + positions % block_size
     first_list = first.tolist()
     dense = [DenseChunk(i, first_list[i], s.num_tokens, s.start) for i, s in enumerate(scheduled)
-             if dense_min_tokens is not None and s.num_tokens >= dense_min_tokens]
+             if dense_rule is not None and dense_rule.takes(s.start, s.num_tokens)]
     token_rows = row_of.to(torch.int32)
     for d in dense:
         token_rows[d.q_start: d.q_start + d.num_tokens] = -1

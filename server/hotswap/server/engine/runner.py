@@ -20,7 +20,7 @@ from ..config import EngineConfig
 from ..errors import ModelLoadError
 from . import kernels, readout
 from .architecture import probe_attention
-from .attention import BATCH_KWARG, DENSE_MIN_TOKENS, AttentionBatch, dense_threshold
+from .attention import BATCH_KWARG, DENSE_MIN_TOKENS, AttentionBatch, DenseRule, dense_rule
 from .fused_norms import fuse_norms
 from .fused_rotary import engaged, fuse_rotary
 from .head import check_final_logits, decoder_of, final_logit_transform
@@ -58,8 +58,8 @@ class ModelRunner:
         self.context_length = int(getattr(text, "max_position_embeddings", 0) or 0)
         self.backend = resolve_backend(cfg.attention_backend, self.device)
         self.block_size = cfg.block_size
-        self.dense_min_tokens = self._dense_min_tokens(text)
-        """Prompt chunks of at least this many tokens attend through SDPA (attention.py); None: never."""
+        self.dense_rule = self._dense_rule(text)
+        """Which prompt chunks attend through SDPA (attention.py); None: none."""
         self.lora = attach_lora(self.model, cfg.max_loras, self.device, self.dtype)
         self.decoder = decoder_of(self.model)
         self.embed = self.model.get_input_embeddings()
@@ -86,15 +86,15 @@ class ModelRunner:
         self.cache = PagedKVCache(self.num_layers, num_blocks, self.block_size, self.kv_heads, self.head_dim, self.device, self.dtype)
         return num_blocks
 
-    def _dense_min_tokens(self, text) -> int | None:
+    def _dense_rule(self, text) -> DenseRule | None:
         if self.backend == "torch":
-            return DENSE_MIN_TOKENS
+            return DenseRule((0,), (DENSE_MIN_TOKENS,))
         if not self.layout.paged:
             return None
         heads = int(getattr(text, "num_attention_heads", 0) or 0)
         if heads <= 0 or heads % self.kv_heads:
             return None
-        return dense_threshold(heads, self.kv_heads, self.head_dim, self.dtype, self.device, self.block_size)
+        return dense_rule(heads, self.kv_heads, self.head_dim, self.dtype, self.device, self.block_size)
 
     def load_lora(self, slot: int, weights: LoraWeights) -> None:
         self.lora.slots.load(slot, weights)
@@ -105,7 +105,7 @@ class ModelRunner:
         """Logits [rows that sample, vocab] (float32) in scheduled order, and what the
         prefill-only rows read from the same forward (readout.read)."""
         dev = self.device
-        step = build_inputs(scheduled, self.block_size, self.dense_min_tokens)
+        step = build_inputs(scheduled, self.block_size, self.dense_rule)
         positions = step.positions.to(dev)
         embeds = self._embeddings(scheduled, step.ids.to(dev), step.first)  # [num_tokens, hidden]
         self._copy_prefixes(scheduled)
