@@ -2,10 +2,11 @@
 driven through Engine.step on this thread (the only one computing, see
 server/hotswap/server/cpu_threads.py), profiled with cProfile over whole steps.
 
-    python bench/profile_step.py [--rows 64] [--steps 64] [--lora 64]
+    python bench/profile_step.py [--rows 64] [--steps 64] [--lora 64 [--kind lora-qv]]
 
 --lora N: the rows run N distinct all-linear LoRA adapters (r8/16/32) of bench_engine.py's set
-in ~/.cache/hotswap/bench (run bench_engine.py once to create it), row i adapter i % N.
+in ~/.cache/hotswap/bench (run bench_engine.py once to create it), row i adapter i % N;
+--kind lora-qv takes the q,v adapters of its 1,000-adapter run instead (ranks 8-64).
 
 Prints milliseconds per step for the calls that take the most time (cProfile's
 own overhead included, a few percent)."""
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--lora", type=int, default=0, help="distinct all-linear LoRA adapters over the rows (0: base only)")
+    ap.add_argument("--kind", default="lora", choices=["lora", "lora-qv"], help="which of bench_engine.py's adapter sets")
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache/hotswap/bench")
     args = ap.parse_args()
     bound_cpu_kernel_caches()
@@ -41,7 +43,7 @@ def main() -> None:
     batch = prompts(loaded.tokenizer, args.rows)
     adapters = [""] * args.rows
     if args.lora:
-        paths = sorted(args.workdir.glob("lora-[0-9]*"))[: args.lora]
+        paths = sorted(args.workdir.glob(f"{args.kind}-[0-9]*"))[: args.lora]
         if len(paths) < args.lora:
             raise SystemExit(f"{args.workdir} holds {len(paths)} all-linear LoRA adapters; run bench/bench_engine.py once")
         # The serving core's adapter store and cache, its loop stopped: this thread drives the engine.
@@ -80,7 +82,7 @@ def main() -> None:
     prof.disable()
     stats = pstats.Stats(prof)
     total = stats.total_tt / steps
-    lora = f" --lora {args.lora}" if args.lora else ""
+    lora = f" --lora {args.lora}" + (f" --kind {args.kind}" if args.kind != "lora" else "") if args.lora else ""
     print(f"`python bench/profile_step.py --rows {args.rows} --steps {args.steps}{lora}` on {cpu_name()}, {loaded.dtype}: "
           f"a decode step of {args.rows} rows takes {plain * 1e3:.1f} ms ({total * 1e3:.1f} ms under cProfile)\n")
     print("| call | ms per step (own time) | calls per step |\n|---|---|---|")

@@ -237,6 +237,8 @@ SLOT_PATTERNS = {
     "decode": [3, 0, 7, 1, -1, 5, 2, 6, 4, 1, 0, -1],
     "runs": [2] * 23 + [1] * 3 + [-1] * 2 + [0] * 2 + [7] * 5 + [2],
     "mixed": [5] * 40 + [0, 1, 2, 3, -1, 4, 6, 7] + [3] * 17 + [-1],
+    # decoding rows of a few adapters scattered through the batch: each slot's tokens form tiles wherever they sit
+    "scattered": [2, 5, 2, -1, 5, 0, 2, 2, 5, 7, 2, 0, 5, 2, 2, 2, 2, 5, 1, 2],
 }
 
 
@@ -285,6 +287,24 @@ def test_native_lora_matches_reference(needs_native, dtype, IN, OUT, pattern):
     torch.testing.assert_close(y_native.float(), y_ref.float(), atol=atol, rtol=rtol)
     want_y = case["fused"][:, 8 : 8 + OUT].double() + want_delta
     torch.testing.assert_close(y_native[:, 8 : 8 + OUT].double(), want_y, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_lora_token_results_do_not_depend_on_batch_mates(needs_native, dtype):
+    """A token's shrink and expand results are bit for bit the same whether it shares its tiles with
+    other tokens of its slot (scattered through the batch) or runs alone."""
+    case = lora_case(dtype, 576, 1536, SLOT_PATTERNS["scattered"], seed=3)
+    slots, ranks = case["slots"], case["ranks"]
+    t = torch.empty(len(slots), 32)
+    kernels.lora_shrink(t, case["x"], case["a"], slots, ranks, backend="native")
+    y = case["fused"].clone()
+    kernels.lora_expand(y[:, 8 : 8 + 1536], t, case["b"], slots, ranks, backend="native")
+    for i in range(len(slots)):
+        t_one = torch.empty(1, 32)
+        kernels.lora_shrink(t_one, case["x"][i : i + 1], case["a"], slots[i : i + 1], ranks, backend="native")
+        y_one = case["fused"][i : i + 1].clone()
+        kernels.lora_expand(y_one[:, 8 : 8 + 1536], t_one, case["b"], slots[i : i + 1], ranks, backend="native")
+        assert torch.equal(t_one[0], t[i]) and torch.equal(y_one[0], y[i]), i
 
 
 # ---- dispatch, fallback, build cache, torch.compile ----------------------------------

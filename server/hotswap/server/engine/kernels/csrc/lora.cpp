@@ -2,11 +2,13 @@
 //   shrink: out[t, :rank] = A[s] x[t]      (A: [S, R, IN])
 //   expand: y[t] += t[t, :rank] B[s, :rank]  (B: [S, R, OUT], scale folded in)
 //
-// Consecutive tokens with the same slot form a run; a run is cut into tiles
-// whose tokens share every load of the adapter's weights. A decode batch
-// (every token a different slot) is then one weight read per token, i.e.
-// memory bound; a prefill run reuses each weight row across the tile like a
-// small GEMM. Accumulation in fp32; y is rounded once, after the add.
+// The tokens of each slot, wherever they sit in the batch (a prefill chunk's
+// run, decoding rows of one adapter scattered among others), are cut into tiles
+// whose tokens share every load of the adapter's weights: a decode batch reads
+// each distinct adapter's weights once, not once per row (memory bound), and a
+// prefill run reuses each weight row across the tile like a small GEMM. A token's
+// result does not depend on its tile (the same sums in the same order).
+// Accumulation in fp32; y is rounded once, after the add.
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -25,30 +27,41 @@ constexpr int TE = 16;       // tokens per expand tile
 constexpr int OB = 256;      // outputs per expand work item (a multiple of 16)
 
 struct Tile {
-  int64_t first;
+  int first;  // index into Plan::rows
   int count;
   int slot;
 };
 
-// Tiles of consecutive tokens sharing a slot, after checking every slot and rank.
-std::vector<Tile> plan(const LoraParams& p, int max_tokens, const char* op) {
+struct Plan {
+  std::vector<int64_t> rows;  // token indices grouped by slot (batch order within a slot)
   std::vector<Tile> tiles;
+};
+
+// Tiles of up to max_tokens tokens of one slot, after checking every slot and rank.
+Plan plan(const LoraParams& p, int max_tokens, const char* op) {
+  std::vector<int64_t> count(p.S + 1, 0);
   for (int64_t i = 0; i < p.N; ++i) {
     const int s = p.token_slots[i];
     if (s < 0) continue;
     TORCH_CHECK(s < p.S, op, ": token_slots[", i, "] = ", s, " but there are ", p.S, " slots");
     TORCH_CHECK(p.ranks[s] >= 0 && p.ranks[s] <= p.R, op, ": ranks[", s, "] = ", p.ranks[s], " outside 0..", p.R);
-    Tile* last = tiles.empty() ? nullptr : &tiles.back();
-    if (last && last->slot == s && last->first + last->count == i && last->count < max_tokens)
-      last->count += 1;
-    else
-      tiles.push_back({i, 1, s});
+    ++count[s + 1];
   }
-  return tiles;
+  for (int64_t s = 0; s < p.S; ++s) count[s + 1] += count[s];  // count[s]: where slot s's tokens start
+  Plan out;
+  out.rows.resize(count[p.S]);
+  std::vector<int64_t> at(count.begin(), count.end() - 1);
+  for (int64_t i = 0; i < p.N; ++i)
+    if (p.token_slots[i] >= 0) out.rows[at[p.token_slots[i]]++] = i;
+  for (int64_t s = 0; s < p.S; ++s)
+    for (int64_t f = count[s]; f < count[s + 1]; f += max_tokens)
+      out.tiles.push_back({static_cast<int>(f), static_cast<int>(std::min<int64_t>(max_tokens, count[s + 1] - f)),
+                           static_cast<int>(s)});
+  return out;
 }
 
 // Multiply-adds of a call, to decide whether it is worth the thread pool.
-int64_t work(const LoraParams& p, const std::vector<Tile>& tiles) {
+int64_t work(const LoraParams& p, const std::vector<Tile>& tiles) {  // multiply-adds
   int64_t total = 0;
   for (const Tile& t : tiles) total += int64_t{t.count} * p.ranks[t.slot] * p.features;
   return total;
@@ -57,9 +70,10 @@ int64_t work(const LoraParams& p, const std::vector<Tile>& tiles) {
 // ---- shrink ------------------------------------------------------------------
 
 // TT tokens times RB rows of A: TT * RB dot products over IN, x rows widened
-// to fp32 once per tile (xs).
+// to fp32 once per tile (xs). Token tt's outputs go to out + rows[tt] * out_s0.
 template <typename T, int TT, int RB>
-void shrink_block(const float* xs, int64_t xs_s0, const T* a, int64_t a_s1, int IN, float* out, int64_t out_s0) {
+void shrink_block(const float* xs, int64_t xs_s0, const T* a, int64_t a_s1, int IN, float* out, const int64_t* rows,
+                  int64_t out_s0) {
   vf acc[TT][RB] = {};
   const int chunks = (IN + W - 1) / W;
   for (int c = 0; c < chunks; ++c) {
@@ -71,15 +85,15 @@ void shrink_block(const float* xs, int64_t xs_s0, const T* a, int64_t a_s1, int 
     }
   }
   for (int tt = 0; tt < TT; ++tt)
-    for (int rb = 0; rb < RB; ++rb) out[tt * out_s0 + rb] = hsum(acc[tt][rb]);
+    for (int rb = 0; rb < RB; ++rb) out[rows[tt] * out_s0 + rb] = hsum(acc[tt][rb]);
 }
 
 #ifdef HOTSWAP_HAVE_BF16_DOT
 // The same on bf16 x and A as stored: exact products, fp32 sums, half the
 // instructions of widening both operands.
 template <int TT, int RB>
-void shrink_block_bf16(const c10::BFloat16* x, int64_t x_s0, const c10::BFloat16* a, int64_t a_s1, int IN, float* out,
-                       int64_t out_s0) {
+void shrink_block_bf16(const c10::BFloat16* x, const int64_t* rows, int64_t x_s0, const c10::BFloat16* a, int64_t a_s1,
+                       int IN, float* out, int64_t out_s0) {
   __m512 acc[TT][RB];
   for (int tt = 0; tt < TT; ++tt)
     for (int rb = 0; rb < RB; ++rb) acc[tt][rb] = _mm512_setzero_ps();
@@ -90,33 +104,34 @@ void shrink_block_bf16(const c10::BFloat16* x, int64_t x_s0, const c10::BFloat16
     for (int rb = 0; rb < RB; ++rb) __builtin_prefetch(a + (RB + rb) * a_s1 + c * 32, 0, 3);
     for (int rb = 0; rb < RB; ++rb) av[rb] = load32(a + rb * a_s1, c, IN);
     for (int tt = 0; tt < TT; ++tt) {
-      const __m512i xv = load32(x + tt * x_s0, c, IN);
+      const __m512i xv = load32(x + rows[tt] * x_s0, c, IN);
       for (int rb = 0; rb < RB; ++rb) acc[tt][rb] = dot_bf16(acc[tt][rb], xv, av[rb]);
     }
   }
   for (int tt = 0; tt < TT; ++tt)
-    for (int rb = 0; rb < RB; ++rb) out[tt * out_s0 + rb] = hsum((vf)acc[tt][rb]);
+    for (int rb = 0; rb < RB; ++rb) out[rows[tt] * out_s0 + rb] = hsum((vf)acc[tt][rb]);
 }
 #endif
 
-// All `rank` rows of A for a tile of TT tokens, four rows at a time.
+// All `rank` rows of A for a tile of TT tokens (batch rows rows[0..TT)), four rows of A at a time.
 template <typename T, int TT>
-void shrink_tile(const T* x, int64_t x_s0, const float* xs, int64_t xs_s0, const T* a, int64_t a_s1, int IN, int rank,
-                 float* out, int64_t out_s0) {
+void shrink_tile(const T* x, const int64_t* rows, int64_t x_s0, const float* xs, int64_t xs_s0, const T* a, int64_t a_s1,
+                 int IN, int rank, float* out, int64_t out_s0) {
   int r = 0;
 #ifdef HOTSWAP_HAVE_BF16_DOT
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    for (; r + 4 <= rank; r += 4) shrink_block_bf16<TT, 4>(x, x_s0, a + r * a_s1, a_s1, IN, out + r, out_s0);
-    for (; r < rank; ++r) shrink_block_bf16<TT, 1>(x, x_s0, a + r * a_s1, a_s1, IN, out + r, out_s0);
+    for (; r + 4 <= rank; r += 4) shrink_block_bf16<TT, 4>(x, rows, x_s0, a + r * a_s1, a_s1, IN, out + r, out_s0);
+    for (; r < rank; ++r) shrink_block_bf16<TT, 1>(x, rows, x_s0, a + r * a_s1, a_s1, IN, out + r, out_s0);
     return;
   }
 #endif
-  for (; r + 4 <= rank; r += 4) shrink_block<T, TT, 4>(xs, xs_s0, a + r * a_s1, a_s1, IN, out + r, out_s0);
-  for (; r < rank; ++r) shrink_block<T, TT, 1>(xs, xs_s0, a + r * a_s1, a_s1, IN, out + r, out_s0);
+  for (; r + 4 <= rank; r += 4) shrink_block<T, TT, 4>(xs, xs_s0, a + r * a_s1, a_s1, IN, out + r, rows, out_s0);
+  for (; r < rank; ++r) shrink_block<T, TT, 1>(xs, xs_s0, a + r * a_s1, a_s1, IN, out + r, rows, out_s0);
 }
 
 template <typename T>
-void shrink(const LoraParams& p, const std::vector<Tile>& tiles) {
+void shrink(const LoraParams& p, const Plan& plan) {
+  const std::vector<Tile>& tiles = plan.tiles;
   const int IN = static_cast<int>(p.features), R = static_cast<int>(p.R);
   const int64_t in_pad = (IN + W - 1) / W * W;
 #ifdef HOTSWAP_HAVE_BF16_DOT
@@ -131,20 +146,19 @@ void shrink(const LoraParams& p, const std::vector<Tile>& tiles) {
     std::vector<float> xs(widen ? TS * in_pad : 0);  // the tile's x rows in fp32, zero padded
     for (int64_t w = take(); w >= 0; w = take()) {
       const Tile& t = tiles[w];
-      const T* x = xp + t.first * p.in_s0;
+      const int64_t* rows = &plan.rows[t.first];
       if (widen)
         for (int tt = 0; tt < t.count; ++tt)
-          for (int c = 0; c < in_pad / W; ++c) store(&xs[tt * in_pad + c * W], load_at(x + tt * p.in_s0, c, IN));
+          for (int c = 0; c < in_pad / W; ++c) store(&xs[tt * in_pad + c * W], load_at(xp + rows[tt] * p.in_s0, c, IN));
       const T* a = ap + t.slot * p.w_s0;
       const int rank = p.ranks[t.slot];
-      float* o = op + t.first * p.out_s0;
       switch (t.count) {
 #define HS_CASE(N) \
-  case N: shrink_tile<T, N>(x, p.in_s0, xs.data(), in_pad, a, p.w_s1, IN, rank, o, p.out_s0); break;
+  case N: shrink_tile<T, N>(xp, rows, p.in_s0, xs.data(), in_pad, a, p.w_s1, IN, rank, op, p.out_s0); break;
         HS_CASE(1) HS_CASE(2) HS_CASE(3) HS_CASE(4)
 #undef HS_CASE
       }
-      for (int tt = 0; tt < t.count; ++tt) std::fill(o + tt * p.out_s0 + rank, o + tt * p.out_s0 + R, 0.f);
+      for (int tt = 0; tt < t.count; ++tt) std::fill(op + rows[tt] * p.out_s0 + rank, op + rows[tt] * p.out_s0 + R, 0.f);
     }
   });
 }
@@ -195,51 +209,54 @@ void expand_one(int OUT, int rank, const T* b, int64_t b_s1, const float* tv, T*
 // in registers (a runtime count spilled them to the stack: 2-3x slower at a shared adapter's 64 tokens).
 template <typename T, int NT, int C>
 inline void expand_group_block(int64_t o, int rank, const T* b, int64_t b_s1, const float* tp, int64_t t_s0, T* y,
-                               int64_t y_s0) {
+                               int64_t y_s0, const int64_t* rows) {
   vf acc[NT][C];
   for (int u = 0; u < NT; ++u)
-    for (int c = 0; c < C; ++c) acc[u][c] = load(y + u * y_s0 + o + c * W);
+    for (int c = 0; c < C; ++c) acc[u][c] = load(y + rows[u] * y_s0 + o + c * W);
   for (int r = 0; r < rank; ++r) {
     const T* row = b + r * b_s1 + o;
+    const char* next = reinterpret_cast<const char*>(row + b_s1);  // the next rank row's same block
+    for (int k = 0; k < static_cast<int>(C * W * sizeof(T)); k += 64) __builtin_prefetch(next + k, 0, 3);
     vf bv[C];
     for (int c = 0; c < C; ++c) bv[c] = load(row + c * W);
     for (int u = 0; u < NT; ++u) {
-      const vf tr = splat(tp[u * t_s0 + r]);
+      const vf tr = splat(tp[rows[u] * t_s0 + r]);
       for (int c = 0; c < C; ++c) acc[u][c] += tr * bv[c];
     }
   }
   for (int u = 0; u < NT; ++u)
-    for (int c = 0; c < C; ++c) store(y + u * y_s0 + o + c * W, acc[u][c]);
+    for (int c = 0; c < C; ++c) store(y + rows[u] * y_s0 + o + c * W, acc[u][c]);
 }
 
-// Up to 4 tokens of one slot, 4 output chunks at a time: each B load serves
-// every token of the group.
+// Up to 4 tokens of one slot (batch rows rows[0..NT)), 8 output chunks at a time (4 for 3-4 tokens): each B load
+// serves every token of the group.
 template <typename T, int NT>
 void expand_group(int64_t o0, int64_t o1, int OUT, int rank, const T* b, int64_t b_s1, const float* tp, int64_t t_s0,
-                  T* y, int64_t y_s0) {
-  constexpr int C = 4;
-  for (; o0 + C * W <= o1; o0 += C * W) expand_group_block<T, NT, C>(o0, rank, b, b_s1, tp, t_s0, y, y_s0);
+                  T* y, int64_t y_s0, const int64_t* rows) {
+  constexpr int C = NT <= 2 ? 8 : 4;  // NT x C accumulators, at most 16 registers
+  for (; o0 + C * W <= o1; o0 += C * W) expand_group_block<T, NT, C>(o0, rank, b, b_s1, tp, t_s0, y, y_s0, rows);
   for (int64_t o = o0; o < o1; o += C * W) {  // the last outputs: a partial block, masked at the row's end
     const int c0 = static_cast<int>(o / W), chunks = static_cast<int>(std::min<int64_t>(C, (o1 - o + W - 1) / W));
     vf acc[NT][C];
     for (int u = 0; u < NT; ++u)
-      for (int c = 0; c < chunks; ++c) acc[u][c] = load_at(y + u * y_s0, c0 + c, OUT);
+      for (int c = 0; c < chunks; ++c) acc[u][c] = load_at(y + rows[u] * y_s0, c0 + c, OUT);
     for (int r = 0; r < rank; ++r) {
       const T* row = b + r * b_s1;
       vf bv[C];
       for (int c = 0; c < chunks; ++c) bv[c] = load_at(row, c0 + c, OUT);
       for (int u = 0; u < NT; ++u) {
-        const vf tr = splat(tp[u * t_s0 + r]);
+        const vf tr = splat(tp[rows[u] * t_s0 + r]);
         for (int c = 0; c < chunks; ++c) acc[u][c] += tr * bv[c];
       }
     }
     for (int u = 0; u < NT; ++u)
-      for (int c = 0; c < chunks; ++c) store_at(y + u * y_s0, c0 + c, OUT, acc[u][c]);
+      for (int c = 0; c < chunks; ++c) store_at(y + rows[u] * y_s0, c0 + c, OUT, acc[u][c]);
   }
 }
 
 template <typename T>
-void expand(const LoraParams& p, const std::vector<Tile>& tiles) {
+void expand(const LoraParams& p, const Plan& plan) {
+  const std::vector<Tile>& tiles = plan.tiles;
   const int OUT = static_cast<int>(p.features);
   const int64_t parts = (OUT + OB - 1) / OB;
   const float* tp = static_cast<const float*>(p.in);
@@ -265,17 +282,19 @@ void expand(const LoraParams& p, const std::vector<Tile>& tiles) {
       const int64_t o0 = items[w].o0, o1 = items[w].o1;
       const T* b = bp + tile.slot * p.w_s0;
       const int rank = p.ranks[tile.slot];
-      const float* t = tp + tile.first * p.in_s0;
-      T* y = yp + tile.first * p.out_s0;
+      const int64_t* rows = &plan.rows[tile.first];
       if (tile.count == 1) {
-        expand_one<T>(OUT, rank, b, p.w_s1, t, y);
+        expand_one<T>(OUT, rank, b, p.w_s1, tp + rows[0] * p.in_s0, yp + rows[0] * p.out_s0);
         continue;
       }
       int u = 0;
       for (; u + 4 <= tile.count; u += 4)
-        expand_group<T, 4>(o0, o1, OUT, rank, b, p.w_s1, t + u * p.in_s0, p.in_s0, y + u * p.out_s0, p.out_s0);
-      for (; u < tile.count; ++u)
-        expand_group<T, 1>(o0, o1, OUT, rank, b, p.w_s1, t + u * p.in_s0, p.in_s0, y + u * p.out_s0, p.out_s0);
+        expand_group<T, 4>(o0, o1, OUT, rank, b, p.w_s1, tp, p.in_s0, yp, p.out_s0, rows + u);
+      switch (tile.count - u) {  // the last 1-3 tokens also share each B load
+        case 3: expand_group<T, 3>(o0, o1, OUT, rank, b, p.w_s1, tp, p.in_s0, yp, p.out_s0, rows + u); break;
+        case 2: expand_group<T, 2>(o0, o1, OUT, rank, b, p.w_s1, tp, p.in_s0, yp, p.out_s0, rows + u); break;
+        case 1: expand_group<T, 1>(o0, o1, OUT, rank, b, p.w_s1, tp, p.in_s0, yp, p.out_s0, rows + u); break;
+      }
     }
   });
 }
@@ -283,24 +302,24 @@ void expand(const LoraParams& p, const std::vector<Tile>& tiles) {
 }  // namespace
 
 void lora_shrink_kernel(const LoraParams& p, Dtype dtype) {
-  const auto tiles = plan(p, TS, "lora_shrink");
+  const Plan planned = plan(p, TS, "lora_shrink");
   // Tokens without LoRA get a zero row; every other row is written by its tile.
   float* op = static_cast<float*>(p.out);
   for (int64_t i = 0; i < p.N; ++i)
     if (p.token_slots[i] < 0) std::fill(op + i * p.out_s0, op + i * p.out_s0 + p.R, 0.f);
   switch (dtype) {
-    case Dtype::kFloat: return shrink<float>(p, tiles);
-    case Dtype::kBFloat16: return shrink<c10::BFloat16>(p, tiles);
-    case Dtype::kHalf: return shrink<c10::Half>(p, tiles);
+    case Dtype::kFloat: return shrink<float>(p, planned);
+    case Dtype::kBFloat16: return shrink<c10::BFloat16>(p, planned);
+    case Dtype::kHalf: return shrink<c10::Half>(p, planned);
   }
 }
 
 void lora_expand_kernel(const LoraParams& p, Dtype dtype) {
-  const auto tiles = plan(p, TE, "lora_expand");
+  const Plan planned = plan(p, TE, "lora_expand");
   switch (dtype) {
-    case Dtype::kFloat: return expand<float>(p, tiles);
-    case Dtype::kBFloat16: return expand<c10::BFloat16>(p, tiles);
-    case Dtype::kHalf: return expand<c10::Half>(p, tiles);
+    case Dtype::kFloat: return expand<float>(p, planned);
+    case Dtype::kBFloat16: return expand<c10::BFloat16>(p, planned);
+    case Dtype::kHalf: return expand<c10::Half>(p, planned);
   }
 }
 
