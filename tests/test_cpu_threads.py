@@ -42,3 +42,47 @@ def test_only_the_engine_thread_computes_in_parallel(tiny_checkpoints):
         assert on_engine and set(on_engine) == {COMPUTE_THREADS}
         helpers = {"adapter loader": core.adapters._loader, "tokenizer": TOKENIZER_POOL, "blocking": BLOCKING_POOL}
         assert {name: pool.submit(torch.get_num_threads).result() for name, pool in helpers.items()} == dict.fromkeys(helpers, 1)
+
+
+PROBE = """
+import threading, torch
+from hotswap.server.cpu_threads import serial, use_threads
+from hotswap.server.engine import kernels
+assert kernels.native_available()
+seen, helper_done, engine_ready = {}, threading.Event(), threading.Event()
+
+def engine():
+    use_threads(2)
+    torch.ones(512, 512) @ torch.ones(512, 512)  # torch's own parallel regions first, as the engine's first step
+    engine_ready.set()
+    helper_done.wait()
+    a, x = torch.randn(64, 32, 576).bfloat16(), torch.randn(512, 576).bfloat16()  # enough work for both threads
+    kernels.lora_shrink(torch.empty(512, 32), x, a, torch.zeros(512, dtype=torch.int32), torch.full((64,), 32, dtype=torch.int32),
+                        backend="native")
+    seen["after"] = torch.get_num_threads()
+
+def helper():  # an adapter loader, tokenizer or I/O thread going serial meanwhile
+    engine_ready.wait()
+    serial()
+    helper_done.set()
+
+threads = [threading.Thread(target=engine), threading.Thread(target=helper)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(seen["after"])
+"""
+
+
+@pytest.mark.skipif(not __import__("hotswap.server.engine.kernels", fromlist=["x"]).native_available(),
+                    reason="native kernels unavailable on this machine")
+def test_a_native_kernel_keeps_the_engine_threads_count_after_a_helper_went_serial():
+    """The native kernels' parallel regions must not reset the calling thread's thread count to the
+    last one any thread set: at::parallel_for did (its lazy init, inlined into the extension), so
+    after an adapter loader's serial() the engine's matmuls ran on one core. A fresh process: the
+    first native parallel region on a thread is the one that did it."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "2"
