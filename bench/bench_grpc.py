@@ -96,9 +96,9 @@ async def through_grpc(target: str, jobs: list[tuple[str, str]], new: int) -> di
         return summarize(time.monotonic() - t0, list(out))
 
 
-def start_server(data: Path, streams: int) -> tuple[subprocess.Popen, str]:
+def start_server(data: Path, streams: int, adapters: Path) -> tuple[subprocess.Popen, str]:
     return start_process("--metrics-port", "-1", "--data-dir", str(data), "--max-batch-size", str(streams),
-                         "--max-tokens-per-step", "8192", "--max-seq-len", "1024")
+                         "--max-tokens-per-step", "8192", "--max-seq-len", "1024", "--allowed-adapter-dir", str(adapters))
 
 
 def main() -> None:
@@ -123,7 +123,7 @@ def main() -> None:
     jobs = [(names[i % 4] if i % 2 else "", p) for i, p in enumerate(prompts(args.streams))]
     in_process(core, jobs[:2], 4)  # warm-up
 
-    proc, target = start_server(work / "server", args.streams)
+    proc, target = start_server(work / "server", args.streams, work / "adapters")
     try:
         asyncio.run(_register(target, names, paths))
         runs = {"in-process": [], "grpc": []}
@@ -147,8 +147,10 @@ def main() -> None:
     for k, r in best.items():
         lines.append(f"| {k} | {r['tok_s']:.0f} | {pct(r['ttft'], 50):.2f}s | {pct(r['ttft'], 90):.2f}s | {pct(r['ttft'], 99):.2f}s | "
                      f"{pct(r['tpot'], 50) * 1e3:.0f}ms | {pct(r['tpot'], 90) * 1e3:.0f}ms | {pct(r['tpot'], 99) * 1e3:.0f}ms |")
-    lines.append(f"\ngRPC / in-process throughput: **{ratio:.2f}×** (target ≥ 0.9×); all rounds: "
+    lines.append(f"\ngRPC / in-process throughput: **{ratio:.2f}×**; all rounds: "
                  + ", ".join(f"{k} " + "/".join(f"{r['tok_s']:.0f}" for r in v) for k, v in runs.items()))
+    lines += ["\n| target | measured | goal | met / NOT met |", "|---|---|---|---|",
+              f"| gRPC / in-process throughput | {ratio:.2f}× | ≥ 0.9× | {'met' if ratio >= 0.9 else 'NOT met'} |"]
     text = "\n".join(lines) + "\n"
     print(text)
     with args.out.open("a") as f:
