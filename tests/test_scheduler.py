@@ -231,6 +231,43 @@ def test_more_lora_adapters_than_slots_wait_for_a_free_slot():
     assert step(s).lora_loads == []  # already in a slot: no copy
 
 
+def test_only_the_next_batch_of_waiting_rows_starts_adapter_loads():
+    """Rows further back than max_batch_size run early only if their adapter is already on the device:
+    loads for rows that cannot run yet would evict the adapters of rows that can."""
+    from hotswap.server.adapters.cache import AdapterCache
+    from hotswap.server.config import AdapterCacheConfig
+
+    requested: list[str] = []
+
+    def load(adapter_id: str) -> Adapter:
+        requested.append(adapter_id)
+        return lora(adapter_id)
+
+    cache = AdapterCache(AdapterCacheConfig(device_bytes=10**6, host_bytes=10**6), load, torch.device("cpu"), torch.float32)
+    s = Scheduler(EngineConfig(max_batch_size=2, max_tokens_per_step=64, block_size=BS, max_decode_slowdown=0),
+                  KVBlockManager(64, BS), max_seq_len=256, adapters=cache)
+    ids = [f"a{i}@1" for i in range(5)]
+    rows = []
+    for i, adapter_id in enumerate(ids):
+        prompt = list(range(1 + 10 * i, 4 + 10 * i))
+        req = GenerateRequest(prompt_ids=prompt, adapter_id=adapter_id, params=SamplingParams(max_new_tokens=2))
+        rows.append(Row(req, prompt, lambda e: None, IncrementalDetokenizer(None, prompt), StopMatcher([]), adapter=None))
+        s.add(rows[-1])
+    assert step(s).scheduled == []  # every adapter still loading
+    cache.wait_idle(10)
+    assert sorted(requested) == ids[:2]
+    cache.load(ids[4])  # already on the device (another request loaded it): a row further back may use it
+    out = step(s)
+    assert {x.row for x in out.scheduled} == {rows[0], rows[1]}  # the batch is full: nobody passes
+    for r in rows[:2]:
+        s.finish(r)
+    out = step(s)
+    assert rows[4] in {x.row for x in out.scheduled}  # resident: runs although rows 2 and 3 are ahead of it
+    cache.wait_idle(10)
+    assert sorted(requested) == sorted(ids)  # rows 2 and 3 are now the first two waiting: their loads start
+    cache.close()
+
+
 def test_rows_sharing_a_prompt_wait_for_its_blocks_and_cached_rows_go_first():
     """Cache-aware admission: a row whose next block another row is computing waits for it
     (one computes a shared prompt, the others read it), and once cached, rows that reuse

@@ -58,9 +58,9 @@ class AdapterCache:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="hotswap-adapter-load", initializer=serial)
 
     # -- the engine's calls (non-blocking) -------------------------------------
-    def acquire(self, adapter_id: str) -> Adapter | None:
-        """The device copy (reference counted) if active; else start loading it and return None.
-        Raises the error of the last load if it failed (once: the next call retries)."""
+    def acquire(self, adapter_id: str, load: bool = True) -> Adapter | None:
+        """The device copy (reference counted) if active; else start loading it (unless `load` is
+        False) and return None. Raises the error of the last load if it failed (once: the next call retries)."""
         with self._lock:
             adapter = self._device.get(adapter_id)
             if adapter is not None:
@@ -71,7 +71,7 @@ class AdapterCache:
             error = self._failures.pop(adapter_id, None)
             if error is not None:
                 raise error
-            if adapter_id not in self._pending:
+            if load and adapter_id not in self._pending:
                 self._stats.misses += 1
                 self._pending.add(adapter_id)
                 self._loader.submit(self._load_async, adapter_id)

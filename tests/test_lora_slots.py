@@ -1,0 +1,37 @@
+"""The LoRA slot tensors (engine/lora.py, LoraSlots): an adapter loaded into a slot that held
+another leaves nothing of the previous one — its rows past the new rank and its linears the new
+adapter does not target read as zero — whatever order ranks and targets come in."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hotswap.server.adapters.weights import LoraModuleWeights, LoraWeights
+from hotswap.server.engine.lora import LoraSlots
+
+
+def adapter(gen: torch.Generator, ranks: dict[str, int]) -> LoraWeights:
+    return LoraWeights({name: LoraModuleWeights(torch.randn(r, 8, generator=gen), torch.randn(6, r, generator=gen), 0.5)
+                        for name, r in ranks.items()})
+
+
+def test_reloading_a_slot_clears_what_the_previous_adapter_left():
+    linears = {"q": nn.Linear(8, 6), "v": nn.Linear(8, 6)}
+    slots = LoraSlots(linears, max_loras=3, device=torch.device("cpu"), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    first = adapter(gen, {"q": 8, "v": 4})
+    slots.load(1, first)
+    slots.load(2, adapter(gen, {"q": 2}))  # another slot: must be left alone by what follows
+    kept = {n: (slots.a[n][2].clone(), slots.b[n][2].clone()) for n in linears}
+    slots.load(1, adapter(gen, {"q": 3}))  # lower rank, and no longer targets v
+    assert slots.ranks["q"][1] == 3 and slots.ranks["v"][1] == 0
+    assert (slots.a["q"][1, 3:] == 0).all() and (slots.b["q"][1, 3:] == 0).all()
+    assert (slots.a["v"][1] == 0).all() and (slots.b["v"][1] == 0).all()
+    slots.load(1, adapter(gen, {"q": 16}))  # grows the rank capacity: new rows start at zero too
+    assert slots.rank_cap == 16 and slots.ranks["q"][1] == 16 and (slots.a["v"][1] == 0).all()
+    for n in linears:
+        assert torch.equal(slots.a[n][2, : kept[n][0].shape[0]], kept[n][0])
+        assert (slots.a[n][2, kept[n][0].shape[0]:] == 0).all()
+    slots.load(1, first)  # back to the first: exactly its weights (B with the scale folded in)
+    assert torch.equal(slots.a["q"][1, :8], first.modules["q"].a) and (slots.a["q"][1, 8:] == 0).all()
+    assert torch.allclose(slots.b["v"][1, :4], (first.modules["v"].b * 0.5).T) and (slots.b["v"][1, 4:] == 0).all()
