@@ -29,6 +29,7 @@ from .engine.request import GenerateRequest, GenerateResult
 from .errors import HotswapError, InvalidArgument
 from .options import options_from_dict
 from .serving import ServingCore
+from .startup_heap import freeze_startup_objects
 
 ADAPTERS_PER_REPLICA = 16
 """Default number of adapters the multiplexer keeps leased per replica."""
@@ -61,6 +62,7 @@ class HotswapReplica:
         opts = options_from_dict(options)
         registry = AdapterRegistry(opts.registry_path, opts.store_path, opts.adapter_cache_path)
         self.core = ServingCore.from_config(opts.model_config(), opts.engine_config(), opts.cache_config(), registry)
+        freeze_startup_objects()  # one replica per actor process, living as long as it
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.adapters_per_replica = adapters_per_replica
         core = self.core
