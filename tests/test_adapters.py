@@ -94,6 +94,14 @@ def test_file_errors(base, saved, tmp_path):
     save_file({k: v.fill_(float("nan")) for k, v in t.items()}, nan / "adapter_model.safetensors")
     with pytest.raises(InvalidArgument, match="NaN"):
         load_adapter(nan, "x", model, 64)
+    for i, bad in enumerate([float("nan"), float("inf"), -float("inf")]):  # one element of one tensor is enough
+        one = _copy(saved["lora"], tmp_path / f"one-bad-{i}")
+        t = load_file(one / "adapter_model.safetensors")
+        last = sorted(t)[-1]
+        t[last].view(-1)[t[last].numel() // 2] = bad
+        save_file(t, one / "adapter_model.safetensors")
+        with pytest.raises(InvalidArgument, match=f"NaN or inf \\(tensor '{last}'\\)"):
+            load_adapter(one, "x", model, 64)
 
 
 def _edit_config(path, **changes):

@@ -1,6 +1,8 @@
 """PEFT adapter folder → validated `Adapter` with host (CPU, fp32) weights."""
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import torch
@@ -25,6 +27,15 @@ TASKS = ("CAUSAL_LM", "SEQ_CLS")
 """CAUSAL_LM adapters serve Generate and Score; SEQ_CLS adapters (with their score head) serve Classify."""
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in t: its minimum and maximum in one pass (a NaN anywhere makes both NaN), with no
+    temporary; isfinite(t).all() took ~8x as long on an adapter's 120 small tensors (~4 of ~10 ms a load)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
+
+
 def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_lora_rank: int,
                  shape: BaseShape | None = None) -> Adapter:
     """`base`: the loaded model (its weights are read by adapters tied to them) or only its shape;
@@ -38,7 +49,7 @@ def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_l
     task = config.get("task_type")
     if task not in (None, *TASKS):
         raise AdapterIncompatible(f"task_type {task!r}: hotswap serves {' and '.join(TASKS)} adapters", field="task_type")
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not _finite(t)]
     if bad:
         raise InvalidArgument(f"adapter weights contain NaN or inf (tensor {bad[0]!r})", field="path")
     head, saved = None, config
