@@ -86,3 +86,39 @@ def test_a_native_kernel_keeps_the_engine_threads_count_after_a_helper_went_seri
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "2"
+
+
+FIRST_OP_PROBE = """
+import threading, torch
+from hotswap.server.cpu_threads import serial, use_threads
+seen, helper_done, engine_ready = {}, threading.Event(), threading.Event()
+
+def engine():
+    use_threads(2)
+    engine_ready.set()
+    helper_done.wait()  # a helper goes serial before this thread's first torch op
+    torch.ones(512, 512) @ torch.ones(512, 512)
+    seen["after"] = torch.get_num_threads()
+
+def helper():
+    engine_ready.wait()
+    serial()
+    helper_done.set()
+
+threads = [threading.Thread(target=engine), threading.Thread(target=helper)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(seen["after"])
+"""
+
+
+def test_a_threads_count_survives_a_helper_going_serial_before_its_first_op():
+    """torch's per-thread init at a thread's first parallel op applies the count last set by any
+    thread: use_threads must run it at once, or an engine thread that had not computed yet when a
+    helper went serial computed on one core. A fresh process: the init runs once per thread."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FIRST_OP_PROBE], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "2"

@@ -27,16 +27,28 @@ COMPUTE_THREADS = torch.get_num_threads()
 (OMP_NUM_THREADS, else the cores this process may use), read before any helper went serial."""
 
 
+def _pin(n: int) -> None:
+    """This thread's intra-op thread count is `n` for good. torch (OpenMP backend) runs a
+    per-thread init at a thread's first parallel op (and at its first get_num_threads) that
+    applies the count last set by *any* thread: a thread that only called set_num_threads
+    and had not computed yet was reset to a serial helper's 1 if one went serial in between
+    (measured: the engine thread then ran on one core). So the init runs here, between two
+    sets, and nothing later resets this thread's count."""
+    torch.set_num_threads(n)
+    torch.get_num_threads()  # the per-thread init, now
+    torch.set_num_threads(n)
+
+
 def use_threads(n: int = COMPUTE_THREADS) -> None:
     """For the engine's thread: parallel regions on this thread use `n` threads."""
-    torch.set_num_threads(max(1, n))
+    _pin(max(1, n))
 
 
 def serial() -> None:
     """For long-lived helper threads (a ThreadPoolExecutor's initializer): no parallel
     region, hence no libgomp pool, on this thread. torch also makes 1 the default of
     threads started later that never set their own; every thread of ours sets its own."""
-    torch.set_num_threads(1)
+    _pin(1)
 
 
 def in_passing_thread(fn: Callable[..., T], *args, threads: int | None = None, **kwargs) -> T:
