@@ -24,7 +24,7 @@ namespace {
 
 constexpr int TS = 4;        // tokens per shrink tile (x 4 ranks = 16 accumulators)
 constexpr int TE = 16;       // tokens per expand tile
-constexpr int OB = 256;      // outputs per expand work item (a multiple of 16)
+constexpr int OB = 384;      // outputs per work item of a several-token expand (whole blocks of 6 and 8 chunks)
 
 struct Tile {
   int first;  // index into Plan::rows
@@ -192,7 +192,7 @@ inline void expand_block(int c0, int rank, const T* b, int64_t b_s1, const float
 // One token over all OUT outputs: 256 at a time, then the last partial chunks.
 template <typename T>
 void expand_one(int OUT, int rank, const T* b, int64_t b_s1, const float* tv, T* y) {
-  constexpr int C = OB / W;
+  constexpr int C = 256 / W;
   const int full = OUT / W;
   int c = 0;
   for (; c + C <= full; c += C) expand_block<T, C>(c, rank, b, b_s1, tv, y);
@@ -228,12 +228,12 @@ inline void expand_group_block(int64_t o, int rank, const T* b, int64_t b_s1, co
     for (int c = 0; c < C; ++c) store(y + rows[u] * y_s0 + o + c * W, acc[u][c]);
 }
 
-// Up to 4 tokens of one slot (batch rows rows[0..NT)), 8 output chunks at a time (4 for 3-4 tokens): each B load
+// Up to 4 tokens of one slot (batch rows rows[0..NT)), 8 output chunks at a time (6 for 3-4 tokens): each B load
 // serves every token of the group.
 template <typename T, int NT>
 void expand_group(int64_t o0, int64_t o1, int OUT, int rank, const T* b, int64_t b_s1, const float* tp, int64_t t_s0,
                   T* y, int64_t y_s0, const int64_t* rows) {
-  constexpr int C = NT <= 2 ? 8 : 4;  // NT x C accumulators, at most 16 registers
+  constexpr int C = NT <= 2 ? 8 : 6;  // NT x C accumulators
   for (; o0 + C * W <= o1; o0 += C * W) expand_group_block<T, NT, C>(o0, rank, b, b_s1, tp, t_s0, y, y_s0, rows);
   for (int64_t o = o0; o < o1; o += C * W) {  // the last outputs: a partial block, masked at the row's end
     const int c0 = static_cast<int>(o / W), chunks = static_cast<int>(std::min<int64_t>(C, (o1 - o + W - 1) / W));
