@@ -44,60 +44,18 @@ def test_only_the_engine_thread_computes_in_parallel(tiny_checkpoints):
         assert {name: pool.submit(torch.get_num_threads).result() for name, pool in helpers.items()} == dict.fromkeys(helpers, 1)
 
 
-PROBE = """
+ENGINE_PROBE = """
 import threading, torch
 from hotswap.server.cpu_threads import serial, use_threads
 from hotswap.server.engine import kernels
-assert kernels.native_available()
 seen, helper_done, engine_ready = {}, threading.Event(), threading.Event()
 
 def engine():
     use_threads(2)
-    torch.ones(512, 512) @ torch.ones(512, 512)  # torch's own parallel regions first, as the engine's first step
+    BEFORE
     engine_ready.set()
-    helper_done.wait()
-    a, x = torch.randn(64, 32, 576).bfloat16(), torch.randn(512, 576).bfloat16()  # enough work for both threads
-    kernels.lora_shrink(torch.empty(512, 32), x, a, torch.zeros(512, dtype=torch.int32), torch.full((64,), 32, dtype=torch.int32),
-                        backend="native")
-    seen["after"] = torch.get_num_threads()
-
-def helper():  # an adapter loader, tokenizer or I/O thread going serial meanwhile
-    engine_ready.wait()
-    serial()
-    helper_done.set()
-
-threads = [threading.Thread(target=engine), threading.Thread(target=helper)]
-[t.start() for t in threads]
-[t.join() for t in threads]
-print(seen["after"])
-"""
-
-
-@pytest.mark.skipif(not __import__("hotswap.server.engine.kernels", fromlist=["x"]).native_available(),
-                    reason="native kernels unavailable on this machine")
-def test_a_native_kernel_keeps_the_engine_threads_count_after_a_helper_went_serial():
-    """The native kernels' parallel regions must not reset the calling thread's thread count to the
-    last one any thread set: at::parallel_for did (its lazy init, inlined into the extension), so
-    after an adapter loader's serial() the engine's matmuls ran on one core. A fresh process: the
-    first native parallel region on a thread is the one that did it."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "2"
-
-
-FIRST_OP_PROBE = """
-import threading, torch
-from hotswap.server.cpu_threads import serial, use_threads
-seen, helper_done, engine_ready = {}, threading.Event(), threading.Event()
-
-def engine():
-    use_threads(2)
-    engine_ready.set()
-    helper_done.wait()  # a helper goes serial before this thread's first torch op
-    torch.ones(512, 512) @ torch.ones(512, 512)
+    helper_done.wait()  # meanwhile an adapter loader, tokenizer or I/O thread goes serial
+    AFTER
     seen["after"] = torch.get_num_threads()
 
 def helper():
@@ -110,15 +68,36 @@ threads = [threading.Thread(target=engine), threading.Thread(target=helper)]
 [t.join() for t in threads]
 print(seen["after"])
 """
+MATMUL = "torch.ones(512, 512) @ torch.ones(512, 512)"
+NATIVE_PARALLEL = ("assert kernels.native_available(); kernels.lora_shrink(torch.empty(512, 32), torch.randn(512, 576).bfloat16(), "
+                   "torch.randn(64, 32, 576).bfloat16(), torch.zeros(512, dtype=torch.int32), torch.full((64,), 32, dtype=torch.int32), "
+                   "backend='native')")  # enough work for both threads
+
+
+def engine_threads_after(before: str, after: str) -> int:
+    """The thread count an engine-like thread (use_threads(2)) has after running `before`, a helper thread
+    going serial, and `after`, in a fresh process: torch's per-thread init runs once per thread and process."""
+    import subprocess
+    import sys
+
+    probe = ENGINE_PROBE.replace("BEFORE", before or "pass").replace("AFTER", after)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not __import__("hotswap.server.engine.kernels", fromlist=["x"]).native_available(),
+                    reason="native kernels unavailable on this machine")
+def test_a_native_kernel_keeps_the_engine_threads_count_after_a_helper_went_serial():
+    """The native kernels' parallel regions must not reset the calling thread's thread count to the
+    last one any thread set: at::parallel_for did (its lazy init, inlined into the extension), so
+    after an adapter loader's serial() the engine's matmuls ran on one core. The thread has computed
+    with torch first, as the engine's first step does; its first native parallel region comes after."""
+    assert engine_threads_after(MATMUL, NATIVE_PARALLEL) == 2
 
 
 def test_a_threads_count_survives_a_helper_going_serial_before_its_first_op():
     """torch's per-thread init at a thread's first parallel op applies the count last set by any
     thread: use_threads must run it at once, or an engine thread that had not computed yet when a
-    helper went serial computed on one core. A fresh process: the init runs once per thread."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", FIRST_OP_PROBE], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "2"
+    helper went serial computed on one core."""
+    assert engine_threads_after("", MATMUL) == 2

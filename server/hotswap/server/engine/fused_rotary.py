@@ -50,13 +50,12 @@ class _Dispatch:
 
     def __init__(self, own) -> None:
         self.own = own
-        self.exact: set[tuple[torch.dtype, int]] = set()
-        """(dtype, head_dim) for which `own` was verified to equal the kernel."""
-        self.refused: set[tuple[torch.dtype, int]] = set()
+        self.verified: dict[tuple[torch.dtype, int], bool] = {}
+        """(dtype, head_dim) -> whether `own` gives the kernel's result there (checked once)."""
 
     def __call__(self, q, k, cos, sin, *args, **kwargs):
         if getattr(_local, "on", False) and not args and (not kwargs or kwargs == {"unsqueeze_dim": 1}) \
-                and isinstance(q, torch.Tensor) and q.dim() == 4 and (q.dtype, q.shape[-1]) in self.exact \
+                and isinstance(q, torch.Tensor) and q.dim() == 4 and self.verified.get((q.dtype, q.shape[-1]), False) \
                 and isinstance(cos, torch.Tensor) and cos.dim() == 3 and cos.shape[-1] == q.shape[-1] \
                 and q.device.type == "cpu" and not torch.is_grad_enabled():
             return kernels.rotary(q, k, cos, sin, backend="native")
@@ -65,9 +64,9 @@ class _Dispatch:
     @torch.no_grad()
     def verify(self, dtype: torch.dtype, head_dim: int) -> bool:
         key = (dtype, head_dim)
-        if key not in self.exact and key not in self.refused:
-            (self.exact if _same_as_kernel(self.own, dtype, head_dim) else self.refused).add(key)
-        return key in self.exact
+        if key not in self.verified:
+            self.verified[key] = _same_as_kernel(self.own, dtype, head_dim)
+        return self.verified[key]
 
 
 def _same_as_kernel(own, dtype: torch.dtype, head_dim: int) -> bool:

@@ -341,8 +341,8 @@ class Scheduler:
         one loads (or, without `may_load`, is not on the device), or the error that makes the row
         unservable. Only rows among the first max_batch_size waiting start loads: a row further back
         runs early only if its adapter is already there, so loads for rows that cannot run yet do not
-        evict the adapters of rows that can (a small device cache otherwise churned: 1,000 Zipf-popular
-        adapters, 256 queued requests, a 48-adapter cache)."""
+        evict the adapters of rows that can (with 1,000 Zipf-popular adapters, 256 queued requests and a
+        48-adapter cache, loads went 440 -> 431: that cache is smaller than two batches' adapters anyway)."""
         ids = row.adapter_ids
         if not ids or row.adapter is not None:
             return True

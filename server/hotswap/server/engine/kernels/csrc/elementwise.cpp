@@ -37,10 +37,7 @@ inline vf round_to(vf x) {
   if constexpr (std::is_same_v<T, float>) {
     return x;
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    // Round to nearest even on the top 16 bits, as c10::BFloat16(float); a NaN stays a quiet NaN.
-    const vu u = (vu)x;
-    const vu r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    return (vf)(((u & 0x7fffffffu) > 0x7f800000u) ? (u | 0x00400000u) & 0xffff0000u : r);
+    return (vf)(__builtin_convertvector(bf16_rne(x), vu) << 16);  // c10::BFloat16(float)'s rounding, widened back
   } else {
 #if defined(__AVX512F__)
     return (vf)_mm512_cvtph_ps(_mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));

@@ -61,7 +61,7 @@ Plan plan(const LoraParams& p, int max_tokens, const char* op) {
 }
 
 // Multiply-adds of a call, to decide whether it is worth the thread pool.
-int64_t work(const LoraParams& p, const std::vector<Tile>& tiles) {  // multiply-adds
+int64_t work(const LoraParams& p, const std::vector<Tile>& tiles) {
   int64_t total = 0;
   for (const Tile& t : tiles) total += int64_t{t.count} * p.ranks[t.slot] * p.features;
   return total;
