@@ -196,11 +196,18 @@ class TunerService(tuner_pb2_grpc.TunerServiceServicer):
     async def WatchTrainingJob(self, request: tuner_pb2.WatchTrainingJobRequest, context: grpc.aio.ServicerContext):
         await off_loop(self.store.get, request.job_id)  # NOT_FOUND before streaming anything
         seq = -1
+        def read(after: int):
+            # The job is read before the events (a final state implies its event is among those read), and
+            # again after them when there are any: each event goes out with a job at least as new as it (the
+            # first read alone could show a "succeeded" event with the job as it was just before, no adapter id).
+            job = self.store.get(request.job_id)
+            events = self.store.events(request.job_id, after)
+            return job, events, self.store.get(request.job_id) if events else job
+
         while True:
-            # the job is read before the events: a final state implies its event is stored
-            job, events = await off_loop(lambda after=seq: (self.store.get(request.job_id), self.store.events(request.job_id, after)))
+            job, events, latest = await off_loop(read, seq)
             for e in events:
-                yield event_proto(e, job)
+                yield event_proto(e, latest)
                 seq = e.seq
             if job.finished and not events:
                 return
