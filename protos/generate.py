@@ -5,6 +5,7 @@
 
 The generated modules are committed so the client SDK installs without
 grpcio-tools; a test fails when they differ from what this script produces.
+grpcio-tools is pinned in the dev extra: the stubs record its version.
 """
 from __future__ import annotations
 
