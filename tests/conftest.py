@@ -2,10 +2,16 @@
 tokenizer trained here, offline) so tests go through the same loader users do."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Where no GPU is, the Triton kernels (engine/kernels/triton_ops.py) run in Triton's interpreter,
+    # which is read when that module is imported: tests/test_triton_kernels.py checks them that way.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config
 

@@ -1,7 +1,8 @@
 """Every architecture in tiny_archs.ARCHS serves a mixed batch — LoRA on all linears,
 prompt tuning, P-tuning, prefix tuning and base rows, prompts longer than the sliding
 window — with exactly the greedy tokens (and, within float tolerance, the log-probs) PEFT's PeftModel (plain transformers for the
-base) gives each row alone, on both attention kernels. Llama and Qwen2 are covered,
+base) gives each row alone, on every kernel path (native, torch, and Triton: on the GPU where there is
+one, else interpreted). Llama and Qwen2 are covered,
 with every adapter kind, by test_engine_fidelity.py. A model the engine cannot serve
 exactly is refused at load, naming its architecture."""
 from __future__ import annotations
@@ -16,12 +17,13 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import save_tiny_checkpoint
 from hotswap.server.config import EngineConfig, ModelConfig
+from hotswap.server.engine import kernels
 from hotswap.server.errors import AdapterIncompatible, ModelLoadError
 from hotswap.server.engine.request import FinishReason, GenerateRequest, SamplingParams
 from hotswap.server.model.loader import load_base_model
 from hotswap.server.serving import ServingCore
 from peft_fixtures import save_adapter
-from test_engine_fidelity import reference, run_in_waves
+from test_engine_fidelity import TRITON_DEVICE, reference, run_in_waves
 from tiny_archs import ARCHS
 
 NEW = 6
@@ -80,10 +82,13 @@ def case(request, tmp_path_factory):
     return ckpt, paths, jobs, refs, unsupported
 
 
-@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("backend", ["native", "torch", "triton"])
 def test_mixed_batch_matches_peft_alone(case, backend):
     ckpt, paths, jobs, refs, unsupported = case
-    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
+    if backend == "triton" and not kernels.triton_available(TRITON_DEVICE):
+        pytest.skip(f"triton kernels unavailable: {kernels.triton_unavailable_reason()}")
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device=device))
     # Small blocks so windows and prefixes cross block edges. Native: 16 tokens a step, so prompts are chunked
     # (a chunk's past comes from the cache); torch: room for the 36-token prompt's dense chunk.
     cfg = EngineConfig(max_batch_size=8, max_tokens_per_step=16 if backend == "native" else 64, max_seq_len=64, block_size=4,

@@ -10,11 +10,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from hotswap.server.config import EngineConfig, ModelConfig
+from hotswap.server.engine import kernels
 from hotswap.server.engine.request import FinishReason, GenerateRequest, SamplingParams
 from hotswap.server.model.loader import load_base_model
 from hotswap.server.serving import ServingCore
 from peft_fixtures import save_adapter
 
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+"""Where the Triton kernels are checked: compiled on a GPU, else in Triton's interpreter (conftest)."""
 KINDS = ["lora", "lora_mlp", "rslora", "adalora", "adalora_pruned", "prompt_random", "prompt_text", "ptuning", "prefix", "prefix_proj"]
 NEW = 10
 TOP = 5
@@ -70,11 +73,15 @@ def adapters(request, tiny_checkpoints, tmp_path_factory):
     return ckpt, paths, jobs, refs
 
 
-@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("backend", ["native", "torch", "triton"])
 def test_mixed_batch_matches_peft_alone(adapters, backend):
-    """Both kernel paths: the native CPU kernels and the device-agnostic torch ops."""
+    """Every kernel path: the native CPU kernels, the device-agnostic torch ops, and the Triton kernels
+    (on the GPU where there is one, else interpreted on the CPU)."""
+    if backend == "triton" and not kernels.triton_available(TRITON_DEVICE):
+        pytest.skip(f"triton kernels unavailable: {kernels.triton_unavailable_reason()}")
     ckpt, paths, jobs, refs = adapters
-    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device=device))
     cfg = EngineConfig(max_batch_size=16, max_tokens_per_step=256, max_seq_len=128, attention_backend=backend)
     with ServingCore(loaded, cfg) as core:
         for kind, path in paths.items():

@@ -11,7 +11,7 @@ from .errors import InvalidArgument
 QUANTIZATIONS = ("none", "nf4", "int8")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEFAULT_MODEL = "default"
-BACKENDS = ("auto", "native", "torch")
+BACKENDS = ("auto", "native", "triton", "torch")
 
 
 def _default_cache_dir() -> Path:
@@ -86,7 +86,8 @@ class EngineConfig:
     """LoRA adapters usable in one batch (device slots); requests for more wait for a free slot. Slot memory,
     allocated as adapters arrive: max_loras × the highest rank loaded × (in + out) of each targeted linear."""
     attention_backend: str = "auto"
-    """"auto" (native CPU kernels when they build, else torch), "native" or "torch" (the reference path)."""
+    """"auto" (native kernels on CPU when they build, Triton on CUDA when it imports, else torch), "native",
+    "triton" or "torch" (the reference path)."""
     prepack_linears: bool = True
     """bf16 on CPU: keep each linear's weight also in oneDNN's blocked layout (packed once, not per call;
     ~1.5x faster matmuls for about the linears' weight size in extra memory; engine/packed_linears.py)."""

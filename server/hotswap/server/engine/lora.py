@@ -139,11 +139,14 @@ class LoraStep:
     """[num_tokens] int64: each token's row in the per-slot vectors (max_loras for rows without LoRA)."""
     token_scales: torch.Tensor | None = None
     """[num_tokens, 1] float32 per-request LoRA scale of each token's row; None when every row uses 1."""
+    plan: kernels.LoraPlan | None = None
+    """The Triton kernels' grouping of tokens by slot, built once for every linear of the step."""
 
     @classmethod
     def of(cls, token_slots: torch.Tensor, token_scales: torch.Tensor | None, max_loras: int, backend: str) -> "LoraStep":
         rows = torch.where(token_slots >= 0, token_slots, max_loras).long()
-        return cls(token_slots, backend, rows, None if token_scales is None else token_scales.float()[:, None])
+        plan = kernels.lora_plan(token_slots, max_loras) if backend == "triton" else None
+        return cls(token_slots, backend, rows, None if token_scales is None else token_scales.float()[:, None], plan)
 
 
 class LoraContext:
@@ -181,14 +184,14 @@ class LoraDelta:
         b, ranks = slots.b[self.name], slots.ranks[self.name]
         x = args[0].reshape(-1, args[0].shape[-1])  # [num_tokens, in]
         t = torch.empty(x.shape[0], a.shape[1], device=x.device, dtype=torch.float32)  # [num_tokens, rank_cap]
-        kernels.lora_shrink(t, x.to(a.dtype), a, step.token_slots, ranks, backend=step.backend)
+        kernels.lora_shrink(t, x.to(a.dtype), a, step.token_slots, ranks, backend=step.backend, plan=step.plan)
         if step.token_scales is not None:
             t.mul_(step.token_scales)
         if y2.dtype == b.dtype:
-            kernels.lora_expand(y2, t, b, step.token_slots, ranks, backend=step.backend)
+            kernels.lora_expand(y2, t, b, step.token_slots, ranks, backend=step.backend, plan=step.plan)
         else:  # e.g. an int8 base whose matmul returns another dtype than the compute dtype
             delta = torch.zeros(y2.shape, device=y2.device, dtype=b.dtype)
-            kernels.lora_expand(delta, t, b, step.token_slots, ranks, backend=step.backend)
+            kernels.lora_expand(delta, t, b, step.token_slots, ranks, backend=step.backend, plan=step.plan)
             y2 += delta.to(y2.dtype)
         return y
 

@@ -38,11 +38,17 @@ if TYPE_CHECKING:
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """"auto": the native kernels on CPU when they build (once per machine), else the torch reference ops."""
+    """"auto": the native kernels on CPU when they build (once per machine), the Triton kernels on
+    CUDA when Triton imports, else the torch reference ops."""
     if name == "auto":
-        return "native" if device.type == "cpu" and kernels.native_available() else "torch"
+        if device.type == "cpu":
+            return "native" if kernels.native_available() else "torch"
+        return "triton" if kernels.triton_available(device) else "torch"
     if name == "native" and not kernels.native_available():
         raise ModelLoadError(f"native kernels unavailable: {kernels.native_unavailable_reason()}", field="attention_backend")
+    if name == "triton" and not kernels.triton_available(device):
+        why = kernels.triton_unavailable_reason() or f"the model is on {device}: Triton kernels need CUDA"
+        raise ModelLoadError(f"triton kernels unavailable: {why}", field="attention_backend")
     return name
 
 
@@ -87,7 +93,7 @@ class ModelRunner:
         return num_blocks
 
     def _dense_rule(self, text) -> DenseRule | None:
-        if self.backend == "torch":
+        if self.backend in ("torch", "triton"):
             return DenseRule((0,), (DENSE_MIN_TOKENS,))
         if not self.layout.paged:
             return None

@@ -1,10 +1,12 @@
-"""CPU kernels for the packed engine step: paged attention, per-token LoRA, the
+"""Kernels for the packed engine step: paged attention, per-token LoRA, the
 layers' RMSNorm and cache writes, and the row maximum that gives greedy tokens.
 
 Each op runs the native C++ kernel (csrc/, built on first use for this machine)
-on CPU tensors and falls back to the pure-torch `reference` everywhere else.
+on CPU tensors, the Triton kernel (`triton_ops`: paged attention and LoRA) on CUDA
+tensors, and falls back to the pure-torch `reference` everywhere else.
 """
 from . import native, reference
+from .lora_plan import LoraPlan, lora_plan
 from .ops import (
     BACKENDS,
     get_backend,
@@ -18,6 +20,8 @@ from .ops import (
     rotary,
     row_max,
     set_backend,
+    triton_available,
+    triton_unavailable_reason,
 )
 
 load = native.load
@@ -27,7 +31,9 @@ __all__ = [
     "get_backend",
     "kv_write",
     "load",
+    "LoraPlan",
     "lora_expand",
+    "lora_plan",
     "lora_shrink",
     "native",
     "native_available",
@@ -38,4 +44,6 @@ __all__ = [
     "rotary",
     "row_max",
     "set_backend",
+    "triton_available",
+    "triton_unavailable_reason",
 ]

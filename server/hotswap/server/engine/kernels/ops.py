@@ -1,21 +1,29 @@
-"""The public kernel entry points: native C++ on CPU when it is built, the torch
-reference otherwise (CUDA tensors, no compiler, a failed build).
+"""The public kernel entry points: native C++ on CPU when it is built, Triton on CUDA
+when it imports, the torch reference otherwise (no compiler, a failed build, other
+devices). Paged attention and LoRA have Triton kernels; the other ops run their torch
+reference on CUDA.
 
 `set_backend` (process-wide) or `backend=` (one call) forces a path:
-"auto" (default), "native" (raises if it cannot run) or "torch".
+"auto" (default), "native" or "triton" (each raises if it cannot run) or "torch".
 """
 from __future__ import annotations
+
+import importlib
+from types import ModuleType
 
 import torch
 
 from . import native, reference
+from .lora_plan import LoraPlan
 
-BACKENDS = ("auto", "native", "torch")
+BACKENDS = ("auto", "native", "triton", "torch")
 _default = "auto"
+_triton: ModuleType | None = None
+_triton_error: str | None = None
 
 
 def set_backend(name: str) -> None:
-    """Process-wide default path for every kernel: "auto", "native" or "torch"."""
+    """Process-wide default path for every kernel: "auto", "native", "triton" or "torch"."""
     global _default
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -36,19 +44,53 @@ def native_unavailable_reason() -> str | None:
     return native.unavailable_reason()
 
 
-def _use_native(t: torch.Tensor, backend: str | None) -> bool:
+def triton_ops() -> ModuleType | None:
+    """The Triton kernels (`triton_ops`), imported on first use; None where Triton does not import."""
+    global _triton, _triton_error
+    if _triton is None and _triton_error is None:
+        try:
+            _triton = importlib.import_module(f"{__package__}.triton_ops")
+        except Exception as e:  # noqa: BLE001 - no triton, or one that fails to initialise: the torch path runs
+            _triton_error = f"{type(e).__name__}: {e}"
+    return _triton
+
+
+def triton_available(device: torch.device | str = "cuda") -> bool:
+    """True when the Triton kernels can run on `device`: CUDA, or any device under TRITON_INTERPRET=1."""
+    mod = triton_ops()
+    return mod is not None and (torch.device(device).type == "cuda" or mod.INTERPRET)
+
+
+def triton_unavailable_reason() -> str | None:
+    triton_ops()
+    return _triton_error
+
+
+def _path(t: torch.Tensor, backend: str | None) -> str:
+    """"native", "triton" or "torch": which implementation runs an op on tensor t."""
     choice = backend or _default
     if choice == "torch":
-        return False
+        return "torch"
     if choice == "auto":
-        return t.device.type == "cpu" and native.load()
-    if choice != "native":
-        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
-    if t.device.type != "cpu":
-        raise ValueError(f"the native kernels take CPU tensors, got {t.device}")
-    if not native.load():
-        raise RuntimeError(f"native kernels unavailable: {native.unavailable_reason()}")
-    return True
+        if t.device.type == "cpu":
+            return "native" if native.load() else "torch"
+        return "triton" if t.device.type == "cuda" and triton_available(t.device) else "torch"
+    if choice == "native":
+        if t.device.type != "cpu":
+            raise ValueError(f"the native kernels take CPU tensors, got {t.device}")
+        if not native.load():
+            raise RuntimeError(f"native kernels unavailable: {native.unavailable_reason()}")
+        return "native"
+    if choice == "triton":
+        if not triton_available(t.device):
+            why = triton_unavailable_reason() or f"{t.device} tensors need CUDA (or TRITON_INTERPRET=1)"
+            raise RuntimeError(f"triton kernels unavailable: {why}")
+        return "triton"
+    raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+
+
+def _use_native(t: torch.Tensor, backend: str | None) -> bool:
+    return _path(t, backend) == "native"
 
 
 def paged_attention(
@@ -75,10 +117,14 @@ def paged_attention(
     out, query [N, H, D]; key_cache, value_cache [num_blocks, block_size, KVH, D];
     block_tables [R, max_blocks] int32; token_rows, token_positions [N] int32.
     Query head h reads kv head h // (H // KVH)."""
-    if softcap > 0 or sinks is not None:
+    path = _path(query, backend)
+    if path == "triton" and triton_ops().paged_attention_fits(out, query, key_cache, value_cache):
+        triton_ops().paged_attention(out, query, key_cache, value_cache, block_tables, token_rows, token_positions, scale,
+                                     sliding_window, softcap, sinks)
+    elif softcap > 0 or sinks is not None:
         reference.paged_attention(out, query, key_cache, value_cache, block_tables, token_rows, token_positions, scale,
                                   sliding_window, softcap, sinks)
-    elif _use_native(query, backend):
+    elif path == "native":
         torch.ops.hotswap.paged_attention(
             out, query, key_cache, value_cache, block_tables, token_rows, token_positions, float(scale), int(sliding_window)
         )
@@ -87,28 +133,38 @@ def paged_attention(
 
 
 def lora_shrink(
-    out: torch.Tensor, x: torch.Tensor, a_slots: torch.Tensor, token_slots: torch.Tensor, ranks: torch.Tensor, *, backend: str | None = None
+    out: torch.Tensor, x: torch.Tensor, a_slots: torch.Tensor, token_slots: torch.Tensor, ranks: torch.Tensor, *,
+    backend: str | None = None, plan: LoraPlan | None = None
 ) -> None:
     """out[t, :ranks[s]] = a_slots[s, :ranks[s]] @ x[t] with s = token_slots[t]; the rest of
     out[t] is 0, all of it when s == -1.
 
-    out [N, R] float32; x [N, IN]; a_slots [S, R, IN] (x's dtype); token_slots [N], ranks [S] int32."""
-    if _use_native(x, backend):
+    out [N, R] float32; x [N, IN]; a_slots [S, R, IN] (x's dtype); token_slots [N], ranks [S] int32.
+    plan: `lora_plan(token_slots, S)`, shared by a step's calls on the Triton path (built when None)."""
+    path = _path(x, backend)
+    if path == "triton" and triton_ops().lora_fits(out, x, token_slots):
+        triton_ops().lora_shrink(out, x, a_slots, token_slots, ranks, plan)
+    elif path == "native":
         torch.ops.hotswap.lora_shrink(out, x, a_slots, token_slots, ranks)
     else:
         reference.lora_shrink(out, x, a_slots, token_slots, ranks)
 
 
 def lora_expand(
-    y: torch.Tensor, t: torch.Tensor, b_slots: torch.Tensor, token_slots: torch.Tensor, ranks: torch.Tensor, *, backend: str | None = None
+    y: torch.Tensor, t: torch.Tensor, b_slots: torch.Tensor, token_slots: torch.Tensor, ranks: torch.Tensor, *,
+    backend: str | None = None, plan: LoraPlan | None = None
 ) -> None:
     """y[t] += t[t, :ranks[s]] @ b_slots[s, :ranks[s]] with s = token_slots[t]; rows with s == -1
     are left alone. Accumulates in fp32 and rounds y once.
 
     y [N, OUT] (rows may be strided, e.g. a slice of a fused output); t [N, R] float32;
     b_slots [S, R, OUT] (y's dtype, scale folded in: each rank's row of outputs contiguous, so a
-    low-rank adapter in wide slots reads only its own rows); token_slots [N], ranks [S] int32."""
-    if _use_native(y, backend):
+    low-rank adapter in wide slots reads only its own rows); token_slots [N], ranks [S] int32.
+    plan: as lora_shrink's."""
+    path = _path(y, backend)
+    if path == "triton" and triton_ops().lora_fits(y, t, token_slots):
+        triton_ops().lora_expand(y, t, b_slots, token_slots, ranks, plan)
+    elif path == "native":
         torch.ops.hotswap.lora_expand(y, t, b_slots, token_slots, ranks)
     else:
         reference.lora_expand(y, t, b_slots, token_slots, ranks)
