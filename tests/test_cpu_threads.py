@@ -4,6 +4,7 @@ long-lived helper threads run serially, so libgomp never holds two pools at once
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from hotswap.server.api.generation import TOKENIZER_POOL
 from hotswap.server.api.offload import BLOCKING_POOL
 from hotswap.server.config import EngineConfig, ModelConfig
-from hotswap.server.cpu_threads import COMPUTE_THREADS, in_passing_thread
+from hotswap.server.cpu_threads import COMPUTE_THREADS, Turns, in_passing_thread
 from hotswap.server.engine.request import GenerateRequest, SamplingParams
 from hotswap.server.model.loader import load_base_model
 from hotswap.server.serving import ServingCore
@@ -101,3 +102,89 @@ def test_a_threads_count_survives_a_helper_going_serial_before_its_first_op():
     thread: use_threads must run it at once, or an engine thread that had not computed yet when a
     helper went serial computed on one core."""
     assert engine_threads_after("", MATMUL) == 2
+
+
+def _turn_log(turns: Turns, who: str, log: list, n: int, hold: float, start: threading.Event) -> None:
+    start.wait()
+    for _ in range(n):
+        with turns.step() if who == "step" else turns.load():
+            log.append((who, "in"))
+            time.sleep(hold)
+            log.append((who, "out"))
+
+
+def test_steps_and_loads_take_turns():
+    """Never both at once; while both want the CPU, a step and a load alternate (so decoding rows wait at
+    most one load per step); alone, either runs back to back."""
+    turns, log, start = Turns(), [], threading.Event()
+    threads = [threading.Thread(target=_turn_log, args=(turns, who, log, 12, 0.003, start)) for who in ("step", "load")]
+    for t in threads:
+        t.start()
+    start.set()
+    for t in threads:
+        t.join(10)
+    inside = 0
+    for _, edge in log:
+        inside += 1 if edge == "in" else -1
+        assert inside in (0, 1), "a step and a load ran at once"
+    order = [who for who, edge in log if edge == "in"]
+    both = order[: 2 * min(order.count("step"), order.count("load")) - 2]  # while both still wanted turns
+    assert all(a != b for a, b in zip(both, both[1:])), order
+    log.clear()
+    start = threading.Event()
+    start.set()
+    _turn_log(Turns(), "load", log, 5, 0.0, start)
+    assert [who for who, edge in log if edge == "in"] == ["load"] * 5
+
+
+def test_disabled_turns_never_wait():
+    """CUDA: steps and loads overlap (a load inside its turn does not hold a step back)."""
+    turns = Turns(enabled=False)
+    with turns.load():
+        done = threading.Event()
+        threading.Thread(target=lambda: (turns.step().__enter__(), done.set())).start()
+        assert done.wait(5)
+
+
+def test_adapter_loads_run_between_engine_steps(tiny_checkpoints, tmp_path):
+    """On CPU a cold adapter's load (its read, checks and conversion) never overlaps an engine step, while
+    the engine keeps decoding base rows and then serves the adapter's rows."""
+    from peft_fixtures import save_adapter
+    from transformers import AutoModelForCausalLM
+
+    ckpt = tiny_checkpoints["llama"]
+    paths = [save_adapter(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), "lora", tmp_path / f"a{i}", seed=i)
+             for i in range(4)]
+    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
+    with ServingCore(loaded, EngineConfig(max_batch_size=8, max_seq_len=64)) as core:
+        assert core.turns.enabled and core.adapters.turns is core.turns and core.loop.turns is core.turns
+        for i, p in enumerate(paths):
+            core.register_adapter(f"a{i}", p)
+        events, real_step, real_copy = [], core.engine.step, core.adapters._host_copy
+
+        def step():
+            events.append("step+")
+            try:
+                return real_step()
+            finally:
+                events.append("step-")
+
+        def host_copy(adapter_id):
+            events.append("load+")
+            try:
+                return real_copy(adapter_id)
+            finally:
+                events.append("load-")
+
+        core.engine.step, core.adapters._host_copy = step, host_copy
+        params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+        base = [core.submit(GenerateRequest(prompt_ids=[5, 6, 7, 8], params=params)) for _ in range(2)]
+        next(iter(base[0]))  # decoding
+        lora = [core.submit(GenerateRequest(prompt_ids=[9, 10, 11], adapter_id=f"a{i}", params=params)) for i in range(4)]
+        results = [s.result(timeout=60) for s in base + lora]
+    assert all(r.error is None and len(r.token_ids) == 24 for r in results)
+    assert events.count("load+") == 4
+    inside = None
+    for e in events:
+        assert inside is None or e == inside[:-1] + "-", f"{e} while {inside} ran: {events}"
+        inside = e if e.endswith("+") else None

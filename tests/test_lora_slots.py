@@ -29,6 +29,8 @@ def test_reloading_a_slot_clears_what_the_previous_adapter_left():
     assert (slots.a["v"][1] == 0).all() and (slots.b["v"][1] == 0).all()
     slots.load(1, adapter(gen, {"q": 16}))  # grows the rank capacity: new rows start at zero too
     assert slots.rank_cap == 16 and slots.ranks["q"][1] == 16 and (slots.a["v"][1] == 0).all()
+    slots.load(0, adapter(gen, {"v": 17}))  # capacity grows to a power of two: 17 -> 32
+    assert slots.rank_cap == 32 and (slots.a["q"][1, 16:] == 0).all() and slots.ranks["v"][0] == 17
     for n in linears:
         assert torch.equal(slots.a[n][2, : kept[n][0].shape[0]], kept[n][0])
         assert (slots.a[n][2, kept[n][0].shape[0]:] == 0).all()

@@ -84,7 +84,8 @@ class EngineConfig:
     """Reuse full KV blocks across requests with the same adapter and the same leading tokens."""
     max_loras: int = 64
     """LoRA adapters usable in one batch (device slots); requests for more wait for a free slot. Slot memory,
-    allocated as adapters arrive: max_loras × the highest rank loaded × (in + out) of each targeted linear."""
+    allocated as adapters arrive: max_loras × the highest rank loaded (rounded up to a power of two) × (in + out) of
+    each targeted linear."""
     attention_backend: str = "auto"
     """"auto" (native kernels on CPU when they build, Triton on CUDA when it imports, else torch), "native",
     "triton" or "torch" (the reference path)."""

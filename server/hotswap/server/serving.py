@@ -12,7 +12,7 @@ from .adapters.load import load_adapter
 from .adapters.registry import AdapterRecord, AdapterRegistry, check_labels
 from .adapters.validate import BaseShape
 from .adapters.weights import Adapter
-from .cpu_threads import in_passing_thread
+from .cpu_threads import Turns, in_passing_thread
 from .config import AdapterCacheConfig, EngineConfig, ModelConfig
 from .engine.engine import Engine
 from .engine.host_memory import bound_cpu_kernel_caches
@@ -36,14 +36,16 @@ class ServingCore:
             self._tmp = tempfile.TemporaryDirectory(prefix="hotswap-adapters-")
             registry = AdapterRegistry(Path(self._tmp.name) / "registry.sqlite", Path(self._tmp.name) / "store")
         self.registry = registry
-        self.adapters = AdapterCache(self.cache_cfg, self._load_from_store, loaded.device, loaded.dtype)
+        # On CPU adapter loads and engine steps take turns (cpu_threads.Turns); on CUDA they overlap.
+        self.turns = Turns(enabled=loaded.device.type == "cpu")
+        self.adapters = AdapterCache(self.cache_cfg, self._load_from_store, loaded.device, loaded.dtype, self.turns)
         # Built (model probes, the KV pool's first touch) on a thread that ends: cpu_threads.py.
         self.engine = in_passing_thread(Engine, loaded, engine_cfg, self.adapters)
         # Adapters are checked against the key/value layout the engine probed, which a config can
         # misstate (Falcon's multi_query keeps one kv head whatever num_kv_heads says).
         runner = self.engine.runner
         self.base_shape = dataclasses.replace(BaseShape.of(loaded.model), num_kv_heads=runner.kv_heads, head_dim=runner.head_dim)
-        self.loop = EngineLoop(self.engine).start()
+        self.loop = EngineLoop(self.engine, self.turns).start()
 
     @classmethod
     def from_config(

@@ -4,7 +4,8 @@ registered (files) → resident (host tier) → active (device tier, usable in a
 batch). Pinned adapters never leave; adapters in use by running rows are
 never evicted from the device. Loads run on a background thread so the engine
 keeps decoding while a cold adapter comes in; when the device tier is full of
-in-use adapters, a load waits for a release instead of evicting them."""
+in-use adapters, a load waits for a release instead of evicting them. A load's CPU work
+(reading, checking, converting) runs in turns with the engine's steps (cpu_threads.Turns)."""
 from __future__ import annotations
 
 import threading
@@ -17,7 +18,7 @@ from typing import Callable
 import torch
 
 from ..config import AdapterCacheConfig
-from ..cpu_threads import serial
+from ..cpu_threads import Turns, serial
 from ..errors import HotswapError, InvalidArgument, ResourceExhausted
 from .weights import Adapter
 
@@ -44,8 +45,10 @@ class CacheStats:
 
 
 class AdapterCache:
-    def __init__(self, cfg: AdapterCacheConfig, load_fn: Callable[[str], Adapter], device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: AdapterCacheConfig, load_fn: Callable[[str], Adapter], device: torch.device, dtype: torch.dtype,
+                 turns: Turns | None = None) -> None:
         self.cfg, self.load_fn, self.device, self.dtype = cfg, load_fn, device, dtype
+        self.turns = turns or Turns(enabled=False)
         self.on_ready: Callable[[], None] | None = None
         self._device: OrderedDict[str, Adapter] = OrderedDict()
         self._host: OrderedDict[str, Adapter] = OrderedDict()
@@ -176,15 +179,16 @@ class AdapterCache:
             if adapter_id in self._device:
                 self._device.move_to_end(adapter_id)
                 return self._device[adapter_id]
-        start = time.monotonic()
-        host, from_disk = self._host_copy(adapter_id)
-        if host.nbytes > self.cfg.device_bytes:
-            raise ResourceExhausted(
-                f"adapter {adapter_id!r} needs {host.nbytes} bytes, more than the whole device budget of "
-                f"{self.cfg.device_bytes} bytes (adapter_cache.device_bytes)",
-                field="device_bytes",
-            )
-        active = host.to(self.device, self.dtype)
+        with self.turns.load():  # not while waiting for room below: the engine's steps free it
+            start = time.monotonic()
+            host, from_disk = self._host_copy(adapter_id)
+            if host.nbytes > self.cfg.device_bytes:
+                raise ResourceExhausted(
+                    f"adapter {adapter_id!r} needs {host.nbytes} bytes, more than the whole device budget of "
+                    f"{self.cfg.device_bytes} bytes (adapter_cache.device_bytes)",
+                    field="device_bytes",
+                )
+            active = host.to(self.device, self.dtype)
         ready = time.monotonic()
         with self._lock:
             self._make_room(active.nbytes)
@@ -200,7 +204,9 @@ class AdapterCache:
             if adapter_id in self._host:
                 self._host.move_to_end(adapter_id)
                 return self._host[adapter_id], False
-        adapter = self.load_fn(adapter_id)  # disk I/O outside the lock
+        # The host tier keeps the serving dtype: half of fp32's bytes, and on a CPU device the
+        # device copy below is then these very tensors (to() of a matching tensor is free).
+        adapter = self.load_fn(adapter_id).to("cpu", self.dtype)  # disk I/O outside the lock
         with self._lock:
             if adapter.nbytes <= self.cfg.host_bytes:
                 used = sum(a.nbytes for a in self._host.values())

@@ -12,6 +12,7 @@ shapes the engine knows how to apply per row:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 
@@ -195,8 +196,9 @@ class Adapter:
             return self.weights.keys.shape[2]
         return 0
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
+        """Computed once: an adapter's tensors never change after loading (the cache sums these under its lock)."""
         head = self.score_head.tensors() if self.score_head is not None else []
         return sum(t.numel() * t.element_size() for t in self.weights.tensors() + head)
 

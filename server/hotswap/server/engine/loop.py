@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from ..cpu_threads import use_threads
+from ..cpu_threads import Turns, use_threads
 from ..errors import HotswapError, ResourceExhausted, Unavailable
 from .engine import Engine
 from .host_memory import PeriodicTrim
@@ -122,8 +122,10 @@ class EngineLoop:
     gets its own, then every step listener is called once (the gRPC layer wakes
     its event loop once per step, not once per token)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, turns: Turns | None = None) -> None:
         self.engine = engine
+        self.turns = turns or Turns(enabled=False)
+        """Shared with the adapter cache: its loads' CPU work runs between steps, not during one."""
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -238,7 +240,8 @@ class EngineLoop:
                 self._wake.clear()
                 continue
             try:
-                out = self.engine.step()
+                with self.turns.step():
+                    out = self.engine.step()
             except Exception as e:  # noqa: BLE001 - an engine bug ends the batch's requests, not the server
                 log.exception("engine step failed")
                 self.step_error = e

@@ -35,6 +35,15 @@ def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # bf16 / fp16 operands: tensor-core products, exact in the fp32 accumulator; IEEE: both widened to
+    # fp32 and multiplied in fp32 (fp32 inputs, whose default would be TF32, and the interpreter).
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
 # ---- paged attention ---------------------------------------------------------------
 
 @triton.jit
@@ -43,7 +52,7 @@ def _paged_attention_kernel(
     scale, softcap, window,
     s_qn, s_qh, s_on, s_oh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_bt,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr, IEEE: tl.constexpr,
 ):
     # One query token and one kv head: the GROUP query heads that read it, as one [G_PAD, D] tile, with an
     # online softmax over the row's keys lo..p, BLOCK_N keys (BLOCK_N // BLOCK_SIZE cache blocks) at a time.
@@ -59,7 +68,7 @@ def _paged_attention_kernel(
         g_ok = g < GROUP
         d_ok = d < D
         q = tl.load(q_ptr + tok * s_qn + heads[:, None] * s_qh + d[None, :], mask=g_ok[:, None] & d_ok[None, :],
-                    other=0.0).to(tl.float32)  # [G_PAD, D_PAD]
+                    other=0.0).to(k_ptr.dtype.element_ty)  # [G_PAD, D_PAD]
         if SINKS:
             # GPT-OSS: one extra logit per head in the denominator; it carries no value.
             m = tl.load(sinks_ptr + heads, mask=g_ok, other=0.0).to(tl.float32)  # [G_PAD]
@@ -75,8 +84,8 @@ def _paged_attention_kernel(
             off = j % BLOCK_SIZE
             kv_ok = ok[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + blk[:, None] * s_kb + off[:, None] * s_ks + kvh * s_kh + d[None, :], mask=kv_ok,
-                        other=0.0).to(tl.float32)  # [BLOCK_N, D_PAD]
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [G_PAD, BLOCK_N]
+                        other=0.0)  # [BLOCK_N, D_PAD]
+            s = _dot(q, tl.trans(k), IEEE) * scale  # [G_PAD, BLOCK_N] fp32
             if SOFTCAP:
                 s = softcap * _tanh(s / softcap)
             s = tl.where(ok[None, :], s, float("-inf"))
@@ -87,7 +96,7 @@ def _paged_attention_kernel(
             # Masked keys load as 0: a never-written slot's NaN never meets a zero probability.
             v = tl.load(v_ptr + blk[:, None] * s_vb + off[:, None] * s_vs + kvh * s_vh + d[None, :], mask=kv_ok,
                         other=0.0).to(tl.float32)  # [BLOCK_N, D_PAD]
-            acc = acc * alpha[:, None] + tl.dot(pr, v, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(pr, v, input_precision="ieee")  # probabilities stay fp32
             m = m_new
         o = acc / l[:, None]
         tl.store(out_ptr + tok * s_on + heads[:, None] * s_oh + d[None, :], o.to(out_ptr.dtype.element_ty),
@@ -114,7 +123,7 @@ def paged_attention(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Ten
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0),
         GROUP=group, G_PAD=_pow2(group), D=D, D_PAD=_pow2(D), BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        SOFTCAP=softcap > 0, SINKS=sinks is not None,
+        SOFTCAP=softcap > 0, SINKS=sinks is not None, IEEE=key_cache.dtype == torch.float32 or INTERPRET,
     )
 
 
@@ -125,13 +134,6 @@ def paged_attention_fits(out: torch.Tensor, query: torch.Tensor, key_cache: torc
 
 
 # ---- LoRA ----------------------------------------------------------------------------
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
-
 
 @triton.jit
 def _tile(tiles_ptr, order_ptr, ranks_ptr, BLOCK_M: tl.constexpr):
