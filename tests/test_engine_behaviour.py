@@ -195,14 +195,14 @@ def test_stop_string_and_eos_and_chat_messages(llama):
 def test_cold_adapter_load_does_not_stall_decoding_rows(llama, adapter_paths):
     with make_core(llama, adapter_paths) as core:
         gate, started = threading.Event(), threading.Event()
-        real_load = core.adapters.load_fn
+        real_read = core.adapters.prefetch_fn
 
-        def slow_disk(adapter_id):  # the real loader, held back as a slow disk would
+        def slow_disk(adapter_id):  # the load's reading of the files, held back as a slow disk would
             started.set()
             gate.wait(60)
-            return real_load(adapter_id)
+            return real_read(adapter_id)
 
-        core.adapters.load_fn = slow_disk
+        core.adapters.prefetch_fn = slow_disk
         running = core.submit(GenerateRequest(prompt_ids=PROMPTS[0], params=SamplingParams(max_new_tokens=30, ignore_eos=True)))
         next(iter(running))
         cold = core.submit(GenerateRequest(prompt_ids=PROMPTS[1], adapter_id="lora-b", params=GREEDY))

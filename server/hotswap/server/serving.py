@@ -9,6 +9,7 @@ from typing import Callable
 
 from .adapters.cache import AdapterCache
 from .adapters.load import load_adapter
+from .adapters.peft_files import warm_page_cache
 from .adapters.registry import AdapterRecord, AdapterRegistry, check_labels
 from .adapters.validate import BaseShape
 from .adapters.weights import Adapter
@@ -38,7 +39,8 @@ class ServingCore:
         self.registry = registry
         # On CPU adapter loads and engine steps take turns (cpu_threads.Turns); on CUDA they overlap.
         self.turns = Turns(enabled=loaded.device.type == "cpu")
-        self.adapters = AdapterCache(self.cache_cfg, self._load_from_store, loaded.device, loaded.dtype, self.turns)
+        self.adapters = AdapterCache(self.cache_cfg, self._load_from_store, loaded.device, loaded.dtype, self.turns,
+                                     prefetch_fn=lambda adapter_id: warm_page_cache(self.registry.path(adapter_id)))
         # Built (model probes, the KV pool's first touch) on a thread that ends: cpu_threads.py.
         self.engine = in_passing_thread(Engine, loaded, engine_cfg, self.adapters)
         # Adapters are checked against the key/value layout the engine probed, which a config can

@@ -5,7 +5,8 @@ batch). Pinned adapters never leave; adapters in use by running rows are
 never evicted from the device. Loads run on a background thread so the engine
 keeps decoding while a cold adapter comes in; when the device tier is full of
 in-use adapters, a load waits for a release instead of evicting them. A load's CPU work
-(reading, checking, converting) runs in turns with the engine's steps (cpu_threads.Turns)."""
+(parsing, checking, converting) runs in turns with the engine's steps (cpu_threads.Turns), after
+its I/O (`prefetch_fn`), which does not."""
 from __future__ import annotations
 
 import threading
@@ -46,9 +47,12 @@ class CacheStats:
 
 class AdapterCache:
     def __init__(self, cfg: AdapterCacheConfig, load_fn: Callable[[str], Adapter], device: torch.device, dtype: torch.dtype,
-                 turns: Turns | None = None) -> None:
+                 turns: Turns | None = None, prefetch_fn: Callable[[str], None] | None = None) -> None:
         self.cfg, self.load_fn, self.device, self.dtype = cfg, load_fn, device, dtype
         self.turns = turns or Turns(enabled=False)
+        self.prefetch_fn = prefetch_fn
+        """The I/O of a load from disk (fetching a remote store's files, reading them into the page cache),
+        run before its CPU turn: a slow disk must not hold the engine's steps back."""
         self.on_ready: Callable[[], None] | None = None
         self._device: OrderedDict[str, Adapter] = OrderedDict()
         self._host: OrderedDict[str, Adapter] = OrderedDict()
@@ -179,6 +183,8 @@ class AdapterCache:
             if adapter_id in self._device:
                 self._device.move_to_end(adapter_id)
                 return self._device[adapter_id]
+        if self.prefetch_fn is not None and self.residency(adapter_id) != "host":
+            self.prefetch_fn(adapter_id)
         with self.turns.load():  # not while waiting for room below: the engine's steps free it
             start = time.monotonic()
             host, from_disk = self._host_copy(adapter_id)

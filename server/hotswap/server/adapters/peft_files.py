@@ -44,3 +44,20 @@ def read_adapter_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise InvalidArgument(f"{WEIGHTS} in {str(path)!r} is unreadable: {e}", field="path") from None
     return config, tensors
+
+
+_CHUNK = bytearray(1 << 20)
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read an adapter folder's files once, discarding the bytes, so a slow disk (or a file not in the
+    page cache) is waited for here, outside the CPU turn the load itself takes (cpu_threads.Turns);
+    the read syscalls run without the GIL. Missing files are left for read_adapter_dir to report."""
+    buf = memoryview(_CHUNK)
+    for name in (CONFIG, WEIGHTS):
+        try:
+            with open(Path(path) / name, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+        except OSError:
+            continue

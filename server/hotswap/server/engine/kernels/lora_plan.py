@@ -28,7 +28,8 @@ def lora_plan(token_slots: torch.Tensor, num_slots: int, block_m: int = LORA_BLO
     dev = token_slots.device
     bucket = torch.where(token_slots >= 0, token_slots.long(), num_slots)  # [N]: no slot sorts last
     order = torch.argsort(bucket, stable=True).to(torch.int32)
-    counts = torch.bincount(bucket, minlength=num_slots + 1)[:num_slots]  # [S] tokens per slot
+    # [S] tokens per slot (scatter_add, not bincount: on CUDA bincount reads the maximum back to size its output)
+    counts = torch.zeros(num_slots + 1, dtype=torch.long, device=dev).scatter_add_(0, bucket, torch.ones_like(bucket))[:num_slots]
     seg_start = torch.cumsum(counts, 0) - counts  # [S] slot s's first index into order
     ntiles = (counts + block_m - 1) // block_m  # [S]
     tile_end = torch.cumsum(ntiles, 0)  # [S] inclusive
