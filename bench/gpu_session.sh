@@ -6,7 +6,8 @@
 #   bash bench/gpu_session.sh tests           # Triton kernels + engine fidelity on CUDA (~2 min)
 #   bash bench/gpu_session.sh bench none      # bench_gpu.py, bf16 (model build + 1/64/512 adapters)
 #   bash bench/gpu_session.sh bench nf4       # the same in NF4
-#   bash bench/gpu_session.sh all             # tests, then bf16 (fits one 10-minute call)
+#   bash bench/gpu_session.sh syncs           # host-device syncs per decode step, by line (bench/gpu_syncs.py)
+#   bash bench/gpu_session.sh all             # tests, syncs, then bf16 (fits one 10-minute call)
 #
 # Logs and the RESULTS section go to $OUT (the device tool brings that folder back), or
 # to /tmp/hotswap-gpu where OUT is unset. BENCH_ARGS adds or overrides bench_gpu.py flags.
@@ -46,9 +47,14 @@ run_bench() {
     --workdir /tmp/hotswap-bench-gpu ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench-$quant.log" | tail -25
 }
 
+run_syncs() {
+  timeout 240 python3 bench/gpu_syncs.py 2>&1 | tee "$OUT/syncs.log" | tail -20
+}
+
 case "${1:-all}" in
   tests) run_tests ;;
   bench) run_bench "${2:-none}" ;;
-  all) run_tests; run_bench none ;;
-  *) echo "usage: $0 tests | bench none|nf4 | all"; exit 2 ;;
+  syncs) run_syncs ;;
+  all) run_tests; run_syncs; run_bench none ;;
+  *) echo "usage: $0 tests | syncs | bench none|nf4 | all"; exit 2 ;;
 esac
