@@ -196,7 +196,7 @@ def run_grpc(ckpt: Path, adapter_paths: list[Path], n: int, new: int, args: argp
            "--max-batch-size", str(args.max_batch_size), "--max-loras", str(args.max_batch_size),
            "--max-tokens-per-step", "16384", "--max-seq-len", "1024",
            "--max-queue", str(max(1024, n)), "--adapter-device-cache-mb", "16384", "--adapter-host-cache-mb", "32768",
-           "--tuner-workers", "0"]
+           "--tuner-workers", "0", "--allowed-adapter-dir", str(adapter_paths[0].parent)]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     port, log = None, []
@@ -249,6 +249,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--adapter-counts", default="1,64,512")
     ap.add_argument("--grpc-adapters", type=int, default=64, help="adapters in the run through hotswap-server; 0 skips it")
+    ap.add_argument("--decode-graphs", default="both", choices=["off", "on", "both"],
+                    help="decode steps eager, replayed as CUDA graphs (engine/static_decode.py), or each workload both ways")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hotswap-bench-gpu")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = ap.parse_args()
@@ -278,7 +280,8 @@ def measure(args: argparse.Namespace, quantization: str, ckpt: Path, paths: list
     t0 = time.monotonic()
     core = ServingCore.from_config(ModelConfig(source=str(ckpt), quantization=quantization, device=args.device),
                                    EngineConfig(max_batch_size=args.max_batch_size, max_tokens_per_step=16384, max_seq_len=1024,
-                                                max_queue=max(1024, args.requests), max_loras=args.max_batch_size),
+                                                max_queue=max(1024, args.requests), max_loras=args.max_batch_size,
+                                                decode_graphs=args.decode_graphs != "off"),
                                    AdapterCacheConfig(device_bytes=16 * 2**30, host_bytes=32 * 2**30, max_lora_rank=64))
     load_s = time.monotonic() - t0
     model = core.loaded.model
@@ -293,15 +296,25 @@ def measure(args: argparse.Namespace, quantization: str, ckpt: Path, paths: list
         if cuda:
             torch.cuda.synchronize()
         cold.append(time.monotonic() - t)
+    runner = core.engine.runner
+    static = runner.static
+
+    def ways(label: str, distinct: int, adapters: list[str], n: int) -> list[tuple[str, int, dict]]:
+        """The workload eager and/or through CUDA graphs (the same engine: its static path switched off and on)."""
+        out = []
+        for graphs in ([False, True] if args.decode_graphs == "both" else [args.decode_graphs == "on"]):
+            runner.static = static if graphs else None
+            out.append((label + (", CUDA graphs" if graphs else ""), distinct, run(core, adapters, n, args.new_tokens)))
+            say(out[-1][0], out[-1][2])
+        return out
+
     run(core, [], min(8, args.requests), 4)  # warm-up
-    rows = [("base only", 0, run(core, [], args.requests, args.new_tokens))]
-    say("base", rows[-1][2])
+    rows = ways("base only", 0, [], args.requests)
     for c in counts:
         for name in names[:c]:
             core.adapters.load(name)
         n = max(args.requests, c)  # every adapter gets at least one request
-        rows.append((f"{c} distinct LoRA r{args.rank} (attention), {n} requests", c, run(core, names[:c], n, args.new_tokens)))
-        say(rows[-1][0], rows[-1][2])
+        rows += ways(f"{c} distinct LoRA r{args.rank} (attention), {n} requests", c, names[:c], n)
     mem[f"with {max(counts)} adapters resident"] = torch.cuda.memory_allocated() if cuda else 0
     mem["peak"] = torch.cuda.max_memory_allocated() if cuda else 0
     text_cfg = model.config.get_text_config()
@@ -331,7 +344,8 @@ def measure(args: argparse.Namespace, quantization: str, ckpt: Path, paths: list
     qlabel = {"nf4": "NF4", "none": "bf16"}.get(quantization, quantization)
     lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} — {args.shape}-shaped model (random weights), {qlabel}, on {gpu}\n",
              f"`python bench/bench_gpu.py --shape {args.shape} --quantization {quantization} --requests {args.requests} --new-tokens {args.new_tokens} "
-             f"--max-batch-size {args.max_batch_size} --adapter-counts {args.adapter_counts} --grpc-adapters {args.grpc_adapters}`; "
+             f"--max-batch-size {args.max_batch_size} --adapter-counts {args.adapter_counts} --grpc-adapters {args.grpc_adapters} "
+             f"--decode-graphs {args.decode_graphs}`; "
              f"torch {torch.__version__}. {args.requests} requests at once, prompts 32–128 tokens, {args.new_tokens} new tokens each.\n",
              "| workload | tok/s | bound tok/s | of bound | TTFT p50 | TTFT p99 | per-token p50 | per-token p99 |",
              "|---|---|---|---|---|---|---|---|"]

@@ -36,7 +36,8 @@ run_tests() {
   # The kernels compiled for the GPU against the reference, then the engine on CUDA (Triton kernels)
   # against PEFT on the CPU: the same tests CI runs interpreted.
   timeout 300 python3 -m pytest -q -p no:cacheprovider -x -o addopts="" \
-    tests/test_triton_kernels.py tests/test_engine_fidelity.py tests/test_architectures.py -k "triton or lora_plan" \
+    tests/test_triton_kernels.py tests/test_static_decode.py tests/test_engine_fidelity.py tests/test_architectures.py \
+    -k "triton or lora_plan" \
     2>&1 | tee "$OUT/tests.log" | tail -15
 }
 

@@ -92,6 +92,10 @@ class EngineConfig:
     prepack_linears: bool = True
     """bf16 on CPU: keep each linear's weight also in oneDNN's blocked layout (packed once, not per call;
     ~1.5x faster matmuls for about the linears' weight size in extra memory; engine/packed_linears.py)."""
+    decode_graphs: bool = False
+    """Decode-only steps run from fixed buffers padded to a bucket size (engine/static_decode.py), captured
+    once per bucket as CUDA graphs and replayed on CUDA (on CPU the same buffers run eagerly). Off until
+    measured on a GPU; one KV block more is kept as scratch for the padding."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_tokens_per_step", "max_queue", "block_size", "max_loras"):

@@ -54,6 +54,7 @@ class ServerOptions:
     attention_backend: str = _opt("auto", "auto (native kernels on CPU when they build, Triton on CUDA when it imports, else torch), native, triton, or torch (the reference path)", choices=BACKENDS)
     prepack_linears: bool = _opt(True, "bf16 on CPU: also keep each linear's weight in oneDNN's blocked layout (packed once, not on every call: "
                                        "faster matmuls for about the linears' weight size in extra memory)")
+    decode_graphs: bool = _opt(False, "decode-only steps from fixed buffers padded to bucket sizes, captured as CUDA graphs and replayed on CUDA")
     # adapters
     data_dir: str = _opt(_data_dir(), "holds the registry database and the adapter store unless those are set")
     registry_db: str = _opt("", "adapter registry: a SQLite file, or a postgresql:// URL when several nodes write (default: DATA_DIR/registry.sqlite)")
@@ -120,7 +121,8 @@ class ServerOptions:
         return EngineConfig(max_batch_size=self.max_batch_size, max_tokens_per_step=self.max_tokens_per_step,
                             max_queue=self.max_queue, max_seq_len=self.max_seq_len, max_decode_slowdown=self.max_decode_slowdown, kv_cache_bytes=self.kv_cache_mb * 2**20,
                             enable_prefix_caching=self.enable_prefix_caching, max_loras=self.max_loras,
-                            attention_backend=self.attention_backend, prepack_linears=self.prepack_linears)
+                            attention_backend=self.attention_backend, prepack_linears=self.prepack_linears,
+                            decode_graphs=self.decode_graphs)
 
     def cache_config(self) -> AdapterCacheConfig:
         return AdapterCacheConfig(device_bytes=self.adapter_device_cache_mb * 2**20,

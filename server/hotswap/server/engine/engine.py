@@ -46,7 +46,8 @@ class Engine:
         per_row = -(-self.max_seq_len // self.cfg.block_size)
         # The adapter cache's device tier and the LoRA slots copying from it come later: keep room for both.
         reserved = 2 * adapters.cfg.device_bytes if adapters is not None else 0
-        num_blocks = self.runner.allocate_cache(self.cfg.kv_cache_bytes, POOL_OVERCOMMIT * self.cfg.max_batch_size * per_row, reserved)
+        num_blocks = self.runner.allocate_cache(self.cfg.kv_cache_bytes, POOL_OVERCOMMIT * self.cfg.max_batch_size * per_row, reserved,
+                                                self.cfg.max_batch_size, per_row)
         self.kv = KVBlockManager(num_blocks, self.cfg.block_size, self.cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.cfg, self.kv, self.max_seq_len, adapters)
         self.eos_ids = _eos_ids(loaded)

@@ -58,6 +58,9 @@ class LoraSlots:
         self.on_new_input_scale: Callable[[str], None] | None = None
         """Called when a loaded adapter is the first to scale a linear's input (IA3 feedforward)."""
         self.rank_cap = 0
+        self.layout_version = 0
+        """Bumped whenever a slot tensor is (re)allocated (rank growth, a newly targeted linear, new per-slot
+        vectors): a captured CUDA graph holds the old tensors' addresses (static_decode.py)."""
         self.a: dict[str, torch.Tensor] = {}  # name -> [max_loras, rank_cap, in]
         self.b: dict[str, torch.Tensor] = {}  # name -> [max_loras, rank_cap, out]: rows of outputs, read only up to a slot's rank
         self.ranks: dict[str, torch.Tensor] = {}  # name -> [max_loras] int32, 0 = not targeted
@@ -76,6 +79,7 @@ class LoraSlots:
             self.a[name] = torch.cat([a, a.new_zeros(a.shape[0], pad, a.shape[2])], dim=1)
             self.b[name] = torch.cat([b, b.new_zeros(b.shape[0], pad, b.shape[2])], dim=1)
         self.rank_cap = rank
+        self.layout_version += 1
 
     def _check_fits(self, weights: LoraWeights) -> None:
         for name, m in weights.modules.items():
@@ -87,6 +91,7 @@ class LoraSlots:
     def _vectors(self, table: dict[str, torch.Tensor], name: str, width: int, fill: float) -> None:
         if name not in table:
             table[name] = torch.full((self.max_loras + 1, width), fill, device=self.device, dtype=self.dtype)
+            self.layout_version += 1
 
     def load(self, slot: int, weights: LoraWeights) -> None:
         """Put an adapter's weights into `slot` (whatever was there before is overwritten)."""
@@ -100,6 +105,7 @@ class LoraSlots:
                 self.b[name] = torch.zeros(self.max_loras, self.rank_cap, fan_out, device=self.device, dtype=self.dtype)
                 self.ranks[name] = torch.zeros(self.max_loras, dtype=torch.int32, device=self.device)
                 self._host_ranks[name] = [0] * self.max_loras
+                self.layout_version += 1
                 if self.on_new_target is not None:
                     self.on_new_target(name)
             _, mult, shift = folded[name]

@@ -31,6 +31,7 @@ from .own_attention import forward_rows
 from .packed_linears import can_pack, pack_linears, sibling_groups
 from .readout import ForwardOutput
 from .scheduler import ScheduledRow
+from .static_decode import StaticDecode, eligible
 from .token_tables import embed_rows, head_logits
 
 if TYPE_CHECKING:
@@ -73,6 +74,9 @@ class ModelRunner:
         self.final = final_logit_transform(self.model)
         check_final_logits(self.model, self.final)
         self.cache: PagedKVCache | None = None
+        self.static: StaticDecode | None = None
+        """Decode-only steps through fixed buffers (CUDA graphs); set by allocate_cache with decode_graphs."""
+        self.decode_graphs = cfg.decode_graphs
         # Last: the load-time checks above compare the model's own forward with the engine's.
         # packed_bytes: what this engine's packing added (an earlier engine on the model may have packed it).
         self.packed_linears, self.packed_bytes = (pack_linears(self.model, cfg.max_batch_size)
@@ -81,15 +85,21 @@ class ModelRunner:
         self.fused_norms = fuse_norms(self.model, self.device, self.dtype) if self.backend == "native" else 0
         self.fused_rotary = fuse_rotary(self.model, self.device, self.dtype, self.head_dim) if self.backend == "native" else 0
 
-    def allocate_cache(self, budget_bytes: int, max_blocks: int, reserved: int = 0) -> int:
+    def allocate_cache(self, budget_bytes: int, max_blocks: int, reserved: int = 0, max_rows: int = 1, row_blocks: int = 1) -> int:
         """Allocate the paged cache within `budget_bytes` (0 = the device default, leaving
-        `reserved` bytes for adapters), at most `max_blocks` blocks; returns the number of blocks."""
+        `reserved` bytes for adapters), at most `max_blocks` blocks; returns the number of blocks
+        rows may use. With decode_graphs one block more, within the budget, is the padding's
+        scratch, and decode steps of up to `max_rows` rows of up to `row_blocks` blocks go
+        through fixed buffers (static_decode.py)."""
         per_block = PagedKVCache.bytes_per_block(self.num_layers, self.block_size, self.kv_heads, self.head_dim, self.dtype)
         budget = budget_bytes or default_kv_cache_bytes(self.device, reserved)
-        num_blocks = min(budget // per_block, max_blocks)
+        scratch = int(self.decode_graphs)
+        num_blocks = min(budget // per_block, max_blocks + scratch) - scratch
         if num_blocks < 1:
             raise ModelLoadError(f"a KV budget of {budget} bytes holds no block of {per_block} bytes", field="kv_cache_mb")
-        self.cache = PagedKVCache(self.num_layers, num_blocks, self.block_size, self.kv_heads, self.head_dim, self.device, self.dtype)
+        self.cache = PagedKVCache(self.num_layers, num_blocks + scratch, self.block_size, self.kv_heads, self.head_dim, self.device, self.dtype)
+        if scratch:
+            self.static = StaticDecode(self, max_rows, row_blocks, num_blocks * self.block_size, capture=True)
         return num_blocks
 
     def _dense_rule(self, text) -> DenseRule | None:
@@ -111,6 +121,14 @@ class ModelRunner:
         """Logits [rows that sample, vocab] (float32) in scheduled order, and what the
         prefill-only rows read from the same forward (readout.read)."""
         dev = self.device
+        if self.static is not None and self.layout.paged and eligible(scheduled):
+            try:
+                with engaged() if self.fused_rotary else nullcontext():
+                    hidden = self.static.run(scheduled)  # [rows, hidden]: every row samples
+            finally:
+                for group in self.siblings:
+                    group.release()
+            return ForwardOutput(self._logits(scheduled, hidden))
         step = build_inputs(scheduled, self.block_size, self.dense_rule)
         positions = step.positions.to(dev)
         embeds = self._embeddings(scheduled, step.ids.to(dev), step.first)  # [num_tokens, hidden]
