@@ -64,7 +64,9 @@ class ServingCore:
         return load_adapter(self.registry.path(adapter_id), adapter_id, self.loaded.model, self.cache_cfg.max_lora_rank, self.base_shape)
 
     def _validate(self, path: Path) -> Adapter:
-        adapter = load_adapter(path, path.name, self.loaded.model, self.cache_cfg.max_lora_rank, self.base_shape)
+        warm_page_cache(path)
+        with self.turns.load():  # registration's checks are a load's CPU work: between engine steps
+            adapter = load_adapter(path, path.name, self.loaded.model, self.cache_cfg.max_lora_rank, self.base_shape)
         if adapter.num_virtual_tokens >= self.engine.max_seq_len:  # it could never serve a single prompt token
             raise InvalidArgument(f"{adapter.num_virtual_tokens} virtual tokens leave no room in max_seq_len {self.engine.max_seq_len}",
                                   field="num_virtual_tokens")
