@@ -38,9 +38,10 @@ class CacheStats:
     """Device-tier evictions."""
     host_evictions: int = 0
     load_durations: list[float] = field(default_factory=list)
-    """Cold loads (disk → host → device): seconds to read, validate and copy, per load."""
+    """Cold loads (disk → host → device): seconds to read, validate and copy, per load (not counting the
+    wait for a CPU turn between engine steps)."""
     promote_durations: list[float] = field(default_factory=list)
-    """Warm loads (host tier → device): seconds per load."""
+    """Warm loads (host tier → device): seconds per load (likewise)."""
     room_waits: list[float] = field(default_factory=list)
     """Seconds a load then waited for device room held by in-use adapters (0 when it fit)."""
 
@@ -183,10 +184,12 @@ class AdapterCache:
             if adapter_id in self._device:
                 self._device.move_to_end(adapter_id)
                 return self._device[adapter_id]
+        start = time.monotonic()
         if self.prefetch_fn is not None and self.residency(adapter_id) != "host":
             self.prefetch_fn(adapter_id)
+        asked = time.monotonic()
         with self.turns.load():  # not while waiting for room below: the engine's steps free it
-            start = time.monotonic()
+            start += time.monotonic() - asked  # the wait for a turn is not the load's own time
             host, from_disk = self._host_copy(adapter_id)
             if host.nbytes > self.cfg.device_bytes:
                 raise ResourceExhausted(

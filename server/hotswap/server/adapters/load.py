@@ -1,4 +1,4 @@
-"""PEFT adapter folder → validated `Adapter` with host (CPU, fp32) weights."""
+"""PEFT adapter folder → validated `Adapter` with host (CPU, fp32) weights (the cache keeps them in the serving dtype)."""
 from __future__ import annotations
 
 import math
