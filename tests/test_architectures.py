@@ -82,8 +82,11 @@ def case(request, tmp_path_factory):
     return ckpt, paths, jobs, refs, unsupported
 
 
-@pytest.mark.parametrize("backend", ["native", "torch", "triton"])
-def test_mixed_batch_matches_peft_alone(case, backend):
+@pytest.mark.parametrize("backend,decode_graphs", [("native", False), ("torch", False), ("triton", False),
+                                                   ("native", True), ("triton", True)])
+def test_mixed_batch_matches_peft_alone(case, backend, decode_graphs):
+    """decode_graphs: decode-only steps run from the fixed, bucket-padded buffers CUDA graphs capture
+    (static_decode.py; eager here, captured on a GPU), which every architecture must serve exactly too."""
     ckpt, paths, jobs, refs, unsupported = case
     if backend == "triton" and not kernels.triton_available(TRITON_DEVICE):
         pytest.skip(f"triton kernels unavailable: {kernels.triton_unavailable_reason()}")
@@ -92,7 +95,7 @@ def test_mixed_batch_matches_peft_alone(case, backend):
     # Small blocks so windows and prefixes cross block edges. Native: 16 tokens a step, so prompts are chunked
     # (a chunk's past comes from the cache); torch: room for the 36-token prompt's dense chunk.
     cfg = EngineConfig(max_batch_size=8, max_tokens_per_step=16 if backend == "native" else 64, max_seq_len=64, block_size=4,
-                       attention_backend=backend)
+                       attention_backend=backend, decode_graphs=decode_graphs)
     with ServingCore(loaded, cfg) as core:
         for name, path in paths.items():
             core.register_adapter(name, path)
@@ -104,6 +107,9 @@ def test_mixed_batch_matches_peft_alone(case, backend):
         assert res.token_ids == ref_tokens, name
         ours = torch.tensor([lp.logprob for lp in res.logprobs])
         torch.testing.assert_close(ours, ref_logprobs, atol=2e-4, rtol=1e-4, msg=name)
+    runner = core.engine.runner
+    if decode_graphs and runner.layout.paged:  # (an architecture on its own attention path never uses them)
+        assert runner.static.steps > 0
     if unsupported:
         pytest.skip("; ".join(unsupported.values()) + " (every other row matched)")
 
