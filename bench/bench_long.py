@@ -67,7 +67,7 @@ def prefix_caching(loaded, ids: list[str], args) -> dict:
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     out = {}
     for caching in (False, True):
-        cfg = EngineConfig(max_batch_size=64, max_tokens_per_step=args.max_tokens_per_step, enable_prefix_caching=caching,
+        cfg = EngineConfig(max_batch_size=64, max_tokens_per_step=args.max_tokens_per_step, max_decode_slowdown=args.max_decode_slowdown, enable_prefix_caching=caching,
                            kv_cache_bytes=args.kv_cache_mb * 2**20)
         with ServingCore(loaded, cfg, AdapterCacheConfig(device_bytes=2**30)) as core:
             for name, path in args.adapter_paths:
@@ -85,7 +85,7 @@ def prefix_caching(loaded, ids: list[str], args) -> dict:
 
 
 def chunked_prefill(loaded, args) -> dict:
-    cfg = EngineConfig(max_batch_size=64, max_tokens_per_step=args.max_tokens_per_step, kv_cache_bytes=args.kv_cache_mb * 2**20)
+    cfg = EngineConfig(max_batch_size=64, max_tokens_per_step=args.max_tokens_per_step, max_decode_slowdown=args.max_decode_slowdown, kv_cache_bytes=args.kv_cache_mb * 2**20)
     gaps = {}
     with ServingCore(loaded, cfg) as core:
         core.generate(GenerateRequest(prompt_ids=random_ids(32, 0), params=SamplingParams(max_new_tokens=2)), 600)
@@ -115,7 +115,7 @@ def chunked_prefill(loaded, args) -> dict:
 def long_prefill(loaded, args) -> dict:
     # a fresh prompt each round and no prefix cache: every round computes all its positions
     prompts = [random_ids(args.long_tokens, seed=7 + i) for i in range(args.rounds)]
-    cfg = EngineConfig(max_batch_size=64, max_tokens_per_step=args.max_tokens_per_step, kv_cache_bytes=args.kv_cache_mb * 2**20,
+    cfg = EngineConfig(max_batch_size=64, max_tokens_per_step=args.max_tokens_per_step, max_decode_slowdown=args.max_decode_slowdown, kv_cache_bytes=args.kv_cache_mb * 2**20,
                        enable_prefix_caching=False)
     rss = {"before engine": rss_bytes()}
     with ServingCore(loaded, cfg) as core:
@@ -162,6 +162,8 @@ def main() -> None:
     ap.add_argument("--long-gap", type=float, default=1.0, help="seconds between long prompts")
     ap.add_argument("--max-tokens-per-step", type=int, default=0, help="0: the engine's default for the device")
     ap.add_argument("--kv-cache-mb", type=int, default=1024)
+    ap.add_argument("--max-decode-slowdown", type=float, default=EngineConfig().max_decode_slowdown,
+                    help="the engine's prompt pacing (0: off); the default is the engine's")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache/hotswap/bench")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
@@ -181,7 +183,9 @@ def main() -> None:
 
     cmd = (f"`python bench/bench_long.py --quantization {args.quantization} --requests {args.requests} --system-tokens {args.system_tokens} "
            f"--decoding-rows {args.decoding_rows} --long-prompts {args.long_prompts} --long-tokens {args.long_tokens} "
-           f"--max-tokens-per-step {args.max_tokens_per_step} --kv-cache-mb {args.kv_cache_mb}`")
+           f"--max-tokens-per-step {args.max_tokens_per_step} --kv-cache-mb {args.kv_cache_mb}"
+           + (f" --max-decode-slowdown {args.max_decode_slowdown:g}" if args.max_decode_slowdown != EngineConfig().max_decode_slowdown else "")
+           + "`")
     lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} — long prompts: prefix caching, chunked prefill, KV memory ({args.quantization}, {loaded.dtype})",
              f"\n{cmd} on {cpu_name()}, torch {torch.__version__}\n"]
 
