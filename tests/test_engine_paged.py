@@ -128,6 +128,72 @@ def test_prefix_caching_changes_no_output_and_adapters_never_share_blocks(llama,
                                    torch.tensor([x.logprob for x in plain.logprobs]), atol=1e-5, rtol=1e-5)
 
 
+def drive(core: ServingCore, jobs: list[tuple[str, list[int]]], params: SamplingParams) -> list:
+    """Every job added to the engine at once, then steps driven on this thread (the loop stopped)
+    until all end: a burst the first step sees whole. Returns the rows, in job order."""
+    core.loop.shutdown()
+    engine = core.engine
+    ids = {a: core.resolve(a) for a, _ in jobs if a}
+    for adapter_id in ids.values():
+        core.adapters.load(adapter_id)
+    rows = [engine.make_row(GenerateRequest(prompt_ids=p, adapter_id=ids.get(a, ""), params=params), lambda e: None)
+            for a, p in jobs]
+    for r in rows:
+        engine.add_row(r)
+    while engine.has_work:
+        engine.step()
+        engine.take_events()
+    return rows
+
+
+def test_a_burst_sharing_a_prompt_reads_its_blocks_in_the_step_that_writes_them(llama, adapter_paths):
+    """Rows arriving together with one prompt (per adapter) read the blocks its first row writes in the
+    same step, and get exactly what each computes alone without the prefix cache; no adapter reads
+    another's blocks."""
+    jobs = [(a, SHARED + tail) for tail in ([1, 2], [3], [1, 2], [5, 6, 7]) for a in ("", "lora", "prefix", "prompt")]
+    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True, logprobs=2)
+    outputs = {}
+    for caching in (True, False):
+        with make_core(llama, adapter_paths, max_batch_size=16, max_tokens_per_step=256, enable_prefix_caching=caching) as core:
+            witness = BlockWitness(core.engine.runner)
+            outputs[caching] = drive(core, jobs, params)
+            assert witness.violations == []
+            assert (core.engine.scheduler.num_shared_blocks > 0) == caching
+    for cached, plain in zip(outputs[True], outputs[False]):
+        assert cached.error is None and cached.output_ids == plain.output_ids
+        torch.testing.assert_close(torch.tensor([x.logprob for x in cached.logprobs]),
+                                   torch.tensor([x.logprob for x in plain.logprobs]), atol=1e-5, rtol=1e-5)
+
+
+def test_rows_reading_a_failed_rows_blocks_are_computed_again(llama, adapter_paths):
+    """The first row of a burst fails in its forward (injected), so the blocks the others read that step
+    hold nothing: they start over and still get exactly the tokens they get alone."""
+    jobs = [("lora", SHARED + tail) for tail in ([1, 2], [3], [5, 6, 7])]
+    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True, logprobs=1)
+    with make_core(llama, adapter_paths, max_tokens_per_step=256, enable_prefix_caching=False) as core:
+        alone = drive(core, jobs[1:], params)
+    with make_core(llama, adapter_paths, max_tokens_per_step=256) as core:
+        runner, failing = core.engine.runner, []
+        real = runner.execute
+
+        def execute(scheduled):
+            if any(s.row is failing[0] for s in scheduled):
+                raise RuntimeError("injected")
+            return real(scheduled)
+
+        runner.execute = execute
+        engine = core.engine
+        make = engine.make_row
+        engine.make_row = lambda req, sink: failing.append(make(req, sink)) or failing[-1]  # the first row made fails
+        rows = drive(core, jobs, params)
+        assert core.engine.scheduler.num_shared_blocks > 0
+    assert rows[0].finish_reason == FinishReason.ERROR and "injected" in str(rows[0].error)
+    for again, ref in zip(rows[1:], alone):
+        assert again.error is None and again.num_preemptions == 1 and again.output_ids == ref.output_ids
+        torch.testing.assert_close(torch.tensor([x.logprob for x in again.logprobs]),
+                                   torch.tensor([x.logprob for x in ref.logprobs]), atol=1e-5, rtol=1e-5)
+
+
 def test_a_reused_request_id_never_touches_the_other_request(llama, adapter_paths):
     with make_core(llama, {}) as core:
         long = SamplingParams(max_new_tokens=40, ignore_eos=True)

@@ -194,8 +194,9 @@ def test_a_preempted_score_row_recomputes_to_the_same_answer(setup):
 
 
 def test_candidates_of_one_score_call_share_the_prompt_through_the_prefix_cache():
-    """Scheduler only: candidate rows arriving together wait one step for the first to compute the
-    prompt's full blocks, then start after them (not from position 0, as they would if admitted at once)."""
+    """Scheduler only: candidate rows arriving together read the prompt's full blocks the first computes
+    in the same step (each layer writes them before its queries attend) and start after them, not from
+    position 0."""
     from hotswap.server.engine.detokenize import IncrementalDetokenizer, StopMatcher
     from hotswap.server.engine.kv_blocks import KVBlockManager
     from hotswap.server.engine.row import Row
@@ -211,11 +212,7 @@ def test_candidates_of_one_score_call_share_the_prompt_through_the_prefix_cache(
         rows.append(r)
         s.add(r)
     out = s.schedule()
-    assert [(x.row, x.start) for x in out.scheduled] == [(rows[0], 0)]
-    for x in out.scheduled:
-        x.row.num_computed = x.end
-        s.kv.commit(x.row)
-        s.finish(x.row)
-    out = s.schedule()
-    assert [(x.row, x.start) for x in out.scheduled] == [(rows[1], 12), (rows[2], 12)]
+    assert [(x.row, x.start) for x in out.scheduled] == [(rows[0], 0), (rows[1], 12), (rows[2], 12)]
+    assert [x.leaders for x in out.scheduled] == [(), (rows[0],), (rows[0],)]
+    assert rows[1].block_ids[:3] == rows[2].block_ids[:3] == rows[0].block_ids[:3]
     assert s.kv.stats.hits == 24

@@ -286,6 +286,36 @@ def test_rows_sharing_a_prompt_wait_for_its_blocks_and_cached_rows_go_first():
     assert s.kv.stats.hits == 48
 
 
+def test_rows_sharing_a_prompt_read_its_blocks_in_the_step_that_writes_them():
+    """A burst of rows with one prompt: the first computes it, and the others, scheduled after it in the
+    same step, take its blocks (their keys and values are written before any query attends) and compute
+    only their own last position; they wait instead where rows run one by one (share_writes off)."""
+    shared = list(range(1, 25))  # 6 blocks
+
+    def burst(s: Scheduler, n: int = 3) -> list:
+        rows = [row(0) for _ in range(n)]
+        for r in rows:
+            r.prompt_ids[:] = shared + [99]
+            s.add(r)
+        return rows
+
+    s = scheduler(max_batch_size=8, max_tokens_per_step=64)
+    first, copy_a, copy_b = burst(s)
+    out = step(s)
+    assert [(x.row, x.start, x.num_tokens) for x in out.scheduled] == [(first, 0, 25), (copy_a, 24, 1), (copy_b, 24, 1)]
+    assert copy_a.block_ids[:6] == copy_b.block_ids[:6] == first.block_ids[:6]
+    assert len({first.block_ids[6], copy_a.block_ids[6], copy_b.block_ids[6]}) == 3  # the partial block is each row's own
+    assert [x.leaders for x in out.scheduled] == [(), (first,), (first,)] and s.num_shared_blocks == 12
+    assert s.kv.stats.hits == 48 and all(s.kv.pool.ref[b] == 3 for b in first.block_ids[:6])
+
+    s = Scheduler(EngineConfig(max_batch_size=8, max_tokens_per_step=64, block_size=BS, max_decode_slowdown=0),
+                  KVBlockManager(64, BS), max_seq_len=256, share_writes=False)
+    first, copy_a, copy_b = burst(s)
+    assert [x.row for x in step(s).scheduled] == [first] and list(s.waiting) == [copy_a, copy_b]
+    assert [(x.row, x.start) for x in step(s).scheduled] == [(first, 25), (copy_a, 24), (copy_b, 24)]  # read from the cache
+
+
+
 def test_cached_rows_go_first_but_a_passed_over_row_is_not_starved():
     from hotswap.server.engine.scheduler import MAX_BYPASS
     s = scheduler(max_batch_size=1, max_tokens_per_step=64, blocks=256)

@@ -49,7 +49,9 @@ class Engine:
         num_blocks = self.runner.allocate_cache(self.cfg.kv_cache_bytes, POOL_OVERCOMMIT * self.cfg.max_batch_size * per_row, reserved,
                                                 self.cfg.max_batch_size, per_row)
         self.kv = KVBlockManager(num_blocks, self.cfg.block_size, self.cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.cfg, self.kv, self.max_seq_len, adapters)
+        # Rows may read blocks others write in the same step only where one forward runs them all
+        # (each layer writes before it attends); the own-attention path runs rows one by one.
+        self.scheduler = Scheduler(self.cfg, self.kv, self.max_seq_len, adapters, share_writes=self.runner.layout.paged)
         self.eos_ids = _eos_ids(loaded)
         self.pad_id = getattr(loaded.model.config.get_text_config(), "pad_token_id", None)
         """What transformers' sequence classifiers skip when they pool the last token."""
@@ -232,17 +234,29 @@ class Engine:
             return ForwardOutput(torch.full((int(scheduled[0].samples), self.vocab_size), float("nan"), device=self.runner.device))
 
     def _update(self, out: SchedulerOutput, fwd: ForwardOutput | None) -> None:
+        # A row that read blocks a failed row was writing this step read garbage: computed again later.
+        void = {id(s.row) for s in out.scheduled
+                if s.row.error is None and any(leader.error is not None for leader in s.leaders)}
         sampling: list[Row] = []
+        at: list[int] = []  # the sampling rows' rows of fwd.logits (it has one per sampling row scheduled)
+        scheduled_samples = 0
         for s in out.scheduled:
+            if s.samples:
+                scheduled_samples += 1
+            if id(s.row) in void:
+                self.scheduler.recompute(s.row, out)
+                continue
             s.row.num_computed = s.end
             if s.row.error is None:  # a failed forward may have left garbage in the row's blocks
                 self.kv.commit(s.row)
             if s.samples:
                 sampling.append(s.row)
+                at.append(scheduled_samples - 1)
             elif not s.row.generates and s.row.error is None:
                 self._read_out(s, fwd.readouts.get(s.row.key))
         if sampling:
-            result = self._sample(sampling, fwd.logits[:, : self.vocab_size])
+            logits = fwd.logits if len(at) == scheduled_samples else fwd.logits[torch.tensor(at, device=fwd.logits.device)]
+            result = self._sample(sampling, logits[:, : self.vocab_size])
             now = time.monotonic()
             for i, row in enumerate(sampling):
                 if row.error is not None or not result.finite[i]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .row import Row
@@ -129,6 +130,21 @@ class KVBlockManager:
         if not self.caching or len(hits) >= row.compute_from // self.block_size:
             return None
         return self._keys(row, len(hits) + 1)[len(hits)]
+
+    def written_prefix(self, row: Row, hits: list[int], writing: Mapping[bytes, tuple[int, Row] | None]) -> list[tuple[int, Row]]:
+        """The blocks, each with the row writing it, that continue the row's cached `hits` (up to
+        row.compute_from, as cached_prefix) among those other rows complete this step (`writing`:
+        key -> (block, row), None for a key only completed in a later step)."""
+        full = row.compute_from // self.block_size
+        if not self.caching or len(hits) >= full:
+            return []
+        out = []
+        for key in self._keys(row, full)[len(hits):]:
+            written = writing.get(key)
+            if written is None:
+                break
+            out.append(written)
+        return out
 
     def cached_prefix(self, row: Row) -> list[int]:
         """Cached blocks holding the row's leading positions, up to the first position whose

@@ -16,7 +16,14 @@ New rows are admitted cache-aware (SGLang's longest-prefix-match order, with
 aging): among the first waiting rows, those with more of their prompt cached go
 first, since they cost a fraction of their length; and a row whose next block
 another row is computing waits for it instead of computing it again. A row
-passed over MAX_BYPASS times goes first, so nothing waits forever."""
+passed over MAX_BYPASS times goes first, so nothing waits forever.
+
+A row that shares blocks a row scheduled earlier in the same step completes (a
+burst of requests with one system prompt) reads them in that same step
+(`share_writes`): each layer writes the whole step's keys and values into the
+cache before any of its queries attend, so the follower attends over blocks its
+leader fills moments before. It then waits no step for them; if the leader's
+forward fails, the engine recomputes the follower (`ScheduledRow.leaders`)."""
 from __future__ import annotations
 
 import itertools
@@ -64,6 +71,9 @@ class ScheduledRow:
     """The chunk reaches the row's last known position (a prefill-only row ends with it)."""
     decode: bool = False
     """The row feeds back one token it generated (it is not part-way through a prompt)."""
+    leaders: tuple[Row, ...] = ()
+    """Rows scheduled before it this step whose blocks it reads as they are written (share_writes):
+    if one of them fails, what this row computed is void."""
 
     def __post_init__(self) -> None:
         self.last = self.end == self.row.num_tokens
@@ -121,9 +131,15 @@ class PromptBudget:
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, kv: KVBlockManager, max_seq_len: int, adapters: AdapterCache | None = None) -> None:
+    def __init__(self, cfg: EngineConfig, kv: KVBlockManager, max_seq_len: int, adapters: AdapterCache | None = None,
+                 share_writes: bool = True) -> None:
         self.cfg = cfg
         self.kv = kv
+        self.share_writes = share_writes
+        """New rows may read blocks rows scheduled before them complete in the same step (the forward writes
+        every layer's keys and values before its attention reads any); False where rows run one by one."""
+        self.num_shared_blocks = 0
+        """Blocks new rows took from rows computing them in the same step, since start."""
         self.max_seq_len = max_seq_len
         self.adapters = adapters
         self.lora_slots = LoraSlotTable(cfg.max_loras)
@@ -154,7 +170,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.cfg.max_tokens_per_step
-        computing: set[bytes] = set()  # prefix-cache keys of the full blocks this step completes
+        computing: dict[bytes, tuple[int, Row] | None] = {}  # prefix-cache keys of full blocks this step or a later one completes:
+        # for this step's, the block and the row writing it
         decoding = [r.num_computed for r in self.running if self._remaining(r) == 1]  # their tokens' contexts
         prompts = PromptBudget(self.pacer, self.pacer.spare(len(decoding), sum(decoding)))  # paced so decoding rows are spared
         i = 0
@@ -172,7 +189,8 @@ class Scheduler:
         chunked = sorted((r for r in self.running if self._remaining(r) > 1), key=self._prompt_order)
         admitting = not out.preempted and budget > 0  # a dry pool: admitting now would only preempt again
         if admitting and self.kv.caching and len(self.running) < self.cfg.max_batch_size:
-            computing |= self._pending_keys()
+            for key in self._pending_keys():
+                computing.setdefault(key, None)
             self._cache_aware_order()
         admitted: list[ScheduledRow] = []
         if admitting and chunked:  # new rows cheaper than every running prompt go before them
@@ -214,8 +232,13 @@ class Scheduler:
         """Rows passed over MAX_BYPASS times first, then the least prompt left (ties: admission order)."""
         return row.bypassed < MAX_BYPASS, self._remaining(row)
 
-    def _schedule(self, out: SchedulerOutput, computing: set[bytes], s: ScheduledRow) -> None:
-        computing.update(self.kv.new_block_keys(s.row, s.end))
+    def _schedule(self, out: SchedulerOutput, computing: dict[bytes, tuple[int, Row] | None], s: ScheduledRow) -> None:
+        keys = self.kv.new_block_keys(s.row, s.end)
+        for i, key in enumerate(keys, start=s.row.num_cached_blocks):
+            computing[key] = (s.row.block_ids[i], s.row)
+        if s.end < s.row.compute_from:  # its blocks of later steps: rows sharing them wait rather than compute them too
+            for key in self.kv.new_block_keys(s.row, s.row.compute_from)[len(keys):]:
+                computing.setdefault(key, None)
         out.scheduled.append(s)
 
     def _pending_keys(self) -> set[bytes]:
@@ -271,6 +294,12 @@ class Scheduler:
                 return False
         return True
 
+    def recompute(self, row: Row, out: SchedulerOutput) -> None:
+        """A running row whose step is void (a leader it read from failed): it gives back its blocks
+        and slot and waits at the front of the queue, to be computed again like a preempted row."""
+        self.running.remove(row)
+        self._preempt(row, out)
+
     def _preempt(self, row: Row, out: SchedulerOutput) -> None:
         self.kv.free(row)
         self._release_slot(row)
@@ -279,7 +308,7 @@ class Scheduler:
         self.waiting.appendleft(row)
         out.preempted.append(row)
 
-    def _admit(self, out: SchedulerOutput, budget: int, prompts: PromptBudget, computing: set[bytes],
+    def _admit(self, out: SchedulerOutput, budget: int, prompts: PromptBudget, computing: dict[bytes, tuple[int, Row] | None],
                admitted: list[ScheduledRow], max_need: int | None = None) -> int:
         """Admit waiting rows in queue order while blocks, rows and the prompt budget last (rows
         waiting on their adapter or on a block another row computes are passed); with `max_need`,
@@ -301,6 +330,8 @@ class Scheduler:
                 skipped.append(row)
                 continue
             hits = self.kv.cached_prefix(row)
+            shared = self.kv.written_prefix(row, hits, computing) if self.share_writes else []
+            hits += [block for block, _ in shared]
             if self.kv.first_missing_key(row, hits) in computing:
                 # another row is computing this row's next block (requests sharing a system prompt, the
                 # candidates of one Score call): wait for it and read it from the prefix cache
@@ -329,7 +360,9 @@ class Scheduler:
             self.kv.grow(row, start + n)
             row.mark_admitted()
             self.running.append(row)
-            self._schedule(out, computing, ScheduledRow(row, start, n, copy_from))
+            leaders = tuple({id(leader): leader for _, leader in shared}.values())
+            self.num_shared_blocks += len(shared)
+            self._schedule(out, computing, ScheduledRow(row, start, n, copy_from, leaders=leaders))
             admitted.append(out.scheduled[-1])
             budget -= n
         self.waiting.extendleft(reversed(skipped))
