@@ -234,9 +234,12 @@ class Engine:
             return ForwardOutput(torch.full((int(scheduled[0].samples), self.vocab_size), float("nan"), device=self.runner.device))
 
     def _update(self, out: SchedulerOutput, fwd: ForwardOutput | None) -> None:
-        # A row that read blocks a failed row was writing this step read garbage: computed again later.
-        void = {id(s.row) for s in out.scheduled
-                if s.row.error is None and any(leader.error is not None for leader in s.leaders)}
+        # A row that read blocks a failed row was writing this step read garbage: computed again later, and
+        # so is a row that read blocks of such a row (leaders are scheduled before their readers).
+        void: set[int] = set()
+        for s in out.scheduled:
+            if s.row.error is None and any(leader.error is not None or id(leader) in void for leader in s.leaders):
+                void.add(id(s.row))
         sampling: list[Row] = []
         at: list[int] = []  # the sampling rows' rows of fwd.logits (it has one per sampling row scheduled)
         scheduled_samples = 0
