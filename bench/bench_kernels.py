@@ -127,7 +127,9 @@ def decode_scaling(thread_counts, min_time):
     return result
 
 
-def bench_decode(label, rows, ctx, H, KVH, D, min_time):
+def bench_decode(label, rows, ctx, H, KVH, D, min_time, softcap=0.0, sinks=False):
+    """softcap / sinks (Gemma 2 / GPT-OSS): the native kernel against the torch reference, which such
+    calls took before the kernel had them (SDPA has neither: no baseline column)."""
     caches, tables = paged_layers(rows, ctx, H, KVH, D)
     q = torch.randn(rows, H, D, dtype=DT)
     out = torch.empty_like(q)
@@ -139,13 +141,17 @@ def bench_decode(label, rows, ctx, H, KVH, D, min_time):
         def run():
             kc, vc = caches[i[0] % len(caches)]
             i[0] += 1
-            fn(out, q, kc, vc, tables, rows_of, pos, scale)
+            fn(out, q, kc, vc, tables, rows_of, pos, scale, *extra)
         return run
 
+    extra = (0, softcap, torch.randn(H) if sinks else None) if softcap or sinks else ()
     native = timeit(call(lambda *a: kernels.paged_attention(*a, backend="native")), min_time)
     ref = timeit(call(reference.paged_attention), min_time / 2)
-    base = timeit(call(sdpa_gather), min_time / 2)
     kv_bytes = 2 * rows * ctx * KVH * D * 2
+    if extra:
+        return [label, f"{rows}×1 @ {ctx}", f"{native:.3f}", f"{kv_bytes / native / 1e6:.1f}", f"{ref:.2f}", "—",
+                f"reference / native {ref / native:.0f}×"]
+    base = timeit(call(sdpa_gather), min_time / 2)
     return [label, f"{rows}×1 @ {ctx}", f"{native:.3f}", f"{kv_bytes / native / 1e6:.1f}", f"{ref:.2f}", f"{base:.2f}",
             f"{base / native:.1f}×"]
 
@@ -269,6 +275,8 @@ def main() -> None:
     decode = [bench_decode("SmolLM2-135M (H9/KVH3/D64)", 64, ctx, 9, 3, 64, mt) for ctx in (100, 300, 1000)]
     decode.append(bench_decode("Llama-8B-like (H32/KVH8/D128)", 64, 100, 32, 8, 128, mt))
     decode.append(bench_decode("Llama-8B-like (H32/KVH8/D128)", 16, 1000, 32, 8, 128, mt))
+    decode.append(bench_decode("Gemma-2-2B-like (H8/KVH4/D256), softcap 50", 32, 512, 8, 4, 256, mt, softcap=50.0))
+    decode.append(bench_decode("GPT-OSS-20B-like (H64/KVH8/D64), sinks", 16, 512, 64, 8, 64, mt, sinks=True))
     scaling = decode_scaling(sorted({1, args.scaling_threads}), 2 * mt)
 
     prefill, scan = [], []

@@ -108,15 +108,13 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     k_cache, v_cache = batch.cache.layer(layer)
     sinks = kwargs.get("s_aux")
     if softcap or sinks is not None:
-        # Neither SDPA nor the native kernel caps logits or adds sinks: every token of this layer goes
-        # through the paged kernel's torch path (or the Triton kernel, which has both), the dense
-        # chunks' tokens under their own rows.
+        # SDPA neither caps logits nor adds sinks: every token of this layer goes through the paged
+        # kernel (each path has both), the dense chunks' tokens under their own rows.
         rows = batch.token_rows.clone()
         for chunk in batch.dense:
             rows[chunk.q_start: chunk.q_start + chunk.num_tokens] = chunk.row
         kernels.paged_attention(out, q, k_cache, v_cache, batch.block_tables, rows, batch.token_positions,
-                                scale, window, float(softcap or 0.0), sinks,
-                                backend="triton" if batch.backend == "triton" else "torch")
+                                scale, window, float(softcap or 0.0), sinks, backend=batch.backend)
         return out[None], None
     if batch.paged_tokens:
         kernels.paged_attention(out, q, k_cache, v_cache, batch.block_tables, batch.token_rows, batch.token_positions,

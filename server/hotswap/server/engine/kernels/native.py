@@ -179,7 +179,8 @@ def _register_fakes() -> None:
     their first argument in place and return nothing."""
 
     @torch.library.register_fake("hotswap::paged_attention")
-    def _(out, query, key_cache, value_cache, block_tables, token_rows, token_positions, scale, sliding_window):
+    def _(out, query, key_cache, value_cache, block_tables, token_rows, token_positions, scale, sliding_window, softcap=0.0,
+          sinks=None):
         return None
 
     @torch.library.register_fake("hotswap::lora_shrink")

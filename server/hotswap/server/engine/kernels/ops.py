@@ -111,8 +111,7 @@ def paged_attention(
     """out[i] = softmax(scale * q_i K^T) V over row token_rows[i]'s keys at positions
     max(0, p - sliding_window + 1) ..= p, p = token_positions[i]; rows -1 are skipped.
     softcap > 0: logits become softcap * tanh(logits / softcap) (Gemma 2); sinks [H]: one extra
-    logit per query head in the softmax's denominator (GPT-OSS). The native kernel has neither,
-    so calls that use them always take the torch reference.
+    logit per query head in the softmax's denominator (GPT-OSS). Every path has both.
 
     out, query [N, H, D]; key_cache, value_cache [num_blocks, block_size, KVH, D];
     block_tables [R, max_blocks] int32; token_rows, token_positions [N] int32.
@@ -121,15 +120,14 @@ def paged_attention(
     if path == "triton" and triton_ops().paged_attention_fits(out, query, key_cache, value_cache):
         triton_ops().paged_attention(out, query, key_cache, value_cache, block_tables, token_rows, token_positions, scale,
                                      sliding_window, softcap, sinks)
-    elif softcap > 0 or sinks is not None:
-        reference.paged_attention(out, query, key_cache, value_cache, block_tables, token_rows, token_positions, scale,
-                                  sliding_window, softcap, sinks)
     elif path == "native":
         torch.ops.hotswap.paged_attention(
-            out, query, key_cache, value_cache, block_tables, token_rows, token_positions, float(scale), int(sliding_window)
+            out, query, key_cache, value_cache, block_tables, token_rows, token_positions, float(scale), int(sliding_window),
+            float(softcap), None if sinks is None else sinks.to(torch.float32).contiguous()
         )
     else:
-        reference.paged_attention(out, query, key_cache, value_cache, block_tables, token_rows, token_positions, scale, sliding_window)
+        reference.paged_attention(out, query, key_cache, value_cache, block_tables, token_rows, token_positions, scale,
+                                  sliding_window, softcap, sinks)
 
 
 def lora_shrink(

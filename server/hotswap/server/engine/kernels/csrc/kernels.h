@@ -26,6 +26,8 @@ struct AttentionParams {
   int64_t bt_s0;                   // row stride of block_tables
   double scale;
   int64_t sliding_window;
+  double softcap;      // > 0: logits become softcap * tanh(logits / softcap) (Gemma 2)
+  const float* sinks;  // [H] or null: one extra logit per query head in the softmax's denominator (GPT-OSS)
 };
 
 struct LoraParams {

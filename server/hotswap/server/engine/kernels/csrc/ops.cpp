@@ -7,6 +7,8 @@
 
 #include <cstring>
 
+#include <optional>
+
 #include "kernels.h"
 
 namespace hotswap {
@@ -29,7 +31,8 @@ void check_index_vector(const at::Tensor& t, int64_t n, const char* op, const ch
 
 void paged_attention_cpu(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                          const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& token_rows,
-                         const at::Tensor& token_positions, double scale, int64_t sliding_window) {
+                         const at::Tensor& token_positions, double scale, int64_t sliding_window, double softcap,
+                         const std::optional<at::Tensor>& sinks) {
   const char* op = "paged_attention";
   TORCH_CHECK(query.dim() == 3 && out.sizes() == query.sizes(), op, ": out and query must both be [N, H, D], got ",
               out.sizes(), " and ", query.sizes());
@@ -45,11 +48,16 @@ void paged_attention_cpu(const at::Tensor& out, const at::Tensor& query, const a
                   (block_tables.size(1) <= 1 || block_tables.stride(1) == 1),
               op, ": block_tables must be int32 [rows, max_blocks] with contiguous rows");
   TORCH_CHECK(sliding_window >= 0, op, ": sliding_window must be >= 0");
+  TORCH_CHECK(softcap >= 0, op, ": softcap must be >= 0 (0: none)");
   const int64_t N = query.size(0), H = query.size(1), D = query.size(2), KVH = key_cache.size(2);
   TORCH_CHECK(key_cache.size(3) == D, op, ": query head_dim ", D, " != cache head_dim ", key_cache.size(3));
   TORCH_CHECK(KVH > 0 && H % KVH == 0, op, ": ", H, " query heads are not a multiple of ", KVH, " kv heads");
   check_index_vector(token_rows, N, op, "token_rows");
   check_index_vector(token_positions, N, op, "token_positions");
+  if (sinks.has_value())
+    TORCH_CHECK(sinks->scalar_type() == at::kFloat && sinks->dim() == 1 && sinks->size(0) == H && sinks->is_contiguous(), op,
+                ": sinks must be a contiguous float32 [", H, "] (one per query head), got ", sinks->scalar_type(), " ",
+                sinks->sizes());
   const Dtype dtype = dtype_of(query, op);
   if (N == 0) return;
   AttentionParams p{};
@@ -69,6 +77,8 @@ void paged_attention_cpu(const at::Tensor& out, const at::Tensor& query, const a
   p.bt_s0 = block_tables.stride(0);
   p.scale = scale;
   p.sliding_window = sliding_window;
+  p.softcap = softcap;
+  p.sinks = sinks.has_value() ? sinks->const_data_ptr<float>() : nullptr;
   paged_attention_kernel(p, dtype);
 }
 
@@ -217,7 +227,7 @@ TORCH_LIBRARY(hotswap, m) {
   m.def(
       "paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_tables, Tensor token_rows, Tensor token_positions, float scale, "
-      "int sliding_window) -> ()");
+      "int sliding_window, float softcap=0., Tensor? sinks=None) -> ()");
   m.def("lora_shrink(Tensor(a!) out, Tensor x, Tensor a_slots, Tensor token_slots, Tensor ranks) -> ()");
   m.def("lora_expand(Tensor(a!) y, Tensor t, Tensor b_slots, Tensor token_slots, Tensor ranks) -> ()");
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps, bool weight_first) -> ()");

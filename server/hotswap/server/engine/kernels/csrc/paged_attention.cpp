@@ -13,6 +13,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -61,6 +62,8 @@ void run_tile(const AttentionParams& a, const Tile& t, int64_t h, Engine& e, Scr
   const int G = static_cast<int>(a.H / a.KVH), M = t.count * G;
   const int len = t.kmax - t.kmin + 1, nblk = (len + KB - 1) / KB, len_pad = nblk * KB;
   const float qscale = static_cast<float>(a.scale * 1.4426950408889634);  // log2(e): softmax in base 2
+  // Soft-capping in base 2: c tanh(s / c) for the natural logit s = x / log2 e is C tanh(x / C), C = c log2 e.
+  const float cap = static_cast<float>(a.softcap * 1.4426950408889634), inv_cap = a.softcap > 0 ? 1.f / cap : 0.f;
 
   // Row offsets of the keys kmin..kmax; the padding repeats key kmin (a readable row; masked).
   s.koff.resize(len_pad);
@@ -103,6 +106,7 @@ void run_tile(const AttentionParams& a, const Tile& t, int64_t h, Engine& e, Scr
       vf x = ninf;
       if (!misses(s, m, j0, nk)) {
         x = e.scores(m);
+        if (a.softcap > 0) x = tanhv(x * inv_cap) * cap;  // before the mask, as transformers' eager attention
         if (s.lo[m] > j0 || s.hi[m] < j0 + KB - 1) {
           const vi j = lane + j0;
           x = ((j < s.lo[m]) | (j > s.hi[m])) ? ninf : x;
@@ -112,17 +116,20 @@ void run_tile(const AttentionParams& a, const Tile& t, int64_t h, Engine& e, Scr
       store(dst, x);
     }
   }
-  // Softmax numerators in place, and their sums.
+  // Softmax numerators in place, and their sums. A sink (GPT-OSS) is one more logit per query head in
+  // the max and the sum, with no value: it only lowers every key's probability.
   for (int m = 0; m < M; ++m) {
     float* row = &s.sc[static_cast<size_t>(m) * len_pad];
-    const float mx = hmax(vmax_m[m]);  // finite: every vector sees at least its own position
+    float mx = hmax(vmax_m[m]);  // finite: every vector sees at least its own position
+    const float sink = a.sinks ? a.sinks[h * G + m % G] * 1.4426950408889634f : 0.f;
+    if (a.sinks) mx = std::max(mx, sink);
     vf sum{};
     for (int b = 0; b < nblk; ++b) {
       const vf p = exp2v(load(row + b * KB) - mx);
       store(row + b * KB, p);
       sum += p;
     }
-    s.l[m] = hsum(sum);
+    s.l[m] = hsum(sum) + (a.sinks ? std::exp2(sink - mx) : 0.f);
   }
   // Pass 2: P @ V.
   for (int b = 0; b < nblk; ++b) {

@@ -254,6 +254,19 @@ inline vf exp2v(vf x) {
   return tiny ? vf{} : r;
 }
 
+// tanh(x), ~2 ulp: sign(x) (1 - e) / (1 + e) with e = e^(-2|x|) = 2^(-2|x| log2 e) (exp2v takes x <= 0;
+// |x| past 44 gives e = 0, so +-1, and +-inf too); below |x| = 1/16, where 1 - e would cancel, its
+// odd series to x^7 (next term < 1e-10 relative).
+inline vf tanhv(vf x) {
+  const vf ax = x < 0.f ? -x : x;
+  const vf e = exp2v(ax * -2.8853900817779268f);
+  const vf big = (1.f - e) / (1.f + e);
+  const vf x2 = ax * ax;
+  const vf small = ax * (1.f + x2 * (-1.f / 3.f + x2 * (2.f / 15.f + x2 * (-17.f / 315.f))));
+  const vf t = ax < 0.0625f ? small : big;
+  return x < 0.f ? -t : t;
+}
+
 #ifdef HOTSWAP_HAVE_BF16_DOT
 // Chunk c (32 elements) of a bf16 row of n elements, zeros past the end.
 inline __m512i load32(const c10::BFloat16* p, int c, int n) {
