@@ -43,6 +43,7 @@ run_tests() {
   # against PEFT on the CPU: the same tests CI runs interpreted.
   timeout 180 python3 -m pytest -q -p no:cacheprovider -x -o addopts="" \
     tests/test_triton_kernels.py tests/test_static_decode.py tests/test_engine_fidelity.py tests/test_architectures.py \
+    tests/test_engine_paged.py \
     -k "triton or lora_plan" \
     2>&1 | tee "$OUT/tests.log" | tail -15
 }

@@ -14,7 +14,8 @@ from hotswap.server.engine.request import FinishReason, GenerateRequest, Samplin
 from hotswap.server.model.loader import load_base_model
 from hotswap.server.serving import ServingCore
 from peft_fixtures import save_adapters
-from test_engine_fidelity import reference
+from hotswap.server.engine import kernels
+from test_engine_fidelity import TRITON_DEVICE, reference
 
 NEW = 8
 BLOCK = 4
@@ -32,8 +33,8 @@ def adapter_paths(llama, tmp_path_factory):
     return save_adapters(llama, kinds, tmp_path_factory.mktemp("paged-adapters"))
 
 
-def make_core(llama, adapter_paths, **engine) -> ServingCore:
-    loaded = load_base_model(ModelConfig(source=str(llama), dtype="float32", device="cpu"))
+def make_core(llama, adapter_paths, device: str = "cpu", **engine) -> ServingCore:
+    loaded = load_base_model(ModelConfig(source=str(llama), dtype="float32", device=device))
     core = ServingCore(loaded, EngineConfig(**{"max_batch_size": 8, "max_seq_len": 128, "block_size": BLOCK, **engine}))
     for name, path in adapter_paths.items():
         core.register_adapter(name, path)
@@ -146,15 +147,19 @@ def drive(core: ServingCore, jobs: list[tuple[str, list[int]]], params: Sampling
     return rows
 
 
-def test_a_burst_sharing_a_prompt_reads_its_blocks_in_the_step_that_writes_them(llama, adapter_paths):
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_a_burst_sharing_a_prompt_reads_its_blocks_in_the_step_that_writes_them(llama, adapter_paths, backend):
     """Rows arriving together with one prompt (per adapter) read the blocks its first row writes in the
     same step, and get exactly what each computes alone without the prefix cache; no adapter reads
-    another's blocks."""
+    another's blocks. On the native kernels and on the Triton ones (the GPU's; interpreted here)."""
+    if backend == "triton" and not kernels.triton_available(TRITON_DEVICE):
+        pytest.skip(f"triton kernels unavailable: {kernels.triton_unavailable_reason()}")
     jobs = [(a, SHARED + tail) for tail in ([1, 2], [3], [1, 2], [5, 6, 7]) for a in ("", "lora", "prefix", "prompt")]
     params = SamplingParams(max_new_tokens=NEW, ignore_eos=True, logprobs=2)
     outputs = {}
     for caching in (True, False):
-        with make_core(llama, adapter_paths, max_batch_size=16, max_tokens_per_step=256, enable_prefix_caching=caching) as core:
+        with make_core(llama, adapter_paths, TRITON_DEVICE if backend == "triton" else "cpu", max_batch_size=16,
+                       max_tokens_per_step=256, enable_prefix_caching=caching, attention_backend=backend) as core:
             witness = BlockWitness(core.engine.runner)
             outputs[caching] = drive(core, jobs, params)
             assert witness.violations == []
