@@ -9,7 +9,8 @@ Architectures whose attention cannot be paged (engine/architecture.py decides at
 load) run the same inputs row by row through their own attention (own_attention.py)."""
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -122,25 +123,28 @@ class ModelRunner:
         prefill-only rows read from the same forward (readout.read)."""
         dev = self.device
         if self.static is not None and self.layout.paged and eligible(scheduled):
-            try:
-                with engaged() if self.fused_rotary else nullcontext():
-                    hidden = self.static.run(scheduled)  # [rows, hidden]: every row samples
-            finally:
-                for group in self.siblings:
-                    group.release()
+            with self._forward_scope():
+                hidden = self.static.run(scheduled)  # [rows, hidden]: every row samples
             return ForwardOutput(self._logits(scheduled, hidden))
         step = build_inputs(scheduled, self.block_size, self.dense_rule)
         positions = step.positions.to(dev)
         embeds = self._embeddings(scheduled, step.ids.to(dev), step.first)  # [num_tokens, hidden]
         self._copy_prefixes(scheduled)
+        with self._forward_scope():
+            hidden = self._forward(step, scheduled, embeds, positions)  # [num_tokens, hidden]
+        logits = self._logits(scheduled, hidden[step.sample_at.to(dev)])  # [sampling rows, vocab]
+        return ForwardOutput(logits, readout.read(scheduled, step.first, hidden, self.logits))
+
+    @contextmanager
+    def _forward_scope(self) -> Iterator[None]:
+        """Around one decoder forward: the rotary kernel engaged (when fused), and sibling linears'
+        held outputs dropped afterwards, whatever happened."""
         try:
             with engaged() if self.fused_rotary else nullcontext():
-                hidden = self._forward(step, scheduled, embeds, positions)  # [num_tokens, hidden]
+                yield
         finally:
             for group in self.siblings:
                 group.release()
-        logits = self._logits(scheduled, hidden[step.sample_at.to(dev)])  # [sampling rows, vocab]
-        return ForwardOutput(logits, readout.read(scheduled, step.first, hidden, self.logits))
 
     def _forward(self, step: StepInputs, scheduled: list[ScheduledRow], embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The decoder over the packed tokens: embeds [num_tokens, hidden] -> final hidden states [num_tokens, hidden]."""

@@ -54,6 +54,10 @@ STEP_GRID = 32
 this: on CPU, oneDNN builds (and caches) kernels per token count, and a pass over the default
 model's linears at token counts not seen before took ~1.5 times as long (bench/token_counts.py)."""
 
+Computing = dict[bytes, tuple[int, Row] | None]
+"""Prefix-cache keys of the full blocks rows complete this step or a later one: for this step's, the
+block and the row writing it (rows admitted after it may read them), None for a later step's."""
+
 
 @dataclass
 class ScheduledRow:
@@ -170,8 +174,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.cfg.max_tokens_per_step
-        computing: dict[bytes, tuple[int, Row] | None] = {}  # prefix-cache keys of full blocks this step or a later one completes:
-        # for this step's, the block and the row writing it
+        computing: Computing = {}
         decoding = [r.num_computed for r in self.running if self._remaining(r) == 1]  # their tokens' contexts
         prompts = PromptBudget(self.pacer, self.pacer.spare(len(decoding), sum(decoding)))  # paced so decoding rows are spared
         i = 0
@@ -232,7 +235,7 @@ class Scheduler:
         """Rows passed over MAX_BYPASS times first, then the least prompt left (ties: admission order)."""
         return row.bypassed < MAX_BYPASS, self._remaining(row)
 
-    def _schedule(self, out: SchedulerOutput, computing: dict[bytes, tuple[int, Row] | None], s: ScheduledRow) -> None:
+    def _schedule(self, out: SchedulerOutput, computing: Computing, s: ScheduledRow) -> None:
         keys = self.kv.new_block_keys(s.row, s.end)
         for i, key in enumerate(keys, start=s.row.num_cached_blocks):
             computing[key] = (s.row.block_ids[i], s.row)
@@ -308,7 +311,7 @@ class Scheduler:
         self.waiting.appendleft(row)
         out.preempted.append(row)
 
-    def _admit(self, out: SchedulerOutput, budget: int, prompts: PromptBudget, computing: dict[bytes, tuple[int, Row] | None],
+    def _admit(self, out: SchedulerOutput, budget: int, prompts: PromptBudget, computing: Computing,
                admitted: list[ScheduledRow], max_need: int | None = None) -> int:
         """Admit waiting rows in queue order while blocks, rows and the prompt budget last (rows
         waiting on their adapter or on a block another row computes are passed); with `max_need`,
