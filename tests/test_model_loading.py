@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
+from bitsandbytes.functional import has_avx512bf16
 from transformers import AutoModelForCausalLM
 
 from hotswap.server.config import ModelConfig
@@ -99,3 +102,14 @@ def _refuse_gguf(original):
         return original(*args, **kwargs)
 
     return wrapped
+
+
+@pytest.mark.skipif(not has_avx512bf16(),
+                    reason="bitsandbytes looks for a hub kernel only on CPUs with AVX-512 BF16")
+@pytest.mark.parametrize("package", ["hotswap.server", "hotswap.tuner"])
+def test_importing_peft_prints_no_hint_to_fetch_kernels(package):
+    """A fresh process that imports our package and then PEFT (which imports bitsandbytes) prints nothing that
+    tells the user to install a package fetching code from the hub; bitsandbytes' own CPU kernel still runs."""
+    done = subprocess.run([sys.executable, "-c", f"import {package}, peft"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "kernels" not in done.stderr + done.stdout
