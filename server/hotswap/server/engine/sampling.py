@@ -128,7 +128,9 @@ def sample_step(logits: torch.Tensor, temperature: list[float], top_k: list[int]
     if stochastic:
         idx = torch.tensor(stochastic, device=dev)
         sub = torch.nan_to_num(scores.index_select(0, idx).float())
-        ks, ps = [top_k[i] for i in stochastic], [top_p[i] for i in stochastic]
+        # clamped on the host: a k past int64 (the HTTP API takes any integer) would fail the tensor,
+        # and with it the whole step, every row of the batch
+        ks, ps = [min(top_k[i], logits.shape[-1]) for i in stochastic], [top_p[i] for i in stochastic]
         drawn = process_and_sample(sub, torch.tensor([temperature[i] for i in stochastic], device=dev),
                                    torch.tensor(ks, device=dev) if any(k > 0 for k in ks) else None,
                                    torch.tensor(ps, device=dev) if any(p < 1 for p in ps) else None,
