@@ -376,6 +376,12 @@ def test_a_huge_prompt_is_refused_without_stalling_other_calls(server):
                     c.tokenize(huge)
             with pytest.raises(InvalidArgument, match="messages.*characters"):
                 c.generate(messages=[{"role": "user", "content": "y" * 4 * 2**20}])
+            # Empty turns passed the character count: 100k of them held the one tokeniser thread (every
+            # caller's) for 7 s, a million for 23 s, before being refused as too many tokens.
+            with pytest.raises(InvalidArgument, match="messages: 200000 chat messages cannot fit in max_seq_len 4096"):
+                c.generate(messages=[{"role": "user", "content": ""}] * 200_000)
+            with pytest.raises(InvalidArgument, match="messages: the chat template renders the messages as"):  # the markup counts
+                c.tokenize(messages=[{"role": "user", "content": "z" * 30}] * 4000)
     finally:
         stop.set()
         prober.join()

@@ -79,6 +79,10 @@ class Engine:
                 raise InvalidArgument("this model has no chat template; send a plain prompt", field="messages")
             # a classifier reads the conversation as it stands; generation and scoring continue it as the assistant
             text = self.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=req.task is not Task.CLASSIFY)
+            limit = self.max_seq_len * MAX_CHARS_PER_TOKEN  # the template's markup counts as the prompt's text does
+            if len(text) > limit:
+                raise InvalidArgument(f"the chat template renders the messages as {len(text)} characters, which cannot fit in "
+                                      f"max_seq_len {self.max_seq_len} (at most {limit} characters)", field="messages")
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = self.tokenizer(req.prompt)["input_ids"]
@@ -140,6 +144,12 @@ class Engine:
             size, field = len(req.prompt_ids), "prompt_ids"
             limit = self.max_seq_len
         elif req.messages is not None:
+            # Every turn the chat template renders costs tokens (its role markers) even with empty
+            # content: a million empty turns would otherwise pass the character count and hold the
+            # one tokeniser thread, every caller's, for half a minute.
+            if len(req.messages) > self.max_seq_len:
+                raise InvalidArgument(f"{len(req.messages)} chat messages cannot fit in max_seq_len {self.max_seq_len} "
+                                      f"(each takes at least one token)", field="messages")
             size, field = sum(len(str(m.get("content") or "")) for m in req.messages), "messages"
         else:
             size, field = len(req.prompt or ""), "prompt"
