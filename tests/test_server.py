@@ -347,7 +347,24 @@ def test_adapter_sources_are_read_only_under_allowed_folders(server, adapters, t
                     c.register_adapter("outside", uri)
             with pytest.raises(InvalidArgument, match="source_uri.*absolute"):
                 c.register_adapter("outside", "lora")
+            # An allowed folder whose files link outside: the files were read (a config's values echoed
+            # in errors, a weights file copied into the store) before links inside the folder were judged.
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                linked = tmp_path / f"links-{name}"
+                shutil.copytree(adapters["lora"], linked)
+                (linked / name).unlink()
+                (linked / name).symlink_to(outside / "lora" / name)
+                with pytest.raises(PermissionDenied, match=f"source_uri: {name} in the folder links outside"):
+                    c.register_adapter("outside", str(linked))
             assert not [a for a in c.list_adapters() if a.name == "outside"]
+            # links that stay inside an allowed folder (a Hugging Face cache snapshot's links to its blobs) are followed
+            blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+            shutil.copytree(adapters["lora"], blobs)
+            snapshot.mkdir()
+            for f in blobs.iterdir():
+                (snapshot / f.name).symlink_to(f)
+            assert c.register_adapter("linked-inside", str(snapshot)).peft_type == "LORA"
+            c.delete_adapter("linked-inside")
     finally:
         shutil.rmtree(outside)
 
