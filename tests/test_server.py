@@ -238,6 +238,9 @@ def test_every_error_is_its_status_code_naming_the_field(server, registered, ada
         with pytest.raises(grpc.RpcError) as e:
             tuner_pb2_grpc.TunerServiceStub(ch).GetTrainingJob(tuner_pb2.GetTrainingJobRequest(job_id="x"), timeout=30)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND and "job_id" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # an unknown state filter listed every job
+            tuner_pb2_grpc.TunerServiceStub(ch).ListTrainingJobs(tuner_pb2.ListTrainingJobsRequest(state=99), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("state: unknown job state")
     text = scrape(server)
     assert metric(text, "hotswap_request_failures_total", '{code="INVALID_ARGUMENT"}') >= 7
     assert metric(text, "hotswap_request_failures_total", '{code="FAILED_PRECONDITION"}') >= 1
