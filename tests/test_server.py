@@ -408,6 +408,16 @@ def test_a_huge_prompt_is_refused_without_stalling_other_calls(server):
     assert worst[0] < 2.0, worst  # it took 4.4 s when the 4 MiB were tokenised on the event loop
 
 
+def test_a_vanishing_temperature_decodes_greedily(server):
+    """A temperature near float32's smallest made logits / t overflow: 1e-40 drew token 0 every
+    time. Below GREEDY_BELOW a row takes the argmax, which is what such a temperature means."""
+    with Client(server.target) as c:
+        greedy = c.generate("the quick brown", max_new_tokens=8, ignore_eos=True).token_ids
+        assert greedy != [0] * 8  # what the overflow drew
+        for t in (1e-40, 1e-30, 1e-6):
+            assert c.generate("the quick brown", max_new_tokens=8, ignore_eos=True, temperature=t, seed=3).token_ids == greedy, t
+
+
 def rss_mib(pid: int) -> float:
     return int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())[1]) / 1024
 
