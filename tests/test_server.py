@@ -402,6 +402,12 @@ def test_a_huge_prompt_is_refused_without_stalling_other_calls(server):
                 c.generate(messages=[{"role": "user", "content": ""}] * 200_000)
             with pytest.raises(InvalidArgument, match="messages: the chat template renders the messages as"):  # the markup counts
                 c.tokenize(messages=[{"role": "user", "content": "z" * 30}] * 4000)
+        # and they are counted before the event loop walks them: 4 M empty turns (32 MB) held every call ~3.5 s
+        turns = inference_pb2.ChatMessages(messages=[inference_pb2.ChatMessage(role="user")] * 4_000_000)
+        with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 64 * 2**20)]) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                inference_pb2_grpc.InferenceServiceStub(ch).Generate(inference_pb2.GenerateRequest(messages=turns), timeout=60)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "4000000 chat messages" in e.value.details()
     finally:
         stop.set()
         prober.join()

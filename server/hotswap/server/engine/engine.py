@@ -17,7 +17,8 @@ from .detokenize import IncrementalDetokenizer, StopMatcher
 from .host_memory import reuse_freed_memory
 from .kv_blocks import KVBlockManager
 from .readout import ForwardOutput
-from .request import Classification, ContinuationScore, FinishReason, GenerateRequest, StreamEvent, Task, TokenLogprob
+from .request import (Classification, ContinuationScore, FinishReason, GenerateRequest, StreamEvent, Task, TokenLogprob,
+                      check_message_count)
 from .row import Row
 from .runner import ModelRunner
 from .sampling import apply_repetition_penalty, sample_step
@@ -144,12 +145,9 @@ class Engine:
             size, field = len(req.prompt_ids), "prompt_ids"
             limit = self.max_seq_len
         elif req.messages is not None:
-            # Every turn the chat template renders costs tokens (its role markers) even with empty
-            # content: a million empty turns would otherwise pass the character count and hold the
-            # one tokeniser thread, every caller's, for half a minute.
-            if len(req.messages) > self.max_seq_len:
-                raise InvalidArgument(f"{len(req.messages)} chat messages cannot fit in max_seq_len {self.max_seq_len} "
-                                      f"(each takes at least one token)", field="messages")
+            # a million empty turns passed the character count and held the one tokeniser thread,
+            # every caller's, for half a minute
+            check_message_count(len(req.messages), self.max_seq_len)
             size, field = sum(len(str(m.get("content") or "")) for m in req.messages), "messages"
         else:
             size, field = len(req.prompt or ""), "prompt"

@@ -72,6 +72,15 @@ class SamplingParams:
                 raise InvalidArgument(f"{msg}, got {shown(getattr(self, name))}", field=name)
 
 
+def check_message_count(count: int, max_seq_len: int) -> None:
+    """Every turn a chat template renders costs tokens (its role markers) even with empty content:
+    more turns than positions cannot fit. Cheap, so the front ends check it before they walk the
+    turns one by one on the event loop (3 M empty turns, a 24 MB message, held every stream 2.7 s)."""
+    if count > max_seq_len:
+        raise InvalidArgument(f"{count} chat messages cannot fit in max_seq_len {max_seq_len} (each takes at least one token)",
+                              field="messages")
+
+
 _ids = itertools.count()
 MAX_LORA_SCALE = 10.0
 """Per-request LoRA scale and combination weights stay within ±this: past it no trained adapter means anything."""
