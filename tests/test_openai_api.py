@@ -185,6 +185,25 @@ def test_errors_name_the_field_with_openai_status(server, oai):
     assert oai.chat.completions.create(model="llama", messages=MESSAGES, max_tokens=2).usage.completion_tokens <= 2
 
 
+def test_a_hostile_sampling_value_fails_neither_the_batch_nor_itself(server, oai):
+    """top_k past int64 failed the engine step, and with it every row of the batch (500 for all);
+    the largest seed with n = 2 gave the second choice a seed torch refuses (500)."""
+    victim = oai.completions.create(model="llama", prompt="victim", max_tokens=400, temperature=0, stream=True,
+                                    extra_body={"ignore_eos": True})
+    try:
+        chunks = iter(victim)
+        next(ch for ch in chunks if ch.choices and ch.choices[0].text)  # the victim is running
+        for top_k in (2**63, 2**100):
+            out = oai.completions.create(model="llama", prompt="hi", max_tokens=2, temperature=1.0, extra_body={"top_k": top_k, "ignore_eos": True})
+            assert out.usage.completion_tokens == 2
+        for _ in range(5):  # the victim's stream goes on (an error event would raise here)
+            assert next(chunks).choices[0].finish_reason is None
+    finally:
+        victim.close()
+    out = oai.chat.completions.create(model="llama", messages=MESSAGES, max_tokens=2, temperature=1.0, seed=2**64 - 1, n=2)
+    assert len(out.choices) == 2
+
+
 def curl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["curl", "-sS", *args], capture_output=True, text=True, timeout=60, check=True)
 

@@ -238,6 +238,9 @@ def test_every_error_is_its_status_code_naming_the_field(server, registered, ada
         with pytest.raises(grpc.RpcError) as e:
             tuner_pb2_grpc.TunerServiceStub(ch).GetTrainingJob(tuner_pb2.GetTrainingJobRequest(job_id="x"), timeout=30)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND and "job_id" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # an unknown state filter listed every job
+            tuner_pb2_grpc.TunerServiceStub(ch).ListTrainingJobs(tuner_pb2.ListTrainingJobsRequest(state=99), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("state: unknown job state")
     text = scrape(server)
     assert metric(text, "hotswap_request_failures_total", '{code="INVALID_ARGUMENT"}') >= 7
     assert metric(text, "hotswap_request_failures_total", '{code="FAILED_PRECONDITION"}') >= 1
@@ -347,7 +350,24 @@ def test_adapter_sources_are_read_only_under_allowed_folders(server, adapters, t
                     c.register_adapter("outside", uri)
             with pytest.raises(InvalidArgument, match="source_uri.*absolute"):
                 c.register_adapter("outside", "lora")
+            # An allowed folder whose files link outside: the files were read (a config's values echoed
+            # in errors, a weights file copied into the store) before links inside the folder were judged.
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                linked = tmp_path / f"links-{name}"
+                shutil.copytree(adapters["lora"], linked)
+                (linked / name).unlink()
+                (linked / name).symlink_to(outside / "lora" / name)
+                with pytest.raises(PermissionDenied, match=f"source_uri: {name} in the folder links outside"):
+                    c.register_adapter("outside", str(linked))
             assert not [a for a in c.list_adapters() if a.name == "outside"]
+            # links that stay inside an allowed folder (a Hugging Face cache snapshot's links to its blobs) are followed
+            blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+            shutil.copytree(adapters["lora"], blobs)
+            snapshot.mkdir()
+            for f in blobs.iterdir():
+                (snapshot / f.name).symlink_to(f)
+            assert c.register_adapter("linked-inside", str(snapshot)).peft_type == "LORA"
+            c.delete_adapter("linked-inside")
     finally:
         shutil.rmtree(outside)
 
@@ -376,10 +396,32 @@ def test_a_huge_prompt_is_refused_without_stalling_other_calls(server):
                     c.tokenize(huge)
             with pytest.raises(InvalidArgument, match="messages.*characters"):
                 c.generate(messages=[{"role": "user", "content": "y" * 4 * 2**20}])
+            # Empty turns passed the character count: 100k of them held the one tokeniser thread (every
+            # caller's) for 7 s, a million for 23 s, before being refused as too many tokens.
+            with pytest.raises(InvalidArgument, match="messages: 200000 chat messages cannot fit in max_seq_len 4096"):
+                c.generate(messages=[{"role": "user", "content": ""}] * 200_000)
+            with pytest.raises(InvalidArgument, match="messages: the chat template renders the messages as"):  # the markup counts
+                c.tokenize(messages=[{"role": "user", "content": "z" * 30}] * 4000)
+        # and they are counted before the event loop walks them: 4 M empty turns (32 MB) held every call ~3.5 s
+        turns = inference_pb2.ChatMessages(messages=[inference_pb2.ChatMessage(role="user")] * 4_000_000)
+        with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 64 * 2**20)]) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                inference_pb2_grpc.InferenceServiceStub(ch).Generate(inference_pb2.GenerateRequest(messages=turns), timeout=60)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "4000000 chat messages" in e.value.details()
     finally:
         stop.set()
         prober.join()
     assert worst[0] < 2.0, worst  # it took 4.4 s when the 4 MiB were tokenised on the event loop
+
+
+def test_a_vanishing_temperature_decodes_greedily(server):
+    """A temperature near float32's smallest made logits / t overflow: 1e-40 drew token 0 every
+    time. Below GREEDY_BELOW a row takes the argmax, which is what such a temperature means."""
+    with Client(server.target) as c:
+        greedy = c.generate("the quick brown", max_new_tokens=8, ignore_eos=True).token_ids
+        assert greedy != [0] * 8  # what the overflow drew
+        for t in (1e-40, 1e-30, 1e-6):
+            assert c.generate("the quick brown", max_new_tokens=8, ignore_eos=True, temperature=t, seed=3).token_ids == greedy, t
 
 
 def rss_mib(pid: int) -> float:

@@ -264,6 +264,17 @@ def test_cancel_stops_within_a_step_and_registers_nothing(server):
         assert finished(c, queued.id)[-1].job.state == "cancelled"
 
 
+def test_a_diverging_job_fails_naming_the_learning_rate(server):
+    """A learning rate of 1e30 trains the adapter into NaN; the job failed at registration with
+    "source_uri: adapter weights contain NaN or inf", a field the caller never gave."""
+    with Client(server.target) as c:
+        job = c.train_adapter("diverged", "lora", examples=EXAMPLES[:8], epochs=1, batch_size=8, learning_rate=1e30)
+        last = finished(c, job.id)[-1].job
+        assert last.state == "failed" and last.error_code == "INVALID_ARGUMENT", last
+        assert last.error_message.startswith("hyperparameters.learning_rate: training diverged"), last.error_message
+        assert not c.list_adapters(name="diverged")
+
+
 def test_cli_train_watch_and_jobs(server, tmp_path):
     data = tmp_path / "ex.jsonl"
     data.write_text("\n".join(json.dumps(e) for e in EXAMPLES) + "\n")

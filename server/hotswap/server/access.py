@@ -15,6 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from .errors import InvalidArgument, PermissionDenied
 
@@ -71,7 +72,22 @@ class SourcePolicy:
         if _GLOB.search(path):
             raise InvalidArgument("name one file or folder; wildcards are not accepted", field=field)
         real = Path(os.path.realpath(path))
-        if not any(real == root or real.is_relative_to(root) for root in self.roots):
+        if not self._inside(real):
             raise PermissionDenied(f"the path is outside the folders this server reads from (an operator adds folders with {self.flag})",
                                    field=field)
         return str(real)
+
+    def check_members(self, folder: str, names: Iterable[str], field: str) -> None:
+        """For a folder `check` returned: refuse when a file the server will read in it (`names`) is a
+        link leading outside the allowed folders. The folder being allowed says nothing about where
+        its entries point; a link that stays inside (a Hugging Face cache snapshot's links to its
+        blobs) is fine. URLs have no links to follow."""
+        if _SCHEME.match(folder):
+            return
+        for name in names:
+            if not self._inside(Path(os.path.realpath(os.path.join(folder, name)))):
+                raise PermissionDenied(f"{name} in the folder links outside the folders this server reads from "
+                                       f"(an operator adds folders with {self.flag})", field=field)
+
+    def _inside(self, real: Path) -> bool:
+        return any(real == root or real.is_relative_to(root) for root in self.roots)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from hotswap.server.adapters.load import load_adapter
 from hotswap.server.adapters.registry import AdapterRegistry
 from hotswap.server.adapters.validate import BaseShape
 from hotswap.server.config import ModelConfig
-from hotswap.server.errors import HotswapError
+from hotswap.server.errors import HotswapError, InvalidArgument
 from hotswap.server.model.loader import load_base_model
 
 from . import auto, fit, quality
@@ -156,6 +157,11 @@ def _run(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, mode
 
     # -- what it learned, what it changed ------------------------------------------------
     train_loss = trainer.evaluate(eval_dataset=train[:TRAIN_LOSS_ROWS], metric_key_prefix="train")["train_loss"]
+    if not math.isfinite(train_loss):
+        # Said here, naming the likely cause: registration would refuse the NaN weights as a bad
+        # "source_uri", a field the caller never gave.
+        raise InvalidArgument(f"training diverged: the loss on the training examples is {train_loss} with learning rate "
+                              f"{hp.learning_rate:g}; lower it (or leave it unset for the automatic one)", field="hyperparameters.learning_rate")
     eval_loss = trainer.state.best_metric if valid else None
     after = quality.generate(model, tok, sample_prompts)
     agreement = quality.agreement(base_top1, quality.top1(model, controls, [control_before[p.shown] for p in controls]))

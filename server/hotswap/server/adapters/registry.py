@@ -328,6 +328,10 @@ class AdapterRegistry:
         )
 
 
+FETCHED = (CONFIG, WEIGHTS, LABELS_FILE)
+"""The files registration reads from a source folder (the last only when present)."""
+
+
 def fetch_adapter_files(source_uri: str, dest: Path) -> None:
     """Copy a PEFT adapter folder from a local path or any fsspec URL into `dest`.
     Only the two files PEFT's format needs are copied, and a small config.json when one

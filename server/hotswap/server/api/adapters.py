@@ -9,7 +9,7 @@ import grpc
 
 from hotswap.v1 import adapters_pb2, adapters_pb2_grpc
 
-from ..adapters.registry import AdapterRecord
+from ..adapters.registry import FETCHED, AdapterRecord
 from ..errors import InvalidArgument
 from . import convert
 from .offload import off_loop
@@ -31,6 +31,7 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
         def register() -> AdapterRecord:
             # the caller names the folder, the server reads it: only under allowed roots / schemes
             source = policy.check(request.source_uri, "source_uri")
+            policy.check_members(source, FETCHED, "source_uri")
             return core.register_adapter(request.name, source, dict(request.labels))
 
         record = await off_loop(register)

@@ -7,7 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from hotswap.v1 import adapters_pb2, inference_pb2
 
-from ..engine.request import FinishReason, GenerateRequest, GenerateResult, SamplingParams, Task, TokenLogprob
+from ..engine.request import FinishReason, GenerateRequest, GenerateResult, SamplingParams, Task, TokenLogprob, check_message_count
 from ..errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -56,6 +56,12 @@ def chat_messages(msg: inference_pb2.ChatMessages) -> list[dict]:
             raise InvalidArgument(f"role must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}", field=f"messages[{i}].role")
         out.append({"role": m.role, "content": m.content})
     return out
+
+
+def turns_fit(msg, max_seq_len: int) -> None:
+    """Refuses a message whose chat turns cannot fit before anything walks them (on the event loop)."""
+    if msg.WhichOneof("input") == "messages":
+        check_message_count(len(msg.messages.messages), max_seq_len)
 
 
 def prompt_input(msg) -> dict:

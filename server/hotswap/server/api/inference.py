@@ -39,7 +39,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     async def _run(self, msg, context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[RequestStream, StreamEvent]]:
         """Submit and yield (stream, event) until the last event; cancels the engine
         request if the caller stops listening (cancel, deadline, disconnect)."""
-        self.state.ready()
+        convert.turns_fit(msg, self.state.ready().engine.max_seq_len)
         request = convert.generate_request(msg, metadata_adapter_id(context))
         gen = await generation.start(self.state, request)
         try:
@@ -49,11 +49,13 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             gen.close()
 
     async def Classify(self, request: inference_pb2.ClassifyRequest, context: grpc.aio.ServicerContext) -> inference_pb2.ClassifyResponse:
+        convert.turns_fit(request, self.state.ready().engine.max_seq_len)
         req = convert.classify_request(request, metadata_adapter_id(context))
         (result,), adapter_id = await readout.results(self.state, [req], context.time_remaining(), {"prompt": "text"})
         return convert.classify_response(result, adapter_id)
 
     async def Score(self, request: inference_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> inference_pb2.ScoreResponse:
+        convert.turns_fit(request, self.state.ready().engine.max_seq_len)
         reqs = convert.score_requests(request, metadata_adapter_id(context))
         results, adapter_id = await readout.results(self.state, reqs, context.time_remaining(), {})
         tokenizer = self.state.core.loaded.tokenizer  # decoding every candidate token stays off the event loop too
@@ -94,6 +96,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
 
     async def Tokenize(self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext) -> inference_pb2.TokenizeResponse:
         core = self.state.ready()
+        convert.turns_fit(request, core.engine.max_seq_len)
         req = GenerateRequest(**convert.prompt_input(request), params=SamplingParams(max_new_tokens=1))
         ids = await asyncio.get_running_loop().run_in_executor(TOKENIZER_POOL, core.engine.tokenize, req)
         return inference_pb2.TokenizeResponse(token_ids=ids, tokens=core.loaded.tokenizer.convert_ids_to_tokens(ids))

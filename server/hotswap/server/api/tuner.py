@@ -190,6 +190,9 @@ class TunerService(tuner_pb2_grpc.TunerServiceServicer):
         return tuner_pb2.GetTrainingJobResponse(job=job_proto(await off_loop(self.store.get, request.job_id)))
 
     async def ListTrainingJobs(self, request: tuner_pb2.ListTrainingJobsRequest, context: grpc.aio.ServicerContext) -> tuner_pb2.ListTrainingJobsResponse:
+        if request.state and request.state not in STATE_NAME:  # an unknown filter used to list every job
+            raise InvalidArgument(f"unknown job state (enum value {request.state}); use one of {', '.join(STATE_ENUM)} or leave it unset",
+                                  field="state")
         jobs, token = await off_loop(self.store.list, request.page_size, request.page_token, STATE_NAME.get(request.state, ""))
         return tuner_pb2.ListTrainingJobsResponse(jobs=[job_proto(j) for j in jobs], next_page_token=token)
 

@@ -17,7 +17,8 @@ from .detokenize import IncrementalDetokenizer, StopMatcher
 from .host_memory import reuse_freed_memory
 from .kv_blocks import KVBlockManager
 from .readout import ForwardOutput
-from .request import Classification, ContinuationScore, FinishReason, GenerateRequest, StreamEvent, Task, TokenLogprob
+from .request import (Classification, ContinuationScore, FinishReason, GenerateRequest, StreamEvent, Task, TokenLogprob,
+                      check_message_count)
 from .row import Row
 from .runner import ModelRunner
 from .sampling import apply_repetition_penalty, sample_step
@@ -79,6 +80,10 @@ class Engine:
                 raise InvalidArgument("this model has no chat template; send a plain prompt", field="messages")
             # a classifier reads the conversation as it stands; generation and scoring continue it as the assistant
             text = self.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=req.task is not Task.CLASSIFY)
+            limit = self.max_seq_len * MAX_CHARS_PER_TOKEN  # the template's markup counts as the prompt's text does
+            if len(text) > limit:
+                raise InvalidArgument(f"the chat template renders the messages as {len(text)} characters, which cannot fit in "
+                                      f"max_seq_len {self.max_seq_len} (at most {limit} characters)", field="messages")
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = self.tokenizer(req.prompt)["input_ids"]
@@ -140,6 +145,9 @@ class Engine:
             size, field = len(req.prompt_ids), "prompt_ids"
             limit = self.max_seq_len
         elif req.messages is not None:
+            # a million empty turns passed the character count and held the one tokeniser thread,
+            # every caller's, for half a minute
+            check_message_count(len(req.messages), self.max_seq_len)
             size, field = sum(len(str(m.get("content") or "")) for m in req.messages), "messages"
         else:
             size, field = len(req.prompt or ""), "prompt"

@@ -16,6 +16,12 @@ import torch
 from . import kernels
 
 
+GREEDY_BELOW = 1e-5
+"""Rows with a temperature below this are decoded greedily: the distribution is its argmax to
+within float32 anyway, and logits / t overflow for a t near float32's smallest (1e-40 drew
+token 0 every time, whatever the logits)."""
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, seen_mask: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor, per row.
 
@@ -75,12 +81,12 @@ def process_and_sample(
 ) -> torch.Tensor:
     """logits [B, V] (penalties already applied) -> next token ids [B].
 
-    Rows with temperature 0 are greedy; the others (`stochastic`, their indices, read from
+    Rows with temperature below GREEDY_BELOW are greedy; the others (`stochastic`, their indices, read from
     `temperature` when not given) are scaled, filtered and drawn. `top_k` / `top_p` None:
     no row filters that way (skips a [B, V] sort and its transient memory)."""
     greedy = logits.argmax(dim=-1)
     if stochastic is None:
-        stochastic = (temperature > 0).nonzero().squeeze(1).tolist()
+        stochastic = (temperature >= GREEDY_BELOW).nonzero().squeeze(1).tolist()
     if not stochastic:
         return greedy
     if shared is None and any(generators[i] is None for i in stochastic):
@@ -124,11 +130,13 @@ def sample_step(logits: torch.Tensor, temperature: list[float], top_k: list[int]
     scores = logits if penalized is None else penalized
     best, tokens = kernels.row_max(scores, backend=backend)  # [B]
     finite = torch.isfinite(best) & (torch.isfinite(kernels.row_max(logits, backend=backend)[0]) if penalized is not None else True)
-    stochastic = [i for i, t in enumerate(temperature) if t > 0]
+    stochastic = [i for i, t in enumerate(temperature) if t >= GREEDY_BELOW]
     if stochastic:
         idx = torch.tensor(stochastic, device=dev)
         sub = torch.nan_to_num(scores.index_select(0, idx).float())
-        ks, ps = [top_k[i] for i in stochastic], [top_p[i] for i in stochastic]
+        # clamped on the host: a k past int64 (the HTTP API takes any integer) would fail the tensor,
+        # and with it the whole step, every row of the batch
+        ks, ps = [min(top_k[i], logits.shape[-1]) for i in stochastic], [top_p[i] for i in stochastic]
         drawn = process_and_sample(sub, torch.tensor([temperature[i] for i in stochastic], device=dev),
                                    torch.tensor(ks, device=dev) if any(k > 0 for k in ks) else None,
                                    torch.tensor(ps, device=dev) if any(p < 1 for p in ps) else None,

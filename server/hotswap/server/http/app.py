@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from ..api.state import ServerState
-from ..engine.request import GenerateRequest
+from ..engine.request import GenerateRequest, check_message_count
 from ..errors import HotswapError, NotFound, Unauthenticated, renamed, shown
 from . import completions, convert, errors
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -93,8 +93,9 @@ def build_app(state: ServerState, base_name: str) -> FastAPI:
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
-        state.ready()
+        core = state.ready()
         body = await body_of(request, ChatCompletionRequest)
+        check_message_count(len(body.messages), core.engine.max_seq_len)  # before the turns are walked on the event loop
         fields = dict(convert.CHAT_FIELDS, max_new_tokens="max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         return await run(request, body, convert.chat_requests(body), fields, body.n, chat=True)
 

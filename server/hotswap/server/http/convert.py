@@ -6,7 +6,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from ..api.generation import Prepare
-from ..engine.request import FinishReason, GenerateRequest, SamplingParams, TokenLogprob
+from ..engine.request import SEED_MAX, SEED_MIN, FinishReason, GenerateRequest, SamplingParams, TokenLogprob
 from ..errors import InvalidArgument, NotFound, shown
 from .schemas import ChatCompletionRequest, CompletionRequest
 
@@ -21,8 +21,9 @@ COMPLETION_FIELDS = {"max_new_tokens": "max_tokens", "adapter_id": "model", "pro
 
 
 def _sampling(body: ChatCompletionRequest | CompletionRequest, logprobs: int | None, choice: int) -> SamplingParams:
-    # n > 1 with a seed: each choice its own seed, or all n would be the same sample.
-    seed = None if body.seed is None else body.seed + choice
+    # n > 1 with a seed: each choice its own seed, or all n would be the same sample; wrapped
+    # within the seeds torch accepts, so the largest seed with n > 1 is not refused
+    seed = None if body.seed is None else (body.seed + choice - SEED_MIN) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN
     return SamplingParams(
         max_new_tokens=body.new_tokens or 1,  # unset: filled from the room the prompt leaves (fill_max_tokens)
         temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's default

@@ -11,12 +11,11 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
-from ..engine.request import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from ..engine.request import MAX_STOP_CHARS, MAX_STOP_STRINGS, SEED_MAX, SEED_MIN
 from ..errors import InvalidArgument
 
 MAX_CHOICES = 16
 """Completions a request may ask for at once (n × prompts): each is a row of the batch."""
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 Stop = Union[StrictStr, list[StrictStr], None]
 
