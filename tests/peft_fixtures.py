@@ -40,6 +40,13 @@ def _config(kind: str, model, **kw):
         return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
     if kind == "lora_bias":  # lora_B gets a bias: PEFT allows it only on linears that have one (Qwen2's q/k/v)
         return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "k_proj", "v_proj"])
+    if kind == "lora_trained_bias":  # bias="lora_only": the targeted linears' own biases train too (Qwen2's q/v have them), with DoRA
+        return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "o_proj"], bias="lora_only")
+    if kind == "lora_bias_all":  # bias="all": k_proj's bias trains though LoRA does not target k_proj
+        return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], bias="all")
+    if kind == "adalora_heads":  # AdaLoRA with fully trained copies of the embedding and the output head
+        return AdaLoraConfig(task_type=CAUSAL, init_r=6, target_r=3, lora_alpha=10, total_step=10, target_modules=["q_proj", "v_proj"],
+                             modules_to_save=["lm_head", "embed_tokens"])
     if kind == "ia3":  # down_proj scales its input, the others their outputs
         return IA3Config(task_type=CAUSAL, target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
     if kind == "lora_heads":  # fully trained copies of the embedding and the output head, applied per row
@@ -67,8 +74,9 @@ def _config(kind: str, model, **kw):
 
 
 KINDS = ("lora", "lora_mlp", "rslora", "adalora", "adalora_pruned", "prompt_random", "prompt_text", "ptuning", "prefix", "prefix_proj")
-MORE_KINDS = ("dora", "lora_bias", "ia3", "lora_heads", "lora_embed", "lora_tokens", "tokens", "adaption")
-"""LoRA variants and IA3; lora_bias needs a base whose targeted linears have biases (Qwen2)."""
+MORE_KINDS = ("dora", "lora_bias", "lora_trained_bias", "lora_bias_all", "ia3", "lora_heads", "adalora_heads", "lora_embed", "lora_tokens",
+              "tokens", "adaption")
+"""LoRA variants and IA3; lora_bias, lora_trained_bias and lora_bias_all need a base whose linears have biases (Qwen2)."""
 
 
 def save_adapter(model, kind: str, out: Path, seed: int = 0, scale: float = 0.3, **kw) -> Path:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -18,7 +18,9 @@ from hotswap.server.adapters.registry import check_adapter_id
 from hotswap.server.adapters.weights import LoraWeights, PrefixWeights, PromptWeights
 from hotswap.server.config import AdapterCacheConfig
 from hotswap.server.errors import AdapterIncompatible, InvalidArgument, NotFound, ResourceExhausted
+from conftest import save_tiny_checkpoint
 from peft_fixtures import KINDS, save_adapter
+from tiny_archs import ARCHS as MORE_ARCHS
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +151,70 @@ def test_incompatibilities_name_the_mismatch(base, saved, tmp_path):
     with pytest.raises(AdapterIncompatible, match="target modules absent.*qkv_fused") as e:
         load_adapter(ghost, "x", model, 64)
     assert e.value.field == "target_modules"
+
+
+def _save_lora(model, out, **options):
+    """A LoRA PEFT creates and saves with `options`, its weights nudged off their initial values."""
+    torch.manual_seed(0)
+    peft = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, **options))
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    peft.save_pretrained(out)
+    return out
+
+
+def test_lora_options_that_change_what_peft_loads_are_refused(base, saved, tmp_path):
+    """PeftModel.from_pretrained rebuilds these from adapter_config.json in ways the saved A/B alone do not
+    say: PiSSA / OLoRA subtract their initial delta from the base weight again, KaSA truncates it, layer
+    replication adds layers, VeLoRA / MonteCLoRA save tensors of their own. Serving the A/B as plain LoRA
+    would silently differ from PEFT (PiSSA's and OLoRA's rows did, before these were refused)."""
+    model = fp32(base)
+    qv = ["q_proj", "v_proj"]
+    cases = [(dict(target_modules=qv, init_lora_weights="pissa"), "init_lora_weights"),
+             (dict(target_modules=qv, init_lora_weights="pissa_niter_2"), "init_lora_weights"),
+             (dict(target_modules=qv, init_lora_weights="olora"), "init_lora_weights"),
+             (dict(target_modules=qv, kasa_config={}), "kasa_config"),
+             (dict(target_modules=qv, velora_config={}), "velora_config"),
+             (dict(target_modules=qv, monteclora_config={}), "monteclora_config"),
+             (dict(target_modules=["q_proj"], layer_replication=[[0, 2], [1, 3]]), "layer_replication")]
+    for i, (options, field) in enumerate(cases):
+        path = _save_lora(fp32(base), tmp_path / f"opt-{i}", **options)
+        with pytest.raises(AdapterIncompatible) as e:
+            load_adapter(path, "x", model, 64)
+        assert e.value.field == field, (options, e.value)
+    # bias="all" on GPT-2 also trains the LayerNorms' biases: not a linear the engine can shift.
+    gpt2 = save_tiny_checkpoint(MORE_ARCHS["gpt2"](), tmp_path / "gpt2")
+    path = _save_lora(fp32(gpt2), tmp_path / "gpt2-bias-all", target_modules=["c_attn"], fan_in_fan_out=True, bias="all")
+    with pytest.raises(AdapterIncompatible, match="ln_1.*not a linear") as e:
+        load_adapter(path, "x", fp32(gpt2), 64)
+    assert e.value.field == "bias"
+
+
+def test_weights_the_config_does_not_target_are_refused(base, saved, tmp_path):
+    """PEFT wraps the modules adapter_config.json targets and drops saved tensors of any other module
+    (a warning, no error): a checkpoint whose config leaves some of its modules out would otherwise be
+    served with changes PEFT does not make."""
+    model = fp32(base)
+    for i, changes in enumerate([{"target_modules": ["o_proj"]},  # "lora" holds q/k/v/o
+                                 {"layers_to_transform": [2], "layers_pattern": "layers"},
+                                 {"target_modules": r".*\.(q|k|v)_proj"},
+                                 {"exclude_modules": ["k_proj"]}]):
+        path = _copy(saved["lora"], tmp_path / f"cfg-{i}")
+        _edit_config(path, **changes)
+        peft = PeftModel.from_pretrained(fp32(base), path).eval()
+        ids = torch.tensor([[5, 17, 99, 3]])
+        with torch.no_grad():  # what PEFT serves really differs from applying every saved tensor
+            full = PeftModel.from_pretrained(fp32(base), saved["lora"]).eval()
+            assert (peft(input_ids=ids).logits - full(input_ids=ids).logits).abs().max() > 1e-3, changes
+        with pytest.raises(AdapterIncompatible, match="does not target") as e:
+            load_adapter(path, "x", model, 64)
+        assert e.value.field == "target_modules", changes
+    # Spelled differently but targeting the same modules: accepted.
+    same = _copy(saved["lora"], tmp_path / "same")
+    _edit_config(same, target_modules=r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj", base_model_name_or_path="elsewhere/other")
+    assert set(load_adapter(same, "x", model, 64).weights.modules) == set(load_adapter(saved["lora"], "x", model, 64).weights.modules)
 
 
 def test_adapter_ids_cannot_escape_the_store():

@@ -25,10 +25,12 @@ from hotswap.server.serving import ServingCore
 from peft_fixtures import save_adapter
 from test_engine_fidelity import NEW, prompts, reference
 
-KINDS = {  # Qwen2: q/k/v have biases (lora_bias needs them), the head is tied to the embedding
-    "qwen2": ["dora", "lora_bias", "ia3", "lora_heads", "lora_embed", "lora_tokens", "tokens", "lora", "lora_mlp", "prompt_random", "prefix"],
+KINDS = {  # Qwen2: q/k/v have biases (lora_bias and trained base biases need them), the head is tied to the embedding
+    "qwen2": ["dora", "lora_bias", "ia3", "lora_heads", "lora_embed", "lora_tokens", "tokens", "lora", "lora_mlp", "prompt_random", "prefix",
+              "lora_trained_bias", "lora_bias_all", "adalora_heads"],
     # Llama: untied head; LLaMA-Adapter runs on Llama / Mistral only
-    "llama": ["adaption", "dora", "ia3", "lora_heads", "lora_embed", "lora_tokens", "tokens", "lora", "lora_mlp", "prompt_random", "prefix"],
+    "llama": ["adaption", "dora", "ia3", "lora_heads", "lora_embed", "lora_tokens", "tokens", "lora", "lora_mlp", "prompt_random", "prefix",
+              "adalora_heads"],
 }
 SCALE = 0.5
 WEIGHTS = (0.7, -0.4)  # combination of "lora" and "lora_mlp"
@@ -41,7 +43,7 @@ def _peft(ckpt, paths, adapter: str, scale: float = 1.0, combine: tuple[float, f
     if combine is None:
         model = PeftModel.from_pretrained(base, paths[adapter], adapter_name="chosen")
         for layer in model.modules():
-            if isinstance(layer, LoraLayer):
+            if isinstance(layer, LoraLayer) and scale != 1.0:  # AdaLoRA's scaling is alpha, which set_scale(1) would make alpha / r
                 layer.set_scale("chosen", scale)  # PEFT's per-layer scaling = scale * alpha / r
         return model.eval()
     model = PeftModel.from_pretrained(base, paths["lora"], adapter_name="lora")
@@ -123,14 +125,14 @@ def test_per_request_controls_refuse_what_they_cannot_express(setup):
     loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
     params = SamplingParams(max_new_tokens=2)
     with ServingCore(loaded, EngineConfig(max_seq_len=64), AdapterCacheConfig(max_lora_rank=8)) as core:
-        for kind in ("dora", "ia3", "lora", "lora_mlp", "prefix", "lora_heads", "lora_bias"):
+        for kind in ("dora", "ia3", "lora", "lora_mlp", "prefix", "lora_heads", "lora_bias", "lora_bias_all"):
             core.register_adapter(kind, paths[kind])
         res = core.generate(GenerateRequest(prompt_ids=ids[0], adapters=[("lora", 0.5), ("lora_mlp", 0.5)], params=params), timeout=60)
         assert isinstance(res.error, AdapterIncompatible) and "max_lora_rank" in str(res.error), res.error  # v_proj: 4 + 6 > 8
-        for adapter in ("dora", "ia3", "prefix", "lora_heads"):  # not linear in a scale
+        for adapter in ("dora", "ia3", "prefix", "lora_heads", "lora_bias_all"):  # not linear in a scale (set_scale leaves base biases)
             res = core.generate(GenerateRequest(prompt_ids=ids[0], adapter_id=adapter, lora_scale=2.0, params=params), timeout=60)
             assert isinstance(res.error, AdapterIncompatible) and res.error.field == "lora_scale", (adapter, res.error)
-        for other in ("dora", "ia3", "prefix", "lora_heads", "lora_bias"):
+        for other in ("dora", "ia3", "prefix", "lora_heads", "lora_bias", "lora_bias_all"):
             res = core.generate(GenerateRequest(prompt_ids=ids[0], adapters=[("lora", 0.5), (other, 0.5)], params=params), timeout=60)
             assert isinstance(res.error, AdapterIncompatible) and res.error.field == "adapters", (other, res.error)
         ok = core.generate(GenerateRequest(prompt_ids=ids[0], adapter_id="lora", lora_scale=0.0, params=params), timeout=60)

@@ -20,6 +20,7 @@ from .score_head import split_score_head
 from .validate import BaseShape, check_prefix_config, check_weights
 from .token_tables import split as token_split
 from .token_tables import token_tables
+from .targets import check_targets
 from .weights import Adapter, LoraWeights
 
 SUPPORTED = ("LORA", "ADALORA", "IA3", "TRAINABLE_TOKENS", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT")
@@ -55,7 +56,7 @@ def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_l
     head, saved = None, config
     if task == "SEQ_CLS":  # the head is served apart; the rest loads like any adapter of its type
         config, tensors, head = split_score_head(config, tensors, shape.hidden_size, Path(path))
-    if peft_type in ("LORA", "IA3", "TRAINABLE_TOKENS"):  # these may also change the embedding / output head
+    if peft_type in ("LORA", "ADALORA", "IA3", "TRAINABLE_TOKENS"):  # these may also change the embedding / output head
         _check_modules_to_save(config, shape)
         tensors, parts = token_split(tensors, shape)
         tables = token_tables(config, parts, shape, None if isinstance(base, BaseShape) else base.get_input_embeddings().weight)
@@ -64,10 +65,8 @@ def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_l
                 raise AdapterIncompatible(f"unexpected tensor {next(iter(tensors))!r} in a trainable-tokens checkpoint", field="target_modules")
             weights = LoraWeights({})
         else:
-            weights = lora_weights(config, tensors) if peft_type == "LORA" else ia3_weights(config, tensors, shape)
+            weights = {"LORA": lora_weights, "ADALORA": adalora_weights, "IA3": ia3_weights}[peft_type](config, tensors, shape)
         weights.tables = tables
-    elif peft_type == "ADALORA":
-        weights = adalora_weights(config, tensors)
     elif peft_type == "ADAPTION_PROMPT":
         weights = adaption_weights(config, tensors, shape, None if isinstance(base, BaseShape) else base)
     elif peft_type in ("PROMPT_TUNING", "P_TUNING"):
@@ -80,6 +79,8 @@ def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_l
     for module, w in getattr(weights, "modules", {}).items():
         check_scale(module, w.scale)
     check_weights(weights, shape, max_lora_rank)
+    if peft_type in ("LORA", "ADALORA", "IA3"):  # after check_weights: a module the base lacks is named as such first
+        check_targets(config, weights, shape.embed_path)
     return Adapter(adapter_id, peft_type, weights, saved, head)
 
 

@@ -31,18 +31,21 @@ class LoraModuleWeights:
     """[in_features] IA3 on a feedforward module: multiplies the linear's input."""
     out_scale: torch.Tensor | None = None
     """[out_features] IA3 on any other module: multiplies the linear's output (its bias included)."""
+    base_bias: torch.Tensor | None = None
+    """[out_features] the linear's bias as the adapter trained it (LoraConfig bias="lora_only" / "all"),
+    in place of the base's; unlike lora_B's bias, PEFT's set_scale leaves it unscaled."""
 
     @property
     def rank(self) -> int:
         return self.a.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.a, self.b, self.bias, self.magnitude, self.in_scale, self.out_scale) if t is not None]
+        return [t for t in (self.a, self.b, self.bias, self.magnitude, self.in_scale, self.out_scale, self.base_bias) if t is not None]
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "LoraModuleWeights":
         move = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
         return replace(self, a=move(self.a), b=move(self.b), bias=move(self.bias), magnitude=move(self.magnitude),
-                       in_scale=move(self.in_scale), out_scale=move(self.out_scale))
+                       in_scale=move(self.in_scale), out_scale=move(self.out_scale), base_bias=move(self.base_bias))
 
 
 @dataclass
@@ -97,8 +100,8 @@ class LoraWeights:
     @property
     def scalable(self) -> bool:
         """Its change is linear in its scale (low-rank deltas, lora_B biases; no DoRA magnitude,
-        IA3 vector or token tables), so a request may rescale it."""
-        return self.tables is None and all(m.magnitude is None and m.in_scale is None and m.out_scale is None
+        IA3 vector, trained base bias or token tables), so a request may rescale it."""
+        return self.tables is None and all(m.magnitude is None and m.in_scale is None and m.out_scale is None and m.base_bias is None
                                            for m in self.modules.values())
 
     @property
