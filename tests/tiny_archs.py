@@ -39,6 +39,14 @@ ARCHS = {
     "llama4": lambda: tf.Llama4TextConfig(**{**_DIMS, "intermediate_size": 32}, intermediate_size_mlp=64, head_dim=16,
                                           num_local_experts=2, num_experts_per_tok=1, attention_chunk_size=4,
                                           layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0]),
+    # MiniCPM3: multi-head latent attention (keys nope 8 + rope 8 as wide as values: paged) with fewer kv heads
+    # than heads, which transformers' eager attention cannot run (the load-time logit check must use the model's
+    # own); embeddings, residuals and logits scaled (scale_emb, scale_depth, dim_model_base).
+    "minicpm3": lambda: tf.MiniCPM3Config(**_DIMS, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, kv_lora_rank=16,
+                                          q_lora_rank=32, scale_emb=2.0, scale_depth=1.4, dim_model_base=32),
+    # Doge: a dynamic mask from every cached value, dt_proj run over the row's whole past (LoRA there covers the
+    # past too); its sliding window is in the mask, so it is served by its own attention.
+    "doge": lambda: tf.DogeConfig(**_DIMS, sliding_window=WINDOW),
     "olmoe": lambda: tf.OlmoeConfig(**_DIMS, num_experts=4, num_experts_per_tok=2),
     "qwen2_moe": lambda: tf.Qwen2MoeConfig(**_DIMS, moe_intermediate_size=32, shared_expert_intermediate_size=32,
                                            num_experts=4, num_experts_per_tok=2),

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
+from .architecture import OWN_ATTENTION
 
 LogitTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,12 +51,19 @@ def final_logit_transform(model: nn.Module) -> LogitTransform:
 @torch.inference_mode()
 def check_final_logits(model: nn.Module, final: LogitTransform) -> None:
     """The model's own logits for a few tokens against head + `final` over its decoder's
-    hidden states, both through transformers' eager attention."""
+    hidden states, both through the attention the model was loaded with (probe_attention may
+    have selected the paged one since): not eager, which some models' configs do not run
+    (DeepSeek-V2's and MiniCPM3's latent attention with fewer kv heads than heads)."""
     text = model.config.get_text_config()
     current = model.config._attn_implementation
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation(getattr(model, OWN_ATTENTION, None) or current)
     try:
         _compare(model, final, text)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a load-time check that cannot run refuses the model, by name
+        raise ModelLoadError(f"architecture {text.model_type} ({type(model).__name__}): checking its logits failed: "
+                             f"{type(e).__name__}: {e}", field="source") from e
     finally:
         model.set_attn_implementation(current)
 

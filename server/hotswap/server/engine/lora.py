@@ -156,12 +156,30 @@ class LoraStep:
     """[num_tokens, 1] float32 per-request LoRA scale of each token's row; None when every row uses 1."""
     plan: kernels.LoraPlan | None = None
     """The Triton kernels' grouping of tokens by slot, built once for every linear of the step."""
+    one_row: bool = False
+    """Every token is one row's (the model's own attention runs a row at a time, own_attention.py): a linear
+    the model runs over more than the new tokens — the row's cached past too, as DeepSeek's kv_b_proj over
+    its latent cache or Doge's dt_proj over its values — still belongs wholly to that row and its adapter."""
+    max_loras: int = 0
 
     @classmethod
-    def of(cls, token_slots: torch.Tensor, token_scales: torch.Tensor | None, max_loras: int, backend: str) -> "LoraStep":
+    def of(cls, token_slots: torch.Tensor, token_scales: torch.Tensor | None, max_loras: int, backend: str,
+           one_row: bool = False) -> "LoraStep":
         rows = torch.where(token_slots >= 0, token_slots, max_loras).long()
         plan = kernels.lora_plan(token_slots, max_loras) if backend == "triton" else None
-        return cls(token_slots, backend, rows, None if token_scales is None else token_scales.float()[:, None], plan)
+        return cls(token_slots, backend, rows, None if token_scales is None else token_scales.float()[:, None], plan,
+                   one_row, max_loras)
+
+    def over(self, n: int, name: str) -> "LoraStep":
+        """This step for a linear the model ran over `n` rows: itself when n is the token count; the row's
+        slot and scale repeated n times for a one-row step; anything else cannot be served exactly."""
+        if n == len(self.token_slots):
+            return self
+        if not self.one_row or len(self.token_slots) == 0:
+            raise RuntimeError(f"LoRA on {name}: the model ran it over {n} rows for {len(self.token_slots)} tokens "
+                               "of several rows; per-token LoRA needs one row per token")
+        scales = None if self.token_scales is None else self.token_scales[:1, 0].expand(n)
+        return LoraStep.of(self.token_slots[:1].expand(n).contiguous(), scales, self.max_loras, self.backend, True)
 
 
 class LoraContext:
@@ -188,6 +206,7 @@ class LoraDelta:
         if a is None:
             return y
         y2 = y.view(-1, y.shape[-1])  # [num_tokens, out]; the base output is fresh, so changes go in place
+        step = step.over(y2.shape[0], self.name)
         mult = slots.out_mult.get(self.name)
         if mult is not None:
             shift = slots.out_shift[self.name][step.vector_rows]  # [num_tokens, out]
@@ -223,6 +242,7 @@ class LoraInputScale:
         if step is None:
             return None
         x = args[0]
+        step = step.over(x.numel() // x.shape[-1], self.name)
         v = self.ctx.slots.in_mult[self.name][step.vector_rows]  # [num_tokens, in]
         return ((x.reshape(-1, x.shape[-1]) * v.to(x.dtype)).view(x.shape), *args[1:])
 

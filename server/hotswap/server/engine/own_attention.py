@@ -9,7 +9,9 @@ row's slots. The paged cache stays the one store, so the scheduler, prefix cachi
 preemption and prefix tuning work unchanged; the cost is one forward per row and a copy
 of the row's context per step — slower than the packed path, never a different answer.
 LoRA and prompt tuning need nothing special: the per-token LoRA hooks see one row's
-tokens, and prompt-tuning rows arrive as input embeddings."""
+tokens (and, in a linear the model runs over the row's past too — Doge's dt_proj, DeepSeek's
+kv_b_proj over its latent cache — the row's adapter reaches those rows: LoraStep.one_row),
+and prompt-tuning rows arrive as input embeddings."""
 from __future__ import annotations
 
 import torch
@@ -46,7 +48,7 @@ def forward_rows(decoder: nn.Module, cache: PagedKVCache, scheduled: list[Schedu
         past = _past(cache, s.row.block_ids, s.start)
         if step.lora_slots is not None:
             scales = None if step.lora_scales is None else step.lora_scales[q: q + n].to(dev)
-            lora.step = LoraStep.of(step.lora_slots[q: q + n].to(dev), scales, lora.slots.max_loras, backend)
+            lora.step = LoraStep.of(step.lora_slots[q: q + n].to(dev), scales, lora.slots.max_loras, backend, one_row=True)
         try:
             out = decoder(inputs_embeds=embeds[None, q: q + n], past_key_values=past, use_cache=True)
         finally:
