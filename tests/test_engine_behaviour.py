@@ -149,6 +149,20 @@ def test_evicted_adapters_reload_and_still_match(llama, adapter_paths):
         assert r.error is None and r.token_ids == reference(llama, adapter_paths[n], PROMPTS[i % 4])[0], n
 
 
+def test_a_combination_the_device_budget_cannot_hold_at_once_is_refused_not_left_waiting(llama, adapter_paths):
+    """Each part fits the device tier alone but not both together: loading one evicted the other, every
+    step, and the request waited forever. It fails naming the budget; a row beside it is unaffected."""
+    sizes = [adapter_paths[n].joinpath("adapter_model.safetensors").stat().st_size for n in ("lora-a", "lora-c")]
+    cache = AdapterCacheConfig(device_bytes=int(max(sizes) * 1.2), host_bytes=10 * sum(sizes))
+    with make_core(llama, adapter_paths, cache=cache) as core:
+        combo = core.submit(GenerateRequest(prompt_ids=PROMPTS[0], adapters=[("lora-a", 0.5), ("lora-c", 0.5)], params=GREEDY))
+        other = core.submit(GenerateRequest(prompt_ids=PROMPTS[1], adapter_id="lora-a", params=GREEDY))
+        res = combo.result(30)
+        assert res.finish_reason == FinishReason.ERROR and isinstance(res.error, ResourceExhausted), res.error
+        assert res.error.field == "device_bytes" and "at once" in str(res.error)
+        assert other.result(30).token_ids == reference(llama, adapter_paths["lora-a"], PROMPTS[1])[0]
+
+
 def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(llama, adapter_paths):
     params = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.2, seed=1234)
     with make_core(llama, adapter_paths) as core:

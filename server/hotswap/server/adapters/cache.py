@@ -61,6 +61,8 @@ class AdapterCache:
         self._pinned: set[str] = set()
         self._pending: set[str] = set()
         self._failures: dict[str, HotswapError] = {}
+        self._sizes: dict[str, int] = {}
+        """Device bytes of every adapter loaded once (kept after eviction: what `together_error` sums)."""
         self._stats = CacheStats()
         self._lock = threading.Condition()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="hotswap-adapter-load", initializer=serial)
@@ -90,6 +92,22 @@ class AdapterCache:
             if self._refs[adapter_id] > 0:
                 self._refs[adapter_id] -= 1
             self._lock.notify_all()  # a load may be waiting for room
+
+    def together_error(self, adapter_ids: list[str]) -> ResourceExhausted | None:
+        """Why these adapters (the parts of one weighted combination, which must all be on the device at
+        once) can never be, or None: their sizes, with the pinned others, exceed the device budget. Known
+        once each has loaded; without it such a row waits forever while each part's load evicts the part
+        loaded before it."""
+        with self._lock:
+            if any(a not in self._sizes for a in adapter_ids):
+                return None
+            need = sum(self._sizes[a] for a in adapter_ids)
+            pinned = sum(a.nbytes for k, a in self._device.items() if k in self._pinned and k not in adapter_ids)
+        if pinned + need <= self.cfg.device_bytes:
+            return None
+        held = f" (pinned adapters hold {pinned})" if pinned else ""
+        return ResourceExhausted(f"adapters {adapter_ids!r} are used together and need {need} bytes on the device at once; the device "
+                                 f"budget is {self.cfg.device_bytes} bytes{held} (adapter_cache.device_bytes)", field="device_bytes")
 
     # -- management calls (blocking) -----------------------------------------------
     def load(self, adapter_id: str, pin: bool = False) -> Adapter:
@@ -128,6 +146,7 @@ class AdapterCache:
                 self._stats.evictions += 1
             self._host.pop(adapter_id, None)
             self._failures.pop(adapter_id, None)
+            self._sizes.pop(adapter_id, None)
 
     def residency(self, adapter_id: str) -> str:
         """"device", "host" or "" (files only)."""
@@ -200,6 +219,7 @@ class AdapterCache:
             active = host.to(self.device, self.dtype)
         ready = time.monotonic()
         with self._lock:
+            self._sizes[adapter_id] = active.nbytes
             self._make_room(active.nbytes)
             self._device[adapter_id] = active
             self._stats.loads += 1

@@ -393,6 +393,8 @@ class Scheduler:
             return error
         if any(a is None for a in got):
             self._release(ids, got)
+            if len(ids) > 1 and (error := self.adapters.together_error(ids)) is not None:
+                return error  # parts that cannot be on the device together would evict each other forever
             return False
         try:
             adapter = got[0] if row.request.adapters is None else combine(
