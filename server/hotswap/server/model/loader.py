@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,24 +34,7 @@ class LoadedModel:
     """Stable id of the base weights + config; adapters record it."""
 
 
-class _Drop(logging.Filter):
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
-
-
-_BNB_HUB_KERNEL = _Drop("Failed to load CPU gemm_4bit_forward from kernels-community")
-"""On AVX512-BF16 CPUs bitsandbytes tries, at import, to download a 4-bit kernel from the Hub
-with the optional `kernels` package, and warns when it cannot. It falls back to its own
-kernel, and a server must not fetch code at run time: the warning only alarms."""
-
-
 def quantization_config(cfg: ModelConfig, dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    if cfg.quantization != "none":
-        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_BNB_HUB_KERNEL)  # before bitsandbytes is imported
     if cfg.quantization == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
