@@ -37,7 +37,7 @@ def _config(kind: str, model, **kw):
         return AdaLoraConfig(task_type=task, init_r=6, target_r=2, lora_alpha=10, tinit=1, tfinal=1, deltaT=1,
                              total_step=6, target_modules=["q_proj", "v_proj", "down_proj"])
     if kind == "dora":
-        return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+        return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, use_dora=True, target_modules=kw.get("targets", ["q_proj", "v_proj", "o_proj", "down_proj"]))
     if kind == "lora_bias":  # lora_B gets a bias: PEFT allows it only on linears that have one (Qwen2's q/k/v)
         return LoraConfig(task_type=CAUSAL, r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "k_proj", "v_proj"])
     if kind == "lora_trained_bias":  # bias="lora_only": the targeted linears' own biases train too (Qwen2's q/v have them), with DoRA
@@ -71,6 +71,16 @@ def _config(kind: str, model, **kw):
     if kind == "prefix_proj":
         return PrefixTuningConfig(task_type=task, num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32)
     raise ValueError(kind)
+
+
+def linear_paths(model, names) -> list[str]:
+    """Full paths of the nn.Linear / Conv1D modules whose last name is in `names`. Given last names alone,
+    PEFT >= 0.22 also turns gate_proj / up_proj / down_proj / gate into target_parameters on an MoE model's
+    fused experts and router (transformers v4 → v5 conversion), which hotswap refuses; full paths target
+    exactly the linears, on every PEFT version."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted(n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and n.rsplit(".", 1)[-1] in set(names))
 
 
 KINDS = ("lora", "lora_mlp", "rslora", "adalora", "adalora_pruned", "prompt_random", "prompt_text", "ptuning", "prefix", "prefix_proj")

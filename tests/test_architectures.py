@@ -37,17 +37,17 @@ VISIBLE = 1e-3
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Every plain nn.Linear / Conv1D but the output head, by last name. (PEFT's own "all-linear" also reaches
-    MoE experts kept as fused parameters, which the engine refuses: test_expert_parameter_targets_are_refused;
-    Linear subclasses whose forward returns more than a tensor, like Llama 4's router, PEFT cannot run.)"""
+    """Every plain nn.Linear / Conv1D but the output head, by full path (peft_fixtures.linear_paths: by last
+    name alone, PEFT >= 0.22 also targets an MoE model's fused experts, as its "all-linear" does, which the
+    engine refuses: test_expert_parameter_targets_are_refused; Linear subclasses whose forward returns more
+    than a tensor, like Llama 4's router, PEFT cannot run.)"""
     head = model.get_output_embeddings()
 
     def plain(m: nn.Module) -> bool:
         with torch.no_grad():
             return isinstance(m(torch.zeros(1, m.weight.shape[0] if isinstance(m, Conv1D) else m.in_features)), torch.Tensor)
 
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                   if isinstance(m, (nn.Linear, Conv1D)) and m is not head and plain(m)})
+    return sorted(n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head and plain(m))
 
 
 def _prompts() -> list[list[int]]:

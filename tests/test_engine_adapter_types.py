@@ -175,7 +175,8 @@ def test_malformed_checkpoints_of_the_new_types_are_refused_naming_the_field(set
         ("ia3", {"feedforward_modules": 3}, None, InvalidArgument, "feedforward_modules"),
         ("ia3", None, lambda t: {**t, first(t, "down_proj"): t[first(t, "down_proj")].T}, AdapterIncompatible, "feedforward_modules"),
         ("ia3", None, lambda t: {**t, "base_model.model.model.embed_tokens.ia3_l": torch.ones(1, 64)}, AdapterIncompatible, "target_modules"),
-        ("ia3", {"modules_to_save": ["norm"]}, None, AdapterIncompatible, "modules_to_save"),
+        ("ia3", {"modules_to_save": ["norm"]}, lambda t: {**t, "base_model.model.model.norm.weight": torch.ones(64)}, AdapterIncompatible,
+         "modules_to_save"),
         ("lora_heads", {"modules_to_save": "lm_head"}, None, InvalidArgument, "modules_to_save"),
         ("lora_heads", None, lambda t: {**t, first(t, "lm_head"): t[first(t, "lm_head")][:, :10].contiguous()}, AdapterIncompatible, "modules_to_save"),
         ("lora_heads", {"ensure_weight_tying": True}, None, AdapterIncompatible, "ensure_weight_tying"),
@@ -208,3 +209,15 @@ def test_malformed_checkpoints_of_the_new_types_are_refused_naming_the_field(set
         with pytest.raises((InvalidArgument, AdapterIncompatible)) as e:
             load_adapter(_edit(llama_paths["adaption"], tmp_path / f"a{i}", config, tensors), "x", model, 64)
         assert e.value.field == field, (i, e.value)
+
+
+def test_modules_to_save_names_that_wrap_nothing_are_ignored_as_peft_does(setup, tmp_path):
+    """PEFT 0.22 adds "pre_classifier" to every classifier's modules_to_save. A name the model lacks wraps
+    nothing and saves no tensor, so PeftModel runs as without it; the loader ignores it too, while a name
+    whose tensors the checkpoint holds is still refused (test above, "norm")."""
+    ckpt, paths, *_ = setup
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    edited = _edit(paths["lora_heads"], tmp_path / "x", {"modules_to_save": ["lm_head", "embed_tokens", "pre_classifier", "no_such"]})
+    a, b = load_adapter(edited, "x", model, 64).weights, load_adapter(paths["lora_heads"], "y", model, 64).weights
+    assert a.modules.keys() == b.modules.keys()
+    assert len(a.tensors()) == len(b.tensors()) and all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))

@@ -14,7 +14,7 @@ from hotswap.server.engine.request import GenerateRequest, SamplingParams
 from hotswap.server.model.loader import load_base_model
 from hotswap.server.serving import ServingCore
 from conftest import save_tiny_checkpoint
-from peft_fixtures import save_adapter
+from peft_fixtures import linear_paths, save_adapter
 from tiny_archs import ARCHS as TINY_ARCHS
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16), reason="this CPU has no oneDNN bf16 path")
@@ -54,8 +54,11 @@ def test_engine_tokens_are_the_same_packed_or_not(tiny_checkpoints, tmp_path, ar
     has q/k/v biases and experts with their own gate/up; Phi-3 fuses qkv and gate/up itself."""
     ckpt = tiny_checkpoints[arch] if arch in tiny_checkpoints else save_tiny_checkpoint(TINY_ARCHS[arch](), tmp_path / arch)
     kinds = ["lora", "dora", "prompt_random", "prefix"]
-    paths = {k: save_adapter(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), k, tmp_path / k, seed=i)
-             for i, k in enumerate(kinds)}
+    paths = {}
+    for i, k in enumerate(kinds):
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+        targets = linear_paths(model, ["q_proj", "v_proj", "o_proj", "down_proj"]) if k == "dora" else None  # not Qwen2-MoE's experts
+        paths[k] = save_adapter(model, k, tmp_path / k, seed=i, **({"targets": targets} if targets else {}))
     gen = torch.Generator().manual_seed(3)
     jobs = [(a, torch.randint(3, 400, (n,), generator=gen).tolist()) for a, n in zip(kinds + ["", "lora"], [5, 9, 3, 12, 7, 30])]
     params = SamplingParams(max_new_tokens=8, logprobs=0)

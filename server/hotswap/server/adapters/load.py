@@ -57,7 +57,7 @@ def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_l
     if task == "SEQ_CLS":  # the head is served apart; the rest loads like any adapter of its type
         config, tensors, head = split_score_head(config, tensors, shape.hidden_size, Path(path))
     if peft_type in ("LORA", "ADALORA", "IA3", "TRAINABLE_TOKENS"):  # these may also change the embedding / output head
-        _check_modules_to_save(config, shape)
+        config = _check_modules_to_save(config, tensors, shape)
         tensors, parts = token_split(tensors, shape)
         tables = token_tables(config, parts, shape, None if isinstance(base, BaseShape) else base.get_input_embeddings().weight)
         if peft_type == "TRAINABLE_TOKENS":
@@ -84,13 +84,19 @@ def load_adapter(path: Path, adapter_id: str, base: nn.Module | BaseShape, max_l
     return Adapter(adapter_id, peft_type, weights, saved, head)
 
 
-def _check_modules_to_save(config: dict, shape: BaseShape) -> None:
-    """Fully trained copies are served for the input embedding and the output head only."""
+def _check_modules_to_save(config: dict, tensors: dict[str, torch.Tensor], shape: BaseShape) -> dict:
+    """The config without modules_to_save names the checkpoint holds no tensor for: PEFT wraps only modules
+    the model has and saves each one it wraps, so such a name matched nothing and changes nothing (PEFT 0.22
+    adds "pre_classifier" to every classifier's list, which decoder-only models lack). Fully trained copies
+    are served for the input embedding and the output head only."""
     names = config.get("modules_to_save") or []
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise InvalidArgument(f"must be a list of module names, got {names!r:.80}", field="modules_to_save")
+    held = [k.rsplit(".", 1)[0] for k in tensors]  # module paths; PEFT matches a name as a plain suffix of one
+    names = [n for n in names if any(m.endswith(n) for m in held)]
     ends = {p.rsplit(".", 1)[-1] for p in (shape.embed_path, shape.head_path) if p}
     other = [n for n in names if n.rsplit(".", 1)[-1] not in ends]
     if other:
         raise AdapterIncompatible(f"modules_to_save {other[:3]}: hotswap serves fully trained copies of the input embedding and "
                                   f"output head ({', '.join(sorted(ends))}) only", field="modules_to_save")
+    return {**config, "modules_to_save": names or None}
