@@ -184,12 +184,45 @@ def test_lora_options_that_change_what_peft_loads_are_refused(base, saved, tmp_p
         with pytest.raises(AdapterIncompatible) as e:
             load_adapter(path, "x", model, 64)
         assert e.value.field == field, (options, e.value)
+    astra = _copy(saved["lora"], tmp_path / "astra")  # PEFT 0.22's ASTRA needs preprocess_astra to create; it rewrites the base too
+    _edit_config(astra, init_lora_weights="astra")
+    with pytest.raises(AdapterIncompatible) as e:
+        load_adapter(astra, "x", model, 64)
+    assert e.value.field == "init_lora_weights"
     # bias="all" on GPT-2 also trains the LayerNorms' biases: not a linear the engine can shift.
     gpt2 = save_tiny_checkpoint(MORE_ARCHS["gpt2"](), tmp_path / "gpt2")
     path = _save_lora(fp32(gpt2), tmp_path / "gpt2-bias-all", target_modules=["c_attn"], fan_in_fan_out=True, bias="all")
     with pytest.raises(AdapterIncompatible, match="ln_1.*not a linear") as e:
         load_adapter(path, "x", fp32(gpt2), 64)
     assert e.value.field == "bias"
+
+
+def test_every_lora_variant_peft_knows_is_served_or_refused_by_name(base, saved, tmp_path):
+    """PEFT marks the LoraConfig fields that select a variant with a forward of its own; hotswap serves
+    DoRA and names each other one in its refusal. A variant a later PEFT adds is refused too, by its field."""
+    from hotswap.server.adapters.lora import _UNSUPPORTED, _variant_fields
+
+    assert "use_dora" in _variant_fields() and _variant_fields() <= set(_UNSUPPORTED) | {"use_dora"}
+    for option in sorted(_variant_fields() - {"use_dora"}):
+        path = _copy(saved["lora"], tmp_path / option)
+        _edit_config(path, **{option: {"x": 1}})
+        with pytest.raises(AdapterIncompatible) as e:
+            load_adapter(path, "x", fp32(base), 64)
+        assert e.value.field == option
+
+
+def test_nora_initialised_lora_serves_as_plain_lora(base, tmp_path):
+    """NoRA (PEFT 0.22) only normalises A's initial columns; PeftModel.from_pretrained leaves the base as it
+    is, so the saved A/B are served like any LoRA's."""
+    path = _save_lora(fp32(base), tmp_path / "nora", target_modules=["q_proj", "v_proj"], init_lora_weights="nora")
+    plain = _copy(path, tmp_path / "plain")
+    _edit_config(plain, init_lora_weights=True)
+    ids = torch.tensor([[5, 17, 99, 3]])
+    with torch.no_grad():
+        assert torch.equal(PeftModel.from_pretrained(fp32(base), path).eval()(input_ids=ids).logits,
+                           PeftModel.from_pretrained(fp32(base), plain).eval()(input_ids=ids).logits)
+    a, b = (load_adapter(p, "x", fp32(base), 64).weights for p in (path, plain))
+    assert a.modules.keys() == b.modules.keys() and all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
 
 
 def test_weights_the_config_does_not_target_are_refused(base, saved, tmp_path):

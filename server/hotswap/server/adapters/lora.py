@@ -1,10 +1,13 @@
 """LoRA-family checkpoints (LORA incl. DoRA and lora_bias, ADALORA) → LoraWeights keyed by base module path."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from functools import cache
 
 import torch
+from peft import LoraConfig
 
 from ..errors import AdapterIncompatible
 from .validate import BaseShape
@@ -31,9 +34,10 @@ _UNSUPPORTED = {
     "kasa_config": "KaSA (kasa_config: PEFT truncates the base weight's singular values when it loads the adapter)",
 }
 # init_lora_weights values after which PeftModel.from_pretrained runs the base model unchanged. PiSSA,
-# OLoRA, CorDA and LoftQ subtract their initial delta from (or requantize) the base weight again at load
-# (peft/tuners/lora/layer.py, update_layer), so the saved A/B only fit that modified base.
-_BASE_PRESERVING_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica", "lora_ga")
+# OLoRA, CorDA, LoftQ and (PEFT 0.22) ASTRA subtract their initial delta from (or requantize) the base
+# weight again at load (peft/tuners/lora/layer.py, update_layer), so the saved A/B only fit that modified
+# base. NoRA (0.22) only normalises A's initial columns. A value not listed here is refused.
+_BASE_PRESERVING_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica", "lora_ga", "nora")
 _BIAS_MODES = ("none", "all", "lora_only")
 
 
@@ -51,10 +55,19 @@ def module_scale(config: dict, module: str, r: int) -> float:
     return float(alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
 
 
+@cache
+def _variant_fields() -> frozenset[str]:
+    """LoraConfig fields the installed PEFT marks as selecting a LoRA variant (a forward of its own)."""
+    return frozenset(f.name for f in dataclasses.fields(LoraConfig) if f.metadata.get("is_lora_variant"))
+
+
 def _check_options(config: dict) -> None:
     for option, label in _UNSUPPORTED.items():
         if config.get(option):
             raise AdapterIncompatible(f"{label} is not supported by hotswap's LoRA kernels", field=option)
+    for option in sorted(_variant_fields() - {"use_dora"}):  # one a later PEFT adds, before it is listed above
+        if config.get(option):
+            raise AdapterIncompatible(f"the LoRA variant {option} is not supported by hotswap's LoRA kernels", field=option)
     init = config.get("init_lora_weights", True)
     if not any(init is v or (isinstance(init, str) and init == v) for v in _BASE_PRESERVING_INITS):
         raise AdapterIncompatible(
