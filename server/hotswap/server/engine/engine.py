@@ -80,10 +80,8 @@ class Engine:
                 raise InvalidArgument("this model has no chat template; send a plain prompt", field="messages")
             # a classifier reads the conversation as it stands; generation and scoring continue it as the assistant
             text = self.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=req.task is not Task.CLASSIFY)
-            limit = self.max_seq_len * MAX_CHARS_PER_TOKEN  # the template's markup counts as the prompt's text does
-            if len(text) > limit:
-                raise InvalidArgument(f"the chat template renders the messages as {len(text)} characters, which cannot fit in "
-                                      f"max_seq_len {self.max_seq_len} (at most {limit} characters)", field="messages")
+            # the template's markup counts as the prompt's text does
+            self._check_fits(len(text), "characters", "messages", "the chat template renders the messages as ")
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = self.tokenizer(req.prompt)["input_ids"]
@@ -138,28 +136,26 @@ class Engine:
         return ids
 
     def _check_text_size(self, req: GenerateRequest) -> None:
-        """Refuse text that cannot fit before spending time tokenising it: no token of a
-        real tokenizer covers more than MAX_CHARS_PER_TOKEN characters of ordinary text."""
-        limit = self.max_seq_len * MAX_CHARS_PER_TOKEN
+        """Refuse text that cannot fit before spending time tokenising it."""
         if req.prompt_ids is not None:
-            size, field = len(req.prompt_ids), "prompt_ids"
-            limit = self.max_seq_len
+            self._check_fits(len(req.prompt_ids), "token ids", "prompt_ids")
         elif req.messages is not None:
             # a million empty turns passed the character count and held the one tokeniser thread,
             # every caller's, for half a minute
             check_message_count(len(req.messages), self.max_seq_len)
-            size, field = sum(len(str(m.get("content") or "")) for m in req.messages), "messages"
+            self._check_fits(sum(len(str(m.get("content") or "")) for m in req.messages), "characters", "messages")
         else:
-            size, field = len(req.prompt or ""), "prompt"
+            self._check_fits(len(req.prompt or ""), "characters", "prompt")
         if req.task is Task.SCORE:
             cont = req.continuation
-            cap = self.max_seq_len if isinstance(cont, list) else self.max_seq_len * MAX_CHARS_PER_TOKEN
-            if len(cont) > cap:
-                unit = "token ids" if isinstance(cont, list) else "characters"
-                raise InvalidArgument(f"{len(cont)} {unit} cannot fit in max_seq_len {self.max_seq_len} (at most {cap} {unit})", field="continuation")
+            self._check_fits(len(cont), "token ids" if isinstance(cont, list) else "characters", "continuation")
+
+    def _check_fits(self, size: int, unit: str, field: str, what: str = "") -> None:
+        """At most max_seq_len token ids; at most MAX_CHARS_PER_TOKEN characters per position, since no
+        token of a real tokenizer covers more of ordinary text."""
+        limit = self.max_seq_len * (1 if unit == "token ids" else MAX_CHARS_PER_TOKEN)
         if size > limit:
-            unit = "token ids" if field == "prompt_ids" else "characters"
-            raise InvalidArgument(f"{size} {unit} cannot fit in max_seq_len {self.max_seq_len} (at most {limit} {unit})", field=field)
+            raise InvalidArgument(f"{what}{size} {unit} cannot fit in max_seq_len {self.max_seq_len} (at most {limit} {unit})", field=field)
 
     def make_row(self, req: GenerateRequest, sink: Callable[[StreamEvent], None]) -> Row:
         ids, score_from = self._tokens(req)
