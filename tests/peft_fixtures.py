@@ -25,6 +25,9 @@ def _config(kind: str, model, **kw):
     task = kw.get("task", CAUSAL)  # SEQ_CLS for classification adapters
     if kind == "lora":
         return LoraConfig(task_type=task, r=kw.get("r", 4), lora_alpha=kw.get("alpha", 8), target_modules=kw.get("targets", ["q_proj", "k_proj", "v_proj", "o_proj"]))
+    if kind == "lora_params":  # LoRA on parameters (MoE expert / router weights), with or without target_modules
+        return LoraConfig(task_type=task, r=kw.get("r", 4), lora_alpha=kw.get("alpha", 8), target_modules=kw.get("targets"),
+                          target_parameters=kw["params"])
     if kind == "lora_mlp":
         # Different ranks and alphas per module exercise rank_pattern / alpha_pattern.
         return LoraConfig(task_type=task, r=6, lora_alpha=12, target_modules=["gate_proj", "up_proj", "down_proj", "v_proj"],
@@ -76,8 +79,8 @@ def _config(kind: str, model, **kw):
 def linear_paths(model, names) -> list[str]:
     """Full paths of the nn.Linear / Conv1D modules whose last name is in `names`. Given last names alone,
     PEFT >= 0.22 also turns gate_proj / up_proj / down_proj / gate into target_parameters on an MoE model's
-    fused experts and router (transformers v4 → v5 conversion), which hotswap refuses; full paths target
-    exactly the linears, on every PEFT version."""
+    fused experts and router (transformers v4 → v5 conversion; test_expert_lora.py serves those); full paths
+    target exactly the linears, on every PEFT version."""
     from transformers.pytorch_utils import Conv1D
 
     return sorted(n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and n.rsplit(".", 1)[-1] in set(names))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
-from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
@@ -18,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from conftest import save_tiny_checkpoint
 from hotswap.server.config import EngineConfig, ModelConfig
 from hotswap.server.engine import kernels
-from hotswap.server.errors import AdapterIncompatible, ModelLoadError
+from hotswap.server.errors import ModelLoadError
 from hotswap.server.engine.request import FinishReason, GenerateRequest, SamplingParams
 from hotswap.server.model.loader import load_base_model
 from hotswap.server.serving import ServingCore
@@ -38,9 +37,9 @@ VISIBLE = 1e-3
 
 def linear_names(model: nn.Module) -> list[str]:
     """Every plain nn.Linear / Conv1D but the output head, by full path (peft_fixtures.linear_paths: by last
-    name alone, PEFT >= 0.22 also targets an MoE model's fused experts, as its "all-linear" does, which the
-    engine refuses: test_expert_parameter_targets_are_refused; Linear subclasses whose forward returns more
-    than a tensor, like Llama 4's router, PEFT cannot run.)"""
+    name alone, PEFT >= 0.22 also targets an MoE model's fused experts, as its "all-linear" does; that is
+    test_expert_lora.py's subject, and Llama 4's experts it cannot serve; Linear subclasses whose forward
+    returns more than a tensor, like Llama 4's router, PEFT cannot run.)"""
     head = model.get_output_embeddings()
 
     def plain(m: nn.Module) -> bool:
@@ -122,19 +121,6 @@ def test_unservable_architecture_is_refused_by_name(tmp_path):
     loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
     with pytest.raises(ModelLoadError, match=r"architecture jamba \(JambaForCausalLM\) cannot be served"):
         ServingCore(loaded, EngineConfig(max_batch_size=2, max_seq_len=32))
-
-
-def test_expert_parameter_targets_are_refused(tmp_path):
-    """LoRA on MoE experts kept as fused parameters (PEFT's target_parameters) is refused at registration,
-    not served without its expert deltas."""
-    ckpt = save_tiny_checkpoint(ARCHS["olmoe"](), tmp_path / "olmoe")
-    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32),
-                          LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"]))
-    peft.save_pretrained(tmp_path / "experts")
-    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device="cpu"))
-    with ServingCore(loaded, EngineConfig(max_batch_size=2, max_seq_len=32)) as core:
-        with pytest.raises(AdapterIncompatible, match="target_parameters"):
-            core.register_adapter("experts", tmp_path / "experts")
 
 
 def test_own_attention_path_under_chunking_prefix_hits_and_preemption(tmp_path):

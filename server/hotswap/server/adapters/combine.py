@@ -5,7 +5,7 @@ concatenated, A_i scaled by w_i · s_i, the result's scale 1 (its lora_alpha = i
 It is the one combination that is exact per token: PEFT's "linear" merges A's and B's
 separately, and Σ √w_i A_i × Σ √w_j B_j mixes cross terms of different adapters.
 Only plain low-rank adapters combine: a DoRA magnitude, IA3 vector or embedding / head table
-is not linear in its weight, and PEFT's combination leaves lora_B biases out."""
+is not linear in its weight, PEFT's combination leaves lora_B biases out and refuses target_parameters."""
 from __future__ import annotations
 
 import torch
@@ -21,7 +21,7 @@ def combine(parts: list[tuple[Adapter, float]], combined_id: str, max_rank: int)
     for adapter, _ in parts:
         if not isinstance(adapter.weights, LoraWeights) or not adapter.weights.plain:
             kind = adapter.peft_type if not isinstance(adapter.weights, LoraWeights) else \
-                "a LoRA with DoRA, lora_bias, IA3 vectors or embedding / head tables"
+                "a LoRA with DoRA, lora_bias, IA3 vectors, embedding / head tables or target_parameters"
             raise AdapterIncompatible(f"adapter {adapter.id!r} is {kind}: only plain LoRA / AdaLoRA adapters can be combined",
                                       field="adapters")
     names = sorted({name for adapter, _ in parts for name in adapter.weights.modules})

@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig
 
 from ..errors import AdapterIncompatible
+from .params import param_weights
 from .validate import BaseShape
 from .weights import LoraModuleWeights, LoraWeights
 
@@ -23,7 +24,6 @@ _BIAS = re.compile(r"^base_model\.model\.(?P<module>.+?)(\.base_layer)?\.bias$")
 # one: it only transposes the delta PEFT merges into a Conv1D weight; see model/linears.py.) The LoRA
 # variants PEFT selects from config fields (LoraLayer.lora_variants) are all here but DoRA.
 _UNSUPPORTED = {
-    "target_parameters": "target_parameters",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "use_qalora": "QALoRA (use_qalora)",
     "layer_replication": "layer replication (layer_replication: PEFT builds extra layers sharing base weights)",
@@ -113,8 +113,9 @@ def _base_bias(parts: dict[str, torch.Tensor], config: dict, module: str, shape:
 
 def lora_weights(config: dict, tensors: dict[str, torch.Tensor], shape: BaseShape) -> LoraWeights:
     _check_options(config)
+    parts, params = param_weights(config, _group(tensors), shape, module_scale)
     modules = {}
-    for module, p in _group(tensors).items():
+    for module, p in parts.items():
         base_bias = _base_bias(p, config, module, shape)
         if set(p) == {"base_bias"}:  # bias="all": a linear the LoRA does not target
             modules[module] = _bias_only(module, base_bias, shape)
@@ -126,7 +127,7 @@ def lora_weights(config: dict, tensors: dict[str, torch.Tensor], shape: BaseShap
                                             bias=_extra(p, "lora_B.bias", config, "lora_bias", module),
                                             magnitude=_extra(p, "lora_magnitude_vector", config, "use_dora", module),
                                             base_bias=base_bias)
-    return LoraWeights(modules)
+    return LoraWeights(modules, params=params)
 
 
 def _bias_only(module: str, base_bias: torch.Tensor, shape: BaseShape) -> LoraModuleWeights:
@@ -150,7 +151,7 @@ def adalora_weights(config: dict, tensors: dict[str, torch.Tensor], shape: BaseS
     """AdaLoRA computes x (A*E)^T B^T * scaling / (ranknum + 1e-5), scaling = lora_alpha (or r when
     alpha is 0) and ranknum the initial rank, kept even after rank_pattern pruning (peft adalora/layer.py)."""
     _check_options(config)
-    for option in ("use_dora", "lora_bias"):
+    for option in ("use_dora", "lora_bias", "target_parameters"):
         if config.get(option):
             raise AdapterIncompatible(f"{option} is not an AdaLoRA option", field=option)
     init_r = config.get("init_r", 12)

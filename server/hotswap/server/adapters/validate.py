@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..errors import AdapterIncompatible
+from ..model.experts import ParamTargets, param_targets
 from ..model.linears import linear_features, lora_targetable
 from .weights import LoraWeights, PrefixWeights, PromptWeights
 
@@ -26,6 +27,8 @@ class BaseShape:
     vocab_size: int = 0
     tied: bool = False
     """The output head shares the input embedding's weight."""
+    params: ParamTargets = field(default_factory=lambda: ParamTargets({}, {}))
+    """Parameters LoRA may target directly (target_parameters): fused MoE expert weights and router weights."""
 
     @classmethod
     def of(cls, model: nn.Module) -> "BaseShape":
@@ -43,6 +46,7 @@ class BaseShape:
             head_path=next((n for n, m in model.named_modules() if m is head), ""),
             vocab_size=model.get_input_embeddings().weight.shape[0],
             tied=head is not None and head.weight is model.get_input_embeddings().weight,
+            params=param_targets(model),
         )
 
 
@@ -78,8 +82,13 @@ def check_weights(weights, base: BaseShape, max_lora_rank: int) -> None:
 
 
 def _check_lora(weights: LoraWeights, base: BaseShape, max_lora_rank: int) -> None:
-    if not weights.modules and weights.tables is None:
+    if not weights.modules and not weights.params and weights.tables is None:
         raise AdapterIncompatible("the LoRA adapter has no target modules", field="target_modules")
+    for key, p in weights.params.items():  # shapes were checked against the base when they were parsed (params.py)
+        if key not in base.params.features:
+            raise AdapterIncompatible(f"target parameter {key!r} is absent from the base model", field="target_parameters")
+        if p.rank > max_lora_rank:
+            raise AdapterIncompatible(f"rank {p.rank} of {key!r} is above the configured maximum {max_lora_rank}", field="r")
     missing = sorted(m for m in weights.modules if m not in base.linears)
     if missing:
         deep = [m for m in missing if (x := _LAYER.search(m)) and int(x[1]) >= base.num_layers]

@@ -4,7 +4,8 @@ Whatever PEFT type an adapter was saved as, loading turns it into one of the
 shapes the engine knows how to apply per row:
 
 - ``LoraWeights``   — a per-linear change inside target linears: a low-rank delta (LoRA, rsLoRA,
-  AdaLoRA; with DoRA's magnitude or lora_B's bias) or IA3's scaling vectors
+  AdaLoRA; with DoRA's magnitude or lora_B's bias) or IA3's scaling vectors; and low-rank deltas
+  on MoE expert and router weights (LoRA's target_parameters)
 - ``PromptWeights`` — virtual-token embeddings prepended at prefill (prompt tuning, P-tuning)
 - ``PrefixWeights`` — per-layer key/value prefix written into the KV cache (prefix tuning, P-tuning v2)
 - ``AdaptionWeights`` — gated adaption prompts attended separately in the top layers (LLaMA-Adapter)
@@ -49,6 +50,28 @@ class LoraModuleWeights:
 
 
 @dataclass
+class ParamLoraWeights:
+    """LoRA on a weight parameter (PEFT's target_parameters, lora.ParamWrapper): the product of an input
+    with expert e's weight gains scale · B[e] (A[e] x), as PEFT's get_delta_weight adds scale · B_e A_e
+    to that expert's slice. A router's 2-D weight is one expert."""
+
+    a: torch.Tensor  # [experts, r, in]
+    b: torch.Tensor  # [experts, out, r]
+    scale: float
+    """alpha / r (alpha / sqrt(r) for rsLoRA), from alpha_pattern where one matches "<module>.<parameter>"."""
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[1]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.a, self.b]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "ParamLoraWeights":
+        return replace(self, a=self.a.to(device, dtype), b=self.b.to(device, dtype))
+
+
+@dataclass
 class TokenTables:
     """An adapter's own view of the input embedding and the output head, applied per row:
     full copies (modules_to_save, or a saved embedding base layer), LoRA on the embedding,
@@ -89,25 +112,30 @@ class LoraWeights:
     """Keyed by the module's path in the base model, e.g. "model.layers.0.self_attn.q_proj"."""
     tables: TokenTables | None = None
     """Changes to the input embedding / output head (modules_to_save, embedding LoRA, trainable tokens)."""
+    params: dict[str, ParamLoraWeights] = field(default_factory=dict)
+    """Keyed by "<module path>.<parameter>", e.g. "model.layers.0.mlp.experts.gate_up_proj" or "model.layers.0.mlp.gate.weight"."""
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for m in self.modules.values() for t in m.tensors()] + (self.tables.tensors() if self.tables else [])
+        return [t for m in [*self.modules.values(), *self.params.values()] for t in m.tensors()] + \
+            (self.tables.tensors() if self.tables else [])
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "LoraWeights":
         return LoraWeights({k: m.to(device, dtype) for k, m in self.modules.items()},
-                           None if self.tables is None else self.tables.to(device, dtype))
+                           None if self.tables is None else self.tables.to(device, dtype),
+                           {k: p.to(device, dtype) for k, p in self.params.items()})
 
     @property
     def scalable(self) -> bool:
-        """Its change is linear in its scale (low-rank deltas, lora_B biases; no DoRA magnitude,
+        """Its change is linear in its scale (low-rank deltas, expert / router deltas included; lora_B biases; no DoRA magnitude,
         IA3 vector, trained base bias or token tables), so a request may rescale it."""
         return self.tables is None and all(m.magnitude is None and m.in_scale is None and m.out_scale is None and m.base_bias is None
                                            for m in self.modules.values())
 
     @property
     def plain(self) -> bool:
-        """Only low-rank deltas: it may also be combined with others (Σ w·ΔW)."""
-        return self.scalable and all(m.bias is None for m in self.modules.values())
+        """Only low-rank deltas on linears: it may also be combined with others (Σ w·ΔW). Not with deltas on expert /
+        router weights: PEFT's add_weighted_adapter refuses target_parameters, so there is no combination to match."""
+        return self.scalable and not self.params and all(m.bias is None for m in self.modules.values())
 
 
 @dataclass

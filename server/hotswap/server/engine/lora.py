@@ -20,7 +20,7 @@ other rows gather ones and zeros, so the mix of types never branches the forward
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -30,9 +30,22 @@ from ..model.linears import linear_features, lora_targetable
 from . import kernels
 from .lora_fold import fold
 
+if TYPE_CHECKING:
+    from .expert_lora import ParamSlots
+
 
 MIN_RANK_CAP = 8
 """The smallest rank capacity the slots are allocated with."""
+
+
+def grow_rank_axis(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], cap: int, rank: int) -> int:
+    """Pads every tensor of `a` and `b` ([slots, cap, features]) with zero rank rows, in place of the dicts'
+    values, to the power of two at or above `rank` (at least MIN_RANK_CAP); returns the new capacity."""
+    new = max(MIN_RANK_CAP, 1 << (rank - 1).bit_length())
+    for table in (a, b):
+        for name, t in table.items():
+            table[name] = torch.cat([t, t.new_zeros(t.shape[0], new - cap, t.shape[2])], dim=1)
+    return new
 
 
 class LoraSlots:
@@ -72,13 +85,7 @@ class LoraSlots:
     def _grow_rank(self, rank: int) -> None:
         if rank <= self.rank_cap:
             return
-        rank = max(MIN_RANK_CAP, 1 << (rank - 1).bit_length())
-        pad = rank - self.rank_cap
-        for name in self.a:
-            a, b = self.a[name], self.b[name]
-            self.a[name] = torch.cat([a, a.new_zeros(a.shape[0], pad, a.shape[2])], dim=1)
-            self.b[name] = torch.cat([b, b.new_zeros(b.shape[0], pad, b.shape[2])], dim=1)
-        self.rank_cap = rank
+        self.rank_cap = grow_rank_axis(self.a, self.b, self.rank_cap, rank)
         self.layout_version += 1
 
     def _check_fits(self, weights: LoraWeights) -> None:
@@ -97,7 +104,7 @@ class LoraSlots:
         """Put an adapter's weights into `slot` (whatever was there before is overwritten)."""
         self._check_fits(weights)
         folded = {name: fold(m, self.linears[name]) for name, m in weights.modules.items()}  # before any slot changes
-        self._grow_rank(max(m.rank for m in weights.modules.values()))
+        self._grow_rank(max((m.rank for m in weights.modules.values()), default=0))
         for name, m in weights.modules.items():
             fan_in, fan_out = self.features[name]
             if name not in self.a:
@@ -183,12 +190,27 @@ class LoraStep:
 
 
 class LoraContext:
-    """Shared by every hooked linear."""
+    """Shared by every hooked linear (and every expert / router forward, expert_lora.py)."""
 
     def __init__(self, slots: LoraSlots) -> None:
         self.slots = slots
+        self.params: ParamSlots | None = None
+        """Slots of LoRA on MoE expert and router weights (target_parameters); set by expert_lora.attach_param_lora."""
         self.step: LoraStep | None = None
         """None while no row of the forward has a LoRA adapter."""
+
+    def load(self, slot: int, weights: LoraWeights) -> None:
+        """Put an adapter's weights into `slot` (whatever was there before is overwritten)."""
+        if weights.params and self.params is None:
+            raise ValueError(f"LoRA on parameters {sorted(weights.params)[:3]}: this engine serves none")
+        self.slots.load(slot, weights)
+        if self.params is not None:
+            self.params.load(slot, weights.params)
+
+    @property
+    def layout_version(self) -> int:
+        """Changes whenever a slot tensor is (re)allocated (what a captured CUDA graph must be keyed by)."""
+        return self.slots.layout_version + (0 if self.params is None else self.params.layout_version)
 
 
 class LoraDelta:
@@ -215,19 +237,26 @@ class LoraDelta:
             y2.mul_(mult[step.vector_rows].to(y2.dtype)).add_(shift.to(y2.dtype))
         if a.shape[1] == 0:  # only rank-0 adapters (IA3) loaded so far
             return y
-        b, ranks = slots.b[self.name], slots.ranks[self.name]
         x = args[0].reshape(-1, args[0].shape[-1])  # [num_tokens, in]
-        t = torch.empty(x.shape[0], a.shape[1], device=x.device, dtype=torch.float32)  # [num_tokens, rank_cap]
-        kernels.lora_shrink(t, x.to(a.dtype), a, step.token_slots, ranks, backend=step.backend, plan=step.plan)
-        if step.token_scales is not None:
-            t.mul_(step.token_scales)
-        if y2.dtype == b.dtype:
-            kernels.lora_expand(y2, t, b, step.token_slots, ranks, backend=step.backend, plan=step.plan)
-        else:  # e.g. an int8 base whose matmul returns another dtype than the compute dtype
-            delta = torch.zeros(y2.shape, device=y2.device, dtype=b.dtype)
-            kernels.lora_expand(delta, t, b, step.token_slots, ranks, backend=step.backend, plan=step.plan)
-            y2 += delta.to(y2.dtype)
+        add_delta(y2, x, a, slots.b[self.name], slots.ranks[self.name], step.token_slots, step.token_scales, step.backend, step.plan)
         return y
+
+
+def add_delta(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor, index: torch.Tensor,
+              scales: torch.Tensor | None, backend: str, plan: kernels.LoraPlan | None) -> None:
+    """y[i] += scales[i] · B[s] (A[s] x[i]) with s = index[i] (-1: nothing), shrink then expand.
+    y [n, out] (rows may be strided); x [n, in]; a [S, R, in], b [S, R, out] (scale folded in);
+    ranks [S], index [n] int32; scales [n, 1] float32 or None."""
+    t = torch.empty(x.shape[0], a.shape[1], device=x.device, dtype=torch.float32)  # [n, R]
+    kernels.lora_shrink(t, x.to(a.dtype), a, index, ranks, backend=backend, plan=plan)
+    if scales is not None:
+        t.mul_(scales)
+    if y.dtype == b.dtype:
+        kernels.lora_expand(y, t, b, index, ranks, backend=backend, plan=plan)
+    else:  # e.g. an int8 base whose matmul returns another dtype than the compute dtype
+        delta = torch.zeros(y.shape, device=y.device, dtype=b.dtype)
+        kernels.lora_expand(delta, t, b, index, ranks, backend=backend, plan=plan)
+        y += delta.to(y.dtype)
 
 
 class LoraInputScale:

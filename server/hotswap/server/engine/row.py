@@ -88,9 +88,9 @@ class Row:
 
     @property
     def lora(self) -> LoraWeights | None:
-        """The weights to put in a LoRA slot: None when the adapter changes no linear."""
+        """The weights to put in a LoRA slot: None when the adapter changes no linear and no expert / router weight."""
         w = self.adapter.weights if self.adapter else None
-        return w if isinstance(w, LoraWeights) and w.modules else None
+        return w if isinstance(w, LoraWeights) and (w.modules or w.params) else None
 
     @property
     def token_tables(self) -> TokenTables | None:

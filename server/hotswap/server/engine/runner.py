@@ -27,6 +27,7 @@ from .fused_rotary import engaged, fuse_rotary
 from .head import check_final_logits, decoder_of, final_logit_transform
 from .inputs import StepInputs, build_inputs
 from .kv_cache import PagedKVCache, default_kv_cache_bytes
+from .expert_lora import attach_param_lora
 from .lora import LoraStep, attach_lora
 from .own_attention import forward_rows
 from .packed_linears import can_pack, pack_linears, sibling_groups
@@ -69,6 +70,7 @@ class ModelRunner:
         self.dense_rule = self._dense_rule(text)
         """Which prompt chunks attend through SDPA (attention.py); None: none."""
         self.lora = attach_lora(self.model, cfg.max_loras, self.device, self.dtype)
+        attach_param_lora(self.model, self.lora)
         self.decoder = decoder_of(self.model)
         self.embed = self.model.get_input_embeddings()
         self.head = self.model.get_output_embeddings()
@@ -114,7 +116,7 @@ class ModelRunner:
         return dense_rule(heads, self.kv_heads, self.head_dim, self.dtype, self.device, self.block_size)
 
     def load_lora(self, slot: int, weights: LoraWeights) -> None:
-        self.lora.slots.load(slot, weights)
+        self.lora.load(slot, weights)
 
     # -- the forward -------------------------------------------------------------------
     @torch.inference_mode()

@@ -79,7 +79,7 @@ class StaticDecode:
         has_lora = any(s.row.lora_slot >= 0 for s in scheduled)
         self.steps += 1
         if self.capture:
-            key = (buf.ids.shape[0], has_lora, self.runner.lora.slots.layout_version)
+            key = (buf.ids.shape[0], has_lora, self.runner.lora.layout_version)
             graph = self._graphs.get(key)
             if graph is None:
                 graph = self._capture(key, lambda: self._forward(buf, has_lora))
