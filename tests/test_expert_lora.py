@@ -151,3 +151,28 @@ def test_parameter_targets_it_cannot_serve_are_refused_by_name(tmp_path, arch, p
     with pytest.raises(AdapterIncompatible, match=reason) as e:
         load_adapter(path, "a", base, max_lora_rank=64)
     assert e.value.field == "target_parameters"
+
+
+def test_a_router_that_casts_its_weight_is_served_in_bf16(tmp_path):
+    """GLM-4.5 / DeepSeek-V3-style routers compute F.linear(x.float(), weight.float()): in a bf16 model
+    the weight is cast before its one use. PEFT adds the delta before that cast; the engine adds it to the
+    product, the same change up to bf16 rounding, and serves such adapters where bf16 is the default dtype."""
+    import transformers as tf
+    from tiny_archs import _DIMS
+
+    cfg = tf.Glm4MoeConfig(**{**_DIMS, "intermediate_size": 32}, head_dim=16, moe_intermediate_size=32, n_routed_experts=4,
+                           num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1)
+    ckpt = save_tiny_checkpoint(cfg, tmp_path / "glm4_moe")
+    path = save_adapter(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), "lora_params", tmp_path / "router", r=2,
+                        params=["mlp.gate.weight"])
+    prompt, bf16 = [5, 17, 99, 3, 40, 41], lambda: AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    ref_tokens, ref_logprobs = reference(ckpt, path, prompt, new=NEW, model=bf16())
+    assert (ref_logprobs - reference(ckpt, None, prompt, new=NEW, model=bf16())[1]).abs().max() > 1e-2  # visible in bf16
+    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="bfloat16", device="cpu"))
+    with ServingCore(loaded, EngineConfig(max_batch_size=2, max_seq_len=48)) as core:
+        core.register_adapter("router", path)
+        res = core.generate(GenerateRequest(prompt_ids=prompt, adapter_id="router",
+                                            params=SamplingParams(max_new_tokens=NEW, ignore_eos=True, logprobs=1)), timeout=60)
+    assert res.error is None and res.token_ids == ref_tokens
+    torch.testing.assert_close(torch.tensor([lp.logprob for lp in res.logprobs]),
+                               ref_logprobs[torch.arange(NEW), torch.tensor(ref_tokens)], atol=1e-3, rtol=0)

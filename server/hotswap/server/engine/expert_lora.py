@@ -20,13 +20,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from transformers.integrations.moe import _grouped_linear  # the grouped matmul (and its CPU fallback) of grouped_mm
 
 from ..adapters.weights import ParamLoraWeights
-from ..model.experts import ParamFeatures, is_experts, param_targets
+from ..model.experts import ParamFeatures, WeightWatch, is_experts, param_targets
 from . import kernels
 from .lora import LoraContext, LoraStep, add_delta, grow_rank_axis
 
@@ -144,18 +142,15 @@ class ExpertsLora:
         return y[inverse].view(n, k, -1).sum(dim=1).to(hidden_states.dtype)  # [n, hidden]
 
 
-class _LinearDelta(TorchFunctionMode):
-    """While active, F.linear(x, weight) returns its result plus `delta(x [n, in], y [n, out])` added in place."""
+class _LinearDelta(WeightWatch):
+    """While active, F.linear(x, weight or its cast) gets `delta(x [n, in], y [n, out])` added to its result in place."""
 
     def __init__(self, weight: torch.Tensor, delta: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
-        super().__init__()
-        self.weight, self.delta = weight, delta
+        super().__init__(weight)
+        self.delta = delta
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is F.linear and len(args) > 1 and args[1] is self.weight:
-            self.delta(args[0].reshape(-1, args[0].shape[-1]), out.view(-1, out.shape[-1]))
-        return out
+    def on_linear(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        self.delta(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]))
 
 
 class RouterLora:

@@ -8,12 +8,12 @@ Two kinds:
   (E, in, out). The decorator's flags (has_gate, has_bias, is_transposed, _apply_gate) describe the
   math fully, so the engine runs its own forward of it (engine/expert_lora.py).
 - **routers**: any other module (not a linear) whose forward uses its 2-D `weight` exactly once, as
-  F.linear(x, weight): PEFT's delta on that weight is then a LoRA delta on that one product's output,
+  F.linear(x, weight) (the weight maybe cast to another float dtype first): PEFT's delta on that weight is then a LoRA delta on that one product's output,
   whatever the router does after (softmax, sigmoid, top-k, a bias). Found by running each candidate
   once on zeros and watching every torch call that receives the weight (`WeightUses`).
 
 Anything else a target_parameters adapter names (an experts class transformers does not describe,
-bias parameters, a weight used twice or cast before use) is refused at registration."""
+bias parameters, a weight used twice or in any other call) is refused at registration."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,24 +59,54 @@ def expert_weight_features(module: nn.Module, name: str) -> ParamFeatures | None
     return ParamFeatures(e, a, b) if module.is_transposed else ParamFeatures(e, b, a, out_first=True)
 
 
-class WeightUses(TorchFunctionMode):
-    """Counts, during a forward, the torch calls that receive `weight`: `linear` as F.linear(x, weight[, bias]),
-    `other` any other use. Neither a call that returns the weight itself (a no-op cast) nor reading an
-    attribute (its dtype, its shape) is a use of its values."""
+_CASTS = (torch.Tensor.type, torch.Tensor.to, torch.Tensor.float, torch.Tensor.double, torch.Tensor.half, torch.Tensor.bfloat16)
+
+
+class WeightWatch(TorchFunctionMode):
+    """Sees, during a forward, each torch call that receives `weight` or a cast of it (DeepSeek-style
+    routers compute F.linear(x.float(), weight.float()) in a bf16 model): F.linear(x, weight or its cast)
+    goes to `on_linear`, any other call to `on_other`. A cast keeps the weight's values up to rounding,
+    and PEFT adds its delta before the cast, so a delta added to that product's output is the same change
+    (exact where the cast is a no-op, as in fp32). Reading an attribute (its dtype, its shape) is no use."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        self.weight, self.linear, self.other = weight, 0, 0
+        self.weight, self.casts = weight, []
+
+    def _is_weight(self, t: object) -> bool:
+        return t is self.weight or any(t is c for c in self.casts)
+
+    def on_linear(self, x: torch.Tensor, out: torch.Tensor) -> None: ...
+
+    def on_other(self) -> None: ...
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if out is not self.weight and getattr(func, "__name__", "") != "__get__" and any(t is self.weight for t in tree_leaves((args, kwargs))):
-            if func is F.linear and len(args) > 1 and args[1] is self.weight:
-                self.linear += 1
-            else:
-                self.other += 1
+        if self._is_weight(out) or getattr(func, "__name__", "") == "__get__":
+            return out  # a no-op cast, or an attribute read
+        if func is F.linear and len(args) > 1 and self._is_weight(args[1]):
+            self.on_linear(args[0], out)
+        elif func in _CASTS and args and self._is_weight(args[0]) and isinstance(out, torch.Tensor) \
+                and out.is_floating_point() and out.shape == self.weight.shape:
+            self.casts.append(out)
+        elif any(self._is_weight(t) for t in tree_leaves((args, kwargs))):
+            self.on_other()
         return out
+
+
+class WeightUses(WeightWatch):
+    """Counts the weight's uses in one forward: `linear` as F.linear(x, weight[, bias]), `other` any other."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(weight)
+        self.linear, self.other = 0, 0
+
+    def on_linear(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        self.linear += 1
+
+    def on_other(self) -> None:
+        self.other += 1
 
 
 def _router_features(module: nn.Module) -> ParamFeatures | None:
