@@ -125,3 +125,21 @@ def test_loss_on_the_kept_positions_equals_transformers_own(loaded, tmp_path, me
         ours = trainer.compute_loss(model, dict(batch))
         theirs = model(**batch).loss
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
+def test_dropout_on_moe_expert_targets_is_refused_naming_lora_dropout(tmp_path):
+    """PEFT >= 0.22 turns "all-linear" on an MoE model into LoRA on its fused experts and router, which
+    it trains without dropout: the job fails on hyperparameters.lora_dropout, not with PEFT's class name."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from conftest import save_tiny_checkpoint
+    from hotswap.server.errors import InvalidArgument
+    from tiny_archs import ARCHS
+
+    ckpt = save_tiny_checkpoint(ARCHS["qwen2_moe"](), tmp_path / "moe")
+    with pytest.raises(InvalidArgument) as e:
+        methods.wrap(AutoModelForCausalLM.from_pretrained(ckpt), LoraConfig(r=2, lora_dropout=0.05, target_modules="all-linear"))
+    assert e.value.field == "hyperparameters.lora_dropout"
+    model = methods.wrap(AutoModelForCausalLM.from_pretrained(ckpt), LoraConfig(r=2, lora_dropout=0.0, target_modules="all-linear"))
+    assert model.peft_config["default"].target_parameters  # the experts really are targeted

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import get_peft_model, prepare_model_for_kbit_training
+from peft import prepare_model_for_kbit_training
 from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, set_seed
 
@@ -36,7 +36,7 @@ from . import auto, classify_data, fit
 from .classify_metrics import compute_metrics, scores
 from .data import read_examples
 from .jobs import Job, JobStore
-from .methods import init_prefix_from_text, init_prompt_encoder_from_text, init_text, peft_config
+from .methods import init_prefix_from_text, init_prompt_encoder_from_text, init_text, peft_config, wrap
 from .progress import Progress
 from .quality import QualityReport
 from .spec import TrainSpec, adapter_of, check_against_base, check_class_weights, linear_names
@@ -151,7 +151,7 @@ def run_classification(spec: TrainSpec, job: Job, store: JobStore, worker: str, 
 
     if quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, peft_config(adapter, hp, loaded, task="SEQ_CLS"))
+    model = wrap(model, peft_config(adapter, hp, loaded, task="SEQ_CLS"))
     if soft_text and adapter == "prefix_tuning":
         init_prefix_from_text(model, tok, hp.prompt_tuning_init_text)
     elif soft_text and adapter == "p_tuning":

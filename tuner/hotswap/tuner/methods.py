@@ -4,8 +4,9 @@ from __future__ import annotations
 import math
 
 import torch
-from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
 
+from hotswap.server.errors import InvalidArgument
 from hotswap.server.model.loader import LoadedModel
 
 from .spec import Hyperparameters
@@ -27,6 +28,20 @@ def peft_config(method: str, hp: Hyperparameters, loaded: LoadedModel, task: str
     if method == "p_tuning":
         return PromptEncoderConfig(task_type=task, num_virtual_tokens=hp.num_virtual_tokens, encoder_hidden_size=loaded.model.config.hidden_size)
     return PrefixTuningConfig(task_type=task, num_virtual_tokens=hp.num_virtual_tokens)
+
+
+def wrap(model, config) -> PeftModel:
+    """get_peft_model, with PEFT's refusal of dropout on parameter targets said in the job's terms: PEFT
+    >= 0.22 turns MLP names and "all-linear" into LoRA on an MoE model's fused experts and router
+    (lora.ParamWrapper), which cannot apply dropout."""
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        if "ParamWrapper does not work with lora_dropout" in str(e):
+            raise InvalidArgument(f"these target_modules reach this MoE model's fused experts or router, whose LoRA PEFT trains without "
+                                  f"dropout: set lora_dropout to 0 (it is {config.lora_dropout}), or target only linear layers",
+                                  field="hyperparameters.lora_dropout") from e
+        raise
 
 
 def init_text(answers: list[str], tokenizer, tokens: int) -> str:

@@ -12,7 +12,7 @@ import math
 import threading
 from pathlib import Path
 
-from peft import get_peft_model, prepare_model_for_kbit_training
+from peft import prepare_model_for_kbit_training
 from transformers import set_seed
 
 from hotswap.server.access import SourcePolicy
@@ -28,7 +28,7 @@ from .classify import run_classification
 from .data import detect_format, hold_out, read_examples, tokenize
 from .job_files import release
 from .jobs import Job, JobStore
-from .methods import init_prefix_from_text, init_prompt_encoder_from_text, init_text, peft_config
+from .methods import init_prefix_from_text, init_prompt_encoder_from_text, init_text, peft_config, wrap
 from .objective import Collator, PreservingTrainer
 from .fit import Cancelled, Interrupted
 from .progress import Heartbeat, Progress
@@ -136,7 +136,7 @@ def _run(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, mode
     if quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     set_seed(hp.seed)  # the adapter's initial weights too: the same job gives the same adapter
-    model = get_peft_model(model, peft_config(spec.method, hp, loaded))
+    model = wrap(model, peft_config(spec.method, hp, loaded))
     if soft_text and spec.method == "prefix_tuning":
         init_prefix_from_text(model, tok, hp.prompt_tuning_init_text)
     elif soft_text and spec.method == "p_tuning":
