@@ -8,8 +8,9 @@ Two kinds:
   (E, in, out). The decorator's flags (has_gate, has_bias, is_transposed, _apply_gate) describe the
   math fully, so the engine runs its own forward of it (engine/expert_lora.py).
 - **routers**: any other module (not a linear) whose forward uses its 2-D `weight` exactly once, as
-  F.linear(x, weight) (the weight maybe cast to another float dtype first): PEFT's delta on that weight is then a LoRA delta on that one product's output,
-  whatever the router does after (softmax, sigmoid, top-k, a bias). Found by running each candidate
+  F.linear(x, weight), the weight maybe cast to another float dtype first: PEFT's delta on that weight
+  is then a LoRA delta on that one product's output, whatever the router does after (softmax, sigmoid,
+  top-k, a bias). Found by running each candidate
   once on zeros and watching every torch call that receives the weight (`WeightUses`).
 
 Anything else a target_parameters adapter names (an experts class transformers does not describe,
