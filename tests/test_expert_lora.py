@@ -78,11 +78,11 @@ def gpt_oss_case(tmp_path_factory):
     return _case("gpt_oss", tmp_path_factory.mktemp("gpt_oss"), adapters)
 
 
-def _serve(ckpt, paths: dict, jobs, backend: str = "native", decode_graphs: bool = False) -> list:
+def _serve(ckpt, paths: dict, jobs, backend: str = "native", decode_graphs: bool = False, expert_slots: int = 4) -> list:
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32", device=device))
     cfg = EngineConfig(max_batch_size=8, max_tokens_per_step=16 if backend == "native" else 64, max_seq_len=48, block_size=4,
-                       attention_backend=backend, decode_graphs=decode_graphs, max_loras=4)
+                       attention_backend=backend, decode_graphs=decode_graphs, max_loras=4, max_expert_loras=expert_slots)
     with ServingCore(loaded, cfg) as core:
         for name, path in paths.items():
             core.register_adapter(name, path)
@@ -110,6 +110,37 @@ def test_expert_and_router_lora_match_peft_in_a_mixed_batch(moe_case, backend, d
         pytest.skip(f"triton kernels unavailable: {kernels.triton_unavailable_reason()}")
     ckpt, paths, jobs, refs = moe_case
     _check(_serve(ckpt, paths, jobs, backend, decode_graphs), jobs, refs)
+
+
+def test_expert_adapters_take_turns_in_fewer_expert_slots_than_lora_slots(moe_case):
+    """Four expert / router adapters, one expert slot (max_expert_loras=1) among four LoRA slots: they wait for it
+    in turn, the plain LoRA, prefix and base rows run beside them, and every row still matches PEFT."""
+    ckpt, paths, jobs, refs = moe_case
+    _check(_serve(ckpt, paths, jobs, expert_slots=1), jobs, refs)
+
+
+def test_steps_without_an_expert_adapter_run_the_models_own_experts_forward(moe_case, monkeypatch):
+    """With an expert adapter loaded, steps whose rows use only linear LoRA (or none) do not pay for the
+    engine's per-pair experts forward: the model's own runs, and the rows still match PEFT."""
+    from hotswap.server.engine import expert_lora
+
+    ckpt, paths, jobs, refs = moe_case
+    calls = []
+    real = expert_lora._grouped_linear
+    monkeypatch.setattr(expert_lora, "_grouped_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32"))
+    cfg = EngineConfig(max_batch_size=8, max_tokens_per_step=16, max_seq_len=48, block_size=4, max_loras=4)
+    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True, logprobs=1)
+    picked = [i for i, (name, _) in enumerate(jobs) if name in ("experts", "plain", "")]
+    with ServingCore(loaded, cfg) as core:
+        for name, path in paths.items():
+            core.register_adapter(name, path)
+        first = run_in_waves(core, [jobs[picked[0]]], params, waves=1)  # the expert adapter: loads its slot tables
+        assert jobs[picked[0]][0] == "experts" and calls
+        calls.clear()
+        rest = run_in_waves(core, [jobs[i] for i in picked[1:]], params, waves=1)
+        assert calls == []
+    _check(first + rest, [jobs[i] for i in picked], [refs[i] for i in picked])
 
 
 @pytest.mark.parametrize("backend", ["native", "torch"])

@@ -66,3 +66,56 @@ def test_one_rows_step_reaches_every_row_a_linear_runs_over(backend):
         ctx.step = LoraStep.of(torch.tensor([1, -1], dtype=torch.int32), None, 3, backend)  # two rows' tokens
         with pytest.raises(RuntimeError, match="LoRA on q: the model ran it over 5 rows for 2 tokens"):
             lin(x)
+
+
+def test_expert_adapters_take_only_the_expert_slots_and_other_adapters_leave_those_free():
+    """Expert adapters (LoRA on MoE expert / router weights) fit only the first max_expert_loras slots, whose tables
+    hold every expert; other adapters take the remaining slots first and those only when nothing else is idle."""
+    from hotswap.server.engine.lora_slots import LoraSlotTable
+
+    table = LoraSlotTable(max_loras=4, expert_slots=2)
+    assert table.acquire("plain-a") == (2, True) and table.acquire("plain-b") == (3, True)
+    assert table.acquire("experts-a", experts=True) == (0, True)
+    assert table.acquire("plain-c") == (1, True)  # only an expert slot is idle: a plain adapter may take it
+    assert table.acquire("experts-b", experts=True) is None  # both expert slots busy: it waits
+    table.release(2)  # a plain slot frees up: still no room for an expert adapter
+    assert table.acquire("experts-b", experts=True) is None
+    table.release(1)
+    assert table.acquire("experts-b", experts=True) == (1, True)  # evicts plain-c from the expert slot
+    assert "plain-c" not in table.slot_of
+    table.release(0)
+    assert table.acquire("experts-a", experts=True) == (0, False)  # still resident: no copy
+
+
+def _expert_weights(gen: torch.Generator, key: str, experts: int, rank: int) -> LoraWeights:
+    from hotswap.server.adapters.weights import ParamLoraWeights
+
+    return LoraWeights({}, params={key: ParamLoraWeights(torch.randn(experts, rank, 8, generator=gen),
+                                                         torch.randn(experts, 6, rank, generator=gen), 0.5)})
+
+
+def test_slot_tables_that_cannot_fit_are_refused_before_any_slot_changes():
+    """Growing LoRA slot tables past the memory the device has left is refused with RESOURCE_EXHAUSTED naming the
+    setting to lower, before anything is allocated (here: tables for an absurd number of slots; nothing mocked)."""
+    from hotswap.server.engine.expert_lora import ParamSlots
+    from hotswap.server.errors import ResourceExhausted
+    from hotswap.server.model.experts import ParamFeatures
+
+    gen = torch.Generator().manual_seed(2)
+    cpu = torch.device("cpu")
+    huge = LoraContext(LoraSlots({"q": nn.Linear(8, 6)}, max_loras=10**10, device=cpu, dtype=torch.float32))
+    with pytest.raises(ResourceExhausted, match="--max-loras") as err:
+        huge.load(0, adapter(gen, {"q": 4}))
+    assert err.value.field == "adapter_id" and huge.slots.a == {}
+
+    key = "layers.0.mlp.experts.down_proj"
+    ctx = LoraContext(LoraSlots({"q": nn.Linear(8, 6)}, max_loras=4, device=cpu, dtype=torch.float32))
+    ctx.params = ParamSlots({key: ParamFeatures(4, 8, 6)}, capacity=2, device=cpu, dtype=torch.float32)
+    ctx.load(0, _expert_weights(gen, key, 4, 2))
+    assert ctx.params.a[key].shape == (2 * 4, 8, 8)  # two expert slots of 4 experts, rank capacity 8
+    with pytest.raises(ValueError, match="only slots below max_expert_loras"):
+        ctx.load(3, _expert_weights(gen, key, 4, 2))
+    ctx.params = ParamSlots({key: ParamFeatures(4, 8, 6)}, capacity=10**10, device=cpu, dtype=torch.float32)
+    with pytest.raises(ResourceExhausted, match="--max-expert-loras"):
+        ctx.load(0, LoraWeights({"q": adapter(gen, {"q": 2}).modules["q"]}, params=_expert_weights(gen, key, 4, 2).params))
+    assert ctx.params.a == {} and ctx.slots.a == {}  # the linear part was not loaded either

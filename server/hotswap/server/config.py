@@ -76,7 +76,7 @@ class EngineConfig:
     max_seq_len: int = 0
     """Longest row (virtual tokens + prompt + generated); 0 = the model's context length (max_position_embeddings)."""
     kv_cache_bytes: int = 0
-    """Byte budget of the paged KV cache; 0 = automatic: on CUDA 90% of the memory free after loading the
+    """Byte budget of the paged KV cache; 0 = automatic: on CUDA 85% of the memory free after loading the
     weights, on CPU 10% of physical RAM (see `kv_cache.default_kv_cache_bytes`)."""
     block_size: int = 16
     """Tokens per KV block: the unit of allocation and of prefix caching."""
@@ -86,6 +86,11 @@ class EngineConfig:
     """LoRA adapters usable in one batch (device slots); requests for more wait for a free slot. Slot memory,
     allocated as adapters arrive: max_loras × the highest rank loaded (rounded up to a power of two) × (in + out) of
     each targeted linear."""
+    max_expert_loras: int = 4
+    """Of the max_loras slots, how many may hold an adapter with LoRA on MoE expert or router weights
+    (PEFT target_parameters): such a slot holds every expert's A and B, max_expert_loras × experts × rank × (in + out)
+    of each targeted expert weight (~1 GiB a slot at rank 16 on a 128-expert, 48-layer model). Requests for more
+    such adapters at once wait for one of these slots; other adapters use the rest first."""
     attention_backend: str = "auto"
     """"auto" (native kernels on CPU when they build, Triton on CUDA when it imports, else torch), "native",
     "triton" or "torch" (the reference path)."""
@@ -98,7 +103,7 @@ class EngineConfig:
     measured on a GPU; one KV block more is kept as scratch for the padding."""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_tokens_per_step", "max_queue", "block_size", "max_loras"):
+        for name in ("max_batch_size", "max_tokens_per_step", "max_queue", "block_size", "max_loras", "max_expert_loras"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument("must be positive", field=name)
         if not (self.max_decode_slowdown == 0 or self.max_decode_slowdown > 1):

@@ -210,9 +210,12 @@ class Engine:
                 self.runner.load_lora(slot, weights)
             except Exception as e:  # noqa: BLE001 - e.g. a corrupted device copy of the adapter
                 self.scheduler.lora_slots.invalidate(slot)
+                if isinstance(e, torch.OutOfMemoryError):
+                    e = ResourceExhausted(f"out of device memory loading the adapter's LoRA weights into its slot: {e}", field="adapter_id")
                 for s in out.scheduled:
                     if s.row.lora_slot == slot:
-                        s.row.error = HotswapError(f"loading the adapter's LoRA weights failed: {type(e).__name__}: {e}")
+                        s.row.error = e if isinstance(e, HotswapError) else HotswapError(
+                            f"loading the adapter's LoRA weights failed: {type(e).__name__}: {e}")
         good = [s for s in out.scheduled if s.row.error is None]
         if len(good) == len(out.scheduled):
             return self._guarded(good)

@@ -30,6 +30,8 @@ class StepInputs:
     """[num_tokens] int32 LoRA slot of each token's row (-1: none); None when no row has LoRA."""
     lora_scales: torch.Tensor | None
     """[num_tokens] float32 per-request LoRA scale of each token's row; None when every row uses 1."""
+    lora_slot_set: frozenset[int]
+    """The LoRA slots the step's rows use (host side: what may skip a module no row's adapter targets)."""
     sample_at: torch.Tensor
     """[sampling rows] packed index of the token whose logits give each sampling row's next token."""
 
@@ -64,5 +66,6 @@ def build_inputs(scheduled: list[ScheduledRow], block_size: int, dense_rule: Den
         dense=dense,
         lora_slots=torch.tensor(lora, dtype=torch.int32)[row_of] if any(x >= 0 for x in lora) else None,
         lora_scales=torch.tensor(scales, dtype=torch.float32)[row_of] if any(x != 1.0 for x in scales) else None,
+        lora_slot_set=frozenset(x for x in lora if x >= 0),
         sample_at=torch.tensor([first_list[i] + s.num_tokens - 1 for i, s in enumerate(scheduled) if s.samples], dtype=torch.long),
     )

@@ -28,6 +28,7 @@ from torch import nn
 from ..adapters.weights import LoraWeights
 from ..model.linears import linear_features, lora_targetable
 from . import kernels
+from .device_memory import ensure_room
 from .lora_fold import fold
 
 if TYPE_CHECKING:
@@ -38,10 +39,24 @@ MIN_RANK_CAP = 8
 """The smallest rank capacity the slots are allocated with."""
 
 
+def rank_capacity(rank: int) -> int:
+    """The power of two at or above `rank`, at least MIN_RANK_CAP."""
+    return max(MIN_RANK_CAP, 1 << (rank - 1).bit_length())
+
+
+def growth_bytes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], cap: int, rank: int,
+                 new: list[tuple[int, int]], dtype: torch.dtype) -> int:
+    """Bytes a load allocates: every table of `a` and `b` ([slots, cap, features]) again when `rank` needs a higher
+    capacity (grow_rank_axis), and the tables it adds, `new` = [(slots, in + out)], at the capacity it leaves."""
+    new_cap = cap if rank <= cap else rank_capacity(rank)
+    grown = sum(t.shape[0] * new_cap * t.shape[2] for d in (a, b) for t in d.values()) if new_cap > cap else 0
+    return (grown + sum(rows * new_cap * features for rows, features in new)) * dtype.itemsize
+
+
 def grow_rank_axis(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], cap: int, rank: int) -> int:
     """Pads every tensor of `a` and `b` ([slots, cap, features]) with zero rank rows, in place of the dicts'
-    values, to the power of two at or above `rank` (at least MIN_RANK_CAP); returns the new capacity."""
-    new = max(MIN_RANK_CAP, 1 << (rank - 1).bit_length())
+    values, to rank_capacity(rank); returns the new capacity."""
+    new = rank_capacity(rank)
     for table in (a, b):
         for name, t in table.items():
             table[name] = torch.cat([t, t.new_zeros(t.shape[0], new - cap, t.shape[2])], dim=1)
@@ -94,6 +109,12 @@ class LoraSlots:
             if fan is None or m.a.shape[1] != fan[0] or m.b.shape[0] != fan[1] or m.b.shape[1] != m.rank:
                 raise ValueError(f"{name}: LoRA A {tuple(m.a.shape)} / B {tuple(m.b.shape)} do not fit "
                                  + (f"the linear ({fan[0]} in, {fan[1]} out)" if fan else "any linear of the base model"))
+
+    def growth_bytes(self, weights: LoraWeights) -> int:
+        """What load(_, weights) would allocate (rank growth, newly targeted linears; not the small per-slot vectors)."""
+        rank = max((m.rank for m in weights.modules.values()), default=0)
+        new = [(self.max_loras, sum(self.features[name])) for name in weights.modules if name not in self.a and name in self.features]
+        return growth_bytes(self.a, self.b, self.rank_cap, rank, new, self.dtype)
 
     def _vectors(self, table: dict[str, torch.Tensor], name: str, width: int, fill: float) -> None:
         if name not in table:
@@ -168,14 +189,16 @@ class LoraStep:
     the model runs over more than the new tokens — the row's cached past too, as DeepSeek's kv_b_proj over
     its latent cache or Doge's dt_proj over its values — still belongs wholly to that row and its adapter."""
     max_loras: int = 0
+    host_slots: frozenset[int] | None = None
+    """The slots of token_slots, known on the host; None where the step must not depend on them (a captured graph)."""
 
     @classmethod
     def of(cls, token_slots: torch.Tensor, token_scales: torch.Tensor | None, max_loras: int, backend: str,
-           one_row: bool = False) -> "LoraStep":
+           one_row: bool = False, host_slots: frozenset[int] | None = None) -> "LoraStep":
         rows = torch.where(token_slots >= 0, token_slots, max_loras).long()
         plan = kernels.lora_plan(token_slots, max_loras) if backend == "triton" else None
         return cls(token_slots, backend, rows, None if token_scales is None else token_scales.float()[:, None], plan,
-                   one_row, max_loras)
+                   one_row, max_loras, host_slots)
 
     def over(self, n: int, name: str) -> "LoraStep":
         """This step for a linear the model ran over `n` rows: itself when n is the token count; the row's
@@ -186,7 +209,7 @@ class LoraStep:
             raise RuntimeError(f"LoRA on {name}: the model ran it over {n} rows for {len(self.token_slots)} tokens "
                                "of several rows; per-token LoRA needs one row per token")
         scales = None if self.token_scales is None else self.token_scales[:1, 0].expand(n)
-        return LoraStep.of(self.token_slots[:1].expand(n).contiguous(), scales, self.max_loras, self.backend, True)
+        return LoraStep.of(self.token_slots[:1].expand(n).contiguous(), scales, self.max_loras, self.backend, True, self.host_slots)
 
 
 class LoraContext:
@@ -203,6 +226,14 @@ class LoraContext:
         """Put an adapter's weights into `slot` (whatever was there before is overwritten)."""
         if weights.params and self.params is None:
             raise ValueError(f"LoRA on parameters {sorted(weights.params)[:3]}: this engine serves none")
+        # Both checked before either changes: a refused adapter leaves every slot as it was.
+        slots = self.slots
+        ensure_room(slots.growth_bytes(weights), slots.device, f"LoRA slot tables of {slots.max_loras} slots (--max-loras)",
+                    "lower --max-loras, or serve adapters of a lower rank")
+        if self.params is not None and slot < self.params.capacity:
+            ensure_room(self.params.growth_bytes(weights.params), slots.device,
+                        f"expert / router LoRA slot tables of {self.params.capacity} slots (--max-expert-loras), each with every expert's A and B,",
+                        "lower --max-expert-loras, or serve adapters of a lower rank")
         self.slots.load(slot, weights)
         if self.params is not None:
             self.params.load(slot, weights.params)

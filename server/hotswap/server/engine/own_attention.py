@@ -48,7 +48,8 @@ def forward_rows(decoder: nn.Module, cache: PagedKVCache, scheduled: list[Schedu
         past = _past(cache, s.row.block_ids, s.start)
         if step.lora_slots is not None:
             scales = None if step.lora_scales is None else step.lora_scales[q: q + n].to(dev)
-            lora.step = LoraStep.of(step.lora_slots[q: q + n].to(dev), scales, lora.slots.max_loras, backend, one_row=True)
+            lora.step = LoraStep.of(step.lora_slots[q: q + n].to(dev), scales, lora.slots.max_loras, backend, one_row=True,
+                                    host_slots=frozenset([s.row.lora_slot]) if s.row.lora_slot >= 0 else frozenset())
         try:
             out = decoder(inputs_embeds=embeds[None, q: q + n], past_key_values=past, use_cache=True)
         finally:

@@ -70,7 +70,7 @@ class ModelRunner:
         self.dense_rule = self._dense_rule(text)
         """Which prompt chunks attend through SDPA (attention.py); None: none."""
         self.lora = attach_lora(self.model, cfg.max_loras, self.device, self.dtype)
-        attach_param_lora(self.model, self.lora)
+        attach_param_lora(self.model, self.lora, cfg.max_expert_loras)
         self.decoder = decoder_of(self.model)
         self.embed = self.model.get_input_embeddings()
         self.head = self.model.get_output_embeddings()
@@ -157,7 +157,8 @@ class ModelRunner:
         batch = AttentionBatch(self.cache, step.slots.to(dev), step.block_tables.to(dev), step.token_rows.to(dev),
                                positions.to(torch.int32), step.dense, paged_tokens, self.backend, self._adaption(scheduled, step.first))
         self.lora.step = None if step.lora_slots is None else LoraStep.of(
-            step.lora_slots.to(dev), None if step.lora_scales is None else step.lora_scales.to(dev), self.lora.slots.max_loras, self.backend)
+            step.lora_slots.to(dev), None if step.lora_scales is None else step.lora_scales.to(dev), self.lora.slots.max_loras, self.backend,
+            host_slots=step.lora_slot_set)
         try:
             return self.decoder(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
                                 **{BATCH_KWARG: batch}).last_hidden_state[0]

@@ -146,7 +146,7 @@ class Scheduler:
         """Blocks new rows took from rows computing them in the same step, since start."""
         self.max_seq_len = max_seq_len
         self.adapters = adapters
-        self.lora_slots = LoraSlotTable(cfg.max_loras)
+        self.lora_slots = LoraSlotTable(cfg.max_loras, cfg.max_expert_loras)
         self.pacer = PrefillPacer(cfg.max_decode_slowdown, cfg.block_size)
         self.waiting: deque[Row] = deque()
         self.running: list[Row] = []
@@ -431,9 +431,9 @@ class Scheduler:
     def _acquire_slot(self, row: Row, out: SchedulerOutput) -> bool:
         if row.lora is None or row.lora_slot >= 0:
             return True
-        got = self.lora_slots.acquire(row.lora_key)
+        got = self.lora_slots.acquire(row.lora_key, experts=bool(row.lora.params))
         if got is None:
-            return False  # every slot serves a running row: wait for one to finish
+            return False  # every slot it may take serves a running row: wait for one to finish
         row.lora_slot, needs_load = got
         if needs_load:
             out.lora_loads.append((row.lora_slot, row.lora))
