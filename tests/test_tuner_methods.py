@@ -143,3 +143,40 @@ def test_dropout_on_moe_expert_targets_is_refused_naming_lora_dropout(tmp_path):
     assert e.value.field == "hyperparameters.lora_dropout"
     model = methods.wrap(AutoModelForCausalLM.from_pretrained(ckpt), LoraConfig(r=2, lora_dropout=0.0, target_modules="all-linear"))
     assert model.peft_config["default"].target_parameters  # the experts really are targeted
+
+
+@pytest.mark.parametrize("arch,groups", [("mixtral", [["w1", "w3"], ["w2"], ["gate"]]),
+                                          ("qwen2_moe", [["gate"], ["gate_proj", "up_proj"], ["down_proj"]])])
+def test_moe_names_peft_turns_into_expert_targets_pass_the_jobs_target_check(arch, groups):
+    """Mixtral's w1 / w2 / w3 and the routers' "gate" are no linear in transformers v5 (fused expert parameters,
+    router modules), but PEFT >= 0.22 maps them to target_parameters and the server serves those: the job's
+    target check takes each set PEFT accepts, and refuses half of a fused weight as PEFT would, at submission."""
+    import peft
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from hotswap.server.errors import AdapterIncompatible
+    from hotswap.tuner.spec import Hyperparameters, TrainSpec, check_against_base, linear_names
+    from tiny_archs import ARCHS
+
+    if tuple(int(x) for x in peft.__version__.split(".")[:2]) < (0, 22):
+        pytest.skip("PEFT < 0.22 converts no MoE names")
+    cfg = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2) if arch == "mixtral" else ARCHS[arch]()
+    model = AutoModelForCausalLM.from_config(cfg)
+    names = linear_names(model)
+
+    def spec(targets: list[str]) -> TrainSpec:
+        return TrainSpec(adapter_name="moe", method="lora", train={"inline": []},
+                         hyperparameters=Hyperparameters(target_modules=targets, lora_dropout=0.0))
+
+    for targets in groups:
+        check_against_base(spec(targets), names, 64, base=model)
+        wrapped = get_peft_model(AutoModelForCausalLM.from_config(cfg), LoraConfig(r=2, target_modules=targets))
+        assert wrapped.peft_config["default"].target_parameters  # PEFT did turn them into expert / router targets
+    check_against_base(spec([n for g in groups for n in g]), names, 64, base=model)
+    with pytest.raises(AdapterIncompatible, match="without also targeting") as e:
+        check_against_base(spec(groups[0][:1] if len(groups[0]) > 1 else groups[1][:1]), names, 64, base=model)
+    assert e.value.field == "hyperparameters.target_modules"
+    with pytest.raises(AdapterIncompatible, match="w9"):
+        check_against_base(spec(["w9"]), names, 64, base=model)

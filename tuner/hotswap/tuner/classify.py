@@ -135,7 +135,7 @@ def run_classification(spec: TrainSpec, job: Job, store: JobStore, worker: str, 
                              label2id={n: i for i, n in enumerate(data.names)}, pad_token_id=tok.pad_token_id)
     model, tok = loaded.model, loaded.tokenizer
     model.config.pad_token_id = tok.pad_token_id
-    check_against_base(spec, linear_names(model), max_lora_rank, loaded.device.type == "cuda")
+    check_against_base(spec, linear_names(model), max_lora_rank, loaded.device.type == "cuda", base=model)
     shape = BaseShape.of(model)
 
     resolved = auto.resolve(spec.hyperparameters, "classification", len(data.train), model.config.hidden_size, bool(data.valid),

@@ -166,10 +166,11 @@ class TrainSpec:
         return cls(d["adapter_name"], method, d["train"], d.get("validation"), hp, check_labels(dict(d.get("labels") or {})))
 
 
-def check_against_base(spec: TrainSpec, linear_names: set[str], max_lora_rank: int, cuda: bool = False) -> None:
+def check_against_base(spec: TrainSpec, linear_names: set[str], max_lora_rank: int, cuda: bool = False, base=None) -> None:
     """Whatever the job produces must be servable: rank within the server's limit,
-    LoRA targets that exist in the base; and it must be trainable here: paged optimizers
-    page through CUDA unified memory. Raises FAILED_PRECONDITION otherwise."""
+    LoRA targets that exist in the base (and that PEFT can convert, given `base`, the model);
+    and it must be trainable here: paged optimizers page through CUDA unified memory.
+    Raises FAILED_PRECONDITION otherwise."""
     hp = spec.hyperparameters
     if hp.optim.startswith("paged_") and not cuda:
         raise AdapterIncompatible(f"optim {hp.optim} pages optimizer state through CUDA memory and there is no CUDA device here; "
@@ -182,6 +183,22 @@ def check_against_base(spec: TrainSpec, linear_names: set[str], max_lora_rank: i
             if missing:
                 raise AdapterIncompatible(f"target modules absent from the base model: {', '.join(missing)} (it has {', '.join(sorted(linear_names))})",
                                           field="hyperparameters.target_modules")
+            if base is not None:
+                _check_peft_converts(base, hp.target_modules)
+
+
+def _check_peft_converts(base, target_modules: list[str]) -> None:
+    """PEFT >= 0.22 refuses to target one half of a fused MoE weight (Mixtral's w1 without w3, Qwen2-MoE's gate_proj
+    without up_proj): its own conversion of the names, run on a throwaway config, says so before the job starts."""
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:
+        return
+    try:
+        convert_peft_config_for_transformers(LoraConfig(target_modules=list(target_modules)), base, None)
+    except ValueError as e:
+        raise AdapterIncompatible(f"PEFT cannot target these on this model: {e}", field="hyperparameters.target_modules") from e
 
 
 def adapter_of(spec: TrainSpec) -> str:
@@ -190,9 +207,24 @@ def adapter_of(spec: TrainSpec) -> str:
 
 
 def linear_names(model) -> set[str]:
-    """Short names of the base's linear layers a LoRA can target (not the output head)."""
+    """Short names a LoRA's target_modules may use on the base: its linear layers (not the output head), and
+    the names the installed PEFT turns into target_parameters on MoE models whose experts transformers v5
+    fuses (Mixtral's w1 / w2 / w3 and gate, Qwen2-MoE's gate: the server serves those adapters)."""
     from torch import nn
 
     head = model.get_output_embeddings()
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
-    return names - {"score", "classifier"}  # a classifier's head is trained whole (modules_to_save), never a LoRA target
+    return (names | _moe_parameter_names(model)) - {"score", "classifier"}  # a classifier's head is trained whole (modules_to_save)
+
+
+def _moe_parameter_names(model) -> set[str]:
+    """Module names PEFT maps to a fused parameter of this model type, where the model has that parameter.
+    PEFT keeps the table private (_MOE_TARGET_MODULE_MAPPING, PEFT >= 0.22): without it, no names (PEFT then
+    converts none either)."""
+    try:
+        from peft.utils.transformers_weight_conversion import _MOE_TARGET_MODULE_MAPPING
+    except ImportError:
+        return set()
+    mapping = _MOE_TARGET_MODULE_MAPPING.get(getattr(getattr(model, "config", None), "model_type", None), {})
+    params = [name for name, _ in model.named_parameters()]
+    return {short for short, param in mapping.items() if any(p == param or p.endswith(f".{param}") for p in params)}

@@ -81,7 +81,7 @@ def _run(job: Job, store: JobStore, worker: str, registry: AdapterRegistry, mode
     loaded = load_base_model(ModelConfig(source=model_cfg.source, quantization=quantization, double_quant=model_cfg.double_quant,
                                          dtype=model_cfg.dtype, device=model_cfg.device, cache_dir=model_cfg.cache_dir))
     cuda = loaded.device.type == "cuda"
-    check_against_base(spec, linear_names(loaded.model), max_lora_rank, cuda)
+    check_against_base(spec, linear_names(loaded.model), max_lora_rank, cuda, base=loaded.model)
     shape = BaseShape.of(loaded.model)  # before PEFT wraps the modules
     tok, model = loaded.tokenizer, loaded.model
 

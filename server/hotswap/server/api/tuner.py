@@ -162,7 +162,8 @@ class TunerService(tuner_pb2_grpc.TunerServiceServicer):
         spec = TrainSpec.from_dict(spec_dict(request))
         # What can be checked without the data files is checked now, so a bad request
         # fails at submit instead of in a worker minutes later.
-        check_against_base(spec, linear_names(core.loaded.model), core.cache_cfg.max_lora_rank, core.loaded.device.type == "cuda")
+        check_against_base(spec, linear_names(core.loaded.model), core.cache_cfg.max_lora_rank, core.loaded.device.type == "cuda",
+                           base=core.loaded.model)
         policy = opts.data_policy()
         for name in ("train", "validation"):
             src = getattr(spec, name)
