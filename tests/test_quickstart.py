@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,10 @@ CHECKS = {
 def test_the_readme_quick_start_prints_what_it_says(server):
     commands = readme_commands()
     assert commands == list(CHECKS), "the README's quick start and this test's checks differ"
+    # The banner's lines reach the log one by one after "hotswap: serving" (what the fixture waits for).
+    deadline = time.monotonic() + 30
+    while not any(line.strip().startswith("try:") for line in server.log().splitlines()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     out = server.log()
     # start-up: a few clear lines ending with where it listens and a command to try; no bitsandbytes alarm
     assert "kernels-community" not in out
