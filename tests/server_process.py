@@ -47,7 +47,8 @@ class ServerProcess:
                *([] if "--allowed-adapter-dir" in self.extra else ["--allowed-adapter-dir", str(run_temp_root(Path(self.data_dir).resolve()))]),
                *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         if not self._ports.wait(timeout):
             raise RuntimeError("server did not bind:\n" + self.log())
         if wait_serving:
@@ -78,7 +79,13 @@ class ServerProcess:
     def terminate(self, timeout: float = 120) -> int:
         """SIGTERM and wait for the exit code."""
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        return self.wait_exit(timeout)
+
+    def wait_exit(self, timeout: float = 120) -> int:
+        """The exit code, once the process ended and every line it printed is in the log."""
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

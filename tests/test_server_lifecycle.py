@@ -96,7 +96,7 @@ def test_starting_serving_draining_and_restart(tiny_checkpoints, lora, tmp_path)
                 Client(srv.target, timeout=5).generate("late", max_new_tokens=2)
             for t in threads:
                 t.join(120)
-        assert srv.proc.wait(120) == 0
+        assert srv.wait_exit(120) == 0
         assert "hotswap: stopped" in srv.log()
         assert seen[:2] == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING], seen
         for i in range(4):
