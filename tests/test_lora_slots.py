@@ -119,3 +119,17 @@ def test_slot_tables_that_cannot_fit_are_refused_before_any_slot_changes():
     with pytest.raises(ResourceExhausted, match="--max-expert-loras"):
         ctx.load(0, LoraWeights({"q": adapter(gen, {"q": 2}).modules["q"]}, params=_expert_weights(gen, key, 4, 2).params))
     assert ctx.params.a == {} and ctx.slots.a == {}  # the linear part was not loaded either
+
+
+def test_a_containers_memory_limit_counts_its_working_set_not_its_page_cache(tmp_path):
+    """Under a cgroup v2 limit, what is left is the limit minus usage less inactive file pages (weights read through the
+    page cache count as usage but are reclaimed before anything is killed); no limit: None (MemAvailable decides)."""
+    from hotswap.server.engine.device_memory import cgroup_available
+
+    (tmp_path / "memory.max").write_text("8589934592\n")
+    (tmp_path / "memory.current").write_text("8000000000\n")
+    (tmp_path / "memory.stat").write_text("anon 1000000000\nfile 7000000000\nactive_file 1000000000\ninactive_file 6000000000\n")
+    assert cgroup_available(tmp_path) == 8589934592 - (8000000000 - 6000000000)
+    (tmp_path / "memory.max").write_text("max\n")
+    assert cgroup_available(tmp_path) is None
+    assert cgroup_available(tmp_path / "absent") is None

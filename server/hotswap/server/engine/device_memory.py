@@ -24,13 +24,17 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _cgroup_available() -> int | None:
-    """What the process's cgroup (v2, a container's memory limit) still allows; None without a limit."""
+def cgroup_available(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """What the process's cgroup (v2: a container's memory limit) still allows, None without a limit: the limit
+    minus its working set, which is usage less inactive file pages (the kernel reclaims those before it kills;
+    a model's weights read through the page cache would otherwise count as used), as the kubelet reckons it."""
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        limit = (root / "memory.max").read_text().strip()
         if limit == "max":
             return None
-        return max(0, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+        used = int((root / "memory.current").read_text())
+        stat = dict(line.split() for line in (root / "memory.stat").read_text().splitlines() if line.count(" ") == 1)
+        return max(0, int(limit) - max(0, used - int(stat.get("inactive_file", 0))))
     except (OSError, ValueError):
         return None
 
@@ -42,7 +46,7 @@ def available_bytes(device: torch.device) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type == "cpu":
-        known = [b for b in (_meminfo_available(), _cgroup_available()) if b is not None]
+        known = [b for b in (_meminfo_available(), cgroup_available()) if b is not None]
         return min(known) if known else None
     return None
 
