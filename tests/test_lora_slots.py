@@ -78,6 +78,7 @@ def test_expert_adapters_take_only_the_expert_slots_and_other_adapters_leave_tho
     assert table.acquire("experts-a", experts=True) == (0, True)
     assert table.acquire("plain-c") == (1, True)  # only an expert slot is idle: a plain adapter may take it
     assert table.acquire("experts-b", experts=True) is None  # both expert slots busy: it waits
+    assert table.busy == 4 and table.expert_busy == 2
     table.release(2)  # a plain slot frees up: still no room for an expert adapter
     assert table.acquire("experts-b", experts=True) is None
     table.release(1)

@@ -475,7 +475,7 @@ def test_metrics_pass_promtool_and_name_what_ops_need(server, registered, tmp_pa
                  "hotswap_adapter_load_duration_seconds_bucket", "hotswap_lora_requests_info",
                  "hotswap_kv_cache_used_blocks", "hotswap_kv_cache_capacity_blocks", "hotswap_kv_cache_usage_ratio",
                  "hotswap_preemptions_total", "hotswap_prefix_cache_queries_total", "hotswap_prefix_cache_hits_total",
-                 "hotswap_lora_slots_busy"):
+                 "hotswap_lora_slots_busy", "hotswap_expert_lora_slots_busy"):
         assert re.search(rf"^{name}[{{ ]", text, re.M), name
     assert metric(text, "hotswap_adapters_resident", '{tier="device"}') >= 1
     assert metric(text, "hotswap_kv_cache_capacity_blocks") > 0 and metric(text, "hotswap_prefix_cache_queries_total") > 0

@@ -114,6 +114,8 @@ class EngineCollector(Collector):
         yield _counter("hotswap_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", snap.prefix_cache_queries)
         yield _counter("hotswap_prefix_cache_hits", "Prompt tokens whose key/values were found in the prefix cache.", snap.prefix_cache_hits)
         yield _gauge("hotswap_lora_slots_busy", "LoRA device slots serving running rows (of --max-loras).", snap.lora_slots_busy)
+        yield _gauge("hotswap_expert_lora_slots_busy", "Of those, slots that may hold an adapter with LoRA on MoE experts / routers "
+                     "(of --max-expert-loras; such adapters wait while all are busy).", snap.expert_lora_slots_busy)
 
         stats = self.core.adapters.stats()
         resident = GaugeMetricFamily("hotswap_adapters_resident", "Adapters held in each cache tier.", labels=["tier"])

@@ -113,6 +113,7 @@ class LoopSnapshot:
     prefix_cache_hits: int = 0
     """Of those, tokens found cached."""
     lora_slots_busy: int = 0
+    expert_lora_slots_busy: int = 0
 
 
 class EngineLoop:
@@ -275,6 +276,7 @@ class EngineLoop:
             prefix_cache_queries=engine.kv.stats.queries,
             prefix_cache_hits=engine.kv.stats.hits,
             lora_slots_busy=sched.lora_slots.busy,
+            expert_lora_slots_busy=sched.lora_slots.expert_busy,
         )
         if out is not None and self.on_step is not None and out.scheduled:
             self.on_step(out, len(out.scheduled))

@@ -61,3 +61,8 @@ class LoraSlotTable:
     @property
     def busy(self) -> int:
         return self.max_loras - len(self.idle)
+
+    @property
+    def expert_busy(self) -> int:
+        """Busy slots among the first expert_slots (the only ones expert adapters may take)."""
+        return sum(1 for s in range(self.expert_slots) if self.users[s] > 0)
