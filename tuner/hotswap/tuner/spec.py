@@ -179,26 +179,29 @@ def check_against_base(spec: TrainSpec, linear_names: set[str], max_lora_rank: i
         if hp.lora_r > max_lora_rank:
             raise AdapterIncompatible(f"lora_r {hp.lora_r} is above the server's maximum LoRA rank {max_lora_rank}", field="hyperparameters.lora_r")
         if hp.target_modules != ["all-linear"]:
-            missing = sorted(set(hp.target_modules) - linear_names)
+            modules = set(hp.target_modules) if base is None else _module_targets(base, hp.target_modules)
+            missing = sorted(modules - linear_names)
             if missing:
                 raise AdapterIncompatible(f"target modules absent from the base model: {', '.join(missing)} (it has {', '.join(sorted(linear_names))})",
                                           field="hyperparameters.target_modules")
-            if base is not None:
-                _check_peft_converts(base, hp.target_modules)
 
 
-def _check_peft_converts(base, target_modules: list[str]) -> None:
-    """PEFT >= 0.22 refuses to target one half of a fused MoE weight (Mixtral's w1 without w3, Qwen2-MoE's gate_proj
-    without up_proj): its own conversion of the names, run on a throwaway config, says so before the job starts."""
+def _module_targets(base, target_modules: list[str]) -> set[str]:
+    """The names PEFT leaves as module targets on `base`. PEFT >= 0.22 turns some into target_parameters on MoE models
+    whose experts transformers v5 fuses (Mixtral's w1 / w2 / w3 and gate, Qwen2-MoE's gate; the server serves those
+    adapters), and refuses one half of a fused weight (w1 without w3): its own conversion, run on a throwaway config,
+    says which, before the job starts."""
     try:
         from peft import LoraConfig
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
-    except ImportError:
-        return
+    except ImportError:  # PEFT < 0.22 converts nothing
+        return set(target_modules)
+    config = LoraConfig(target_modules=list(target_modules))
     try:
-        convert_peft_config_for_transformers(LoraConfig(target_modules=list(target_modules)), base, None)
+        convert_peft_config_for_transformers(config, base, None)
     except ValueError as e:
         raise AdapterIncompatible(f"PEFT cannot target these on this model: {e}", field="hyperparameters.target_modules") from e
+    return set(config.target_modules or ())
 
 
 def adapter_of(spec: TrainSpec) -> str:
@@ -207,24 +210,9 @@ def adapter_of(spec: TrainSpec) -> str:
 
 
 def linear_names(model) -> set[str]:
-    """Short names a LoRA's target_modules may use on the base: its linear layers (not the output head), and
-    the names the installed PEFT turns into target_parameters on MoE models whose experts transformers v5
-    fuses (Mixtral's w1 / w2 / w3 and gate, Qwen2-MoE's gate: the server serves those adapters)."""
+    """Short names of the base's linear layers a LoRA can target (not the output head)."""
     from torch import nn
 
     head = model.get_output_embeddings()
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
-    return (names | _moe_parameter_names(model)) - {"score", "classifier"}  # a classifier's head is trained whole (modules_to_save)
-
-
-def _moe_parameter_names(model) -> set[str]:
-    """Module names PEFT maps to a fused parameter of this model type, where the model has that parameter.
-    PEFT keeps the table private (_MOE_TARGET_MODULE_MAPPING, PEFT >= 0.22): without it, no names (PEFT then
-    converts none either)."""
-    try:
-        from peft.utils.transformers_weight_conversion import _MOE_TARGET_MODULE_MAPPING
-    except ImportError:
-        return set()
-    mapping = _MOE_TARGET_MODULE_MAPPING.get(getattr(getattr(model, "config", None), "model_type", None), {})
-    params = [name for name, _ in model.named_parameters()]
-    return {short for short, param in mapping.items() if any(p == param or p.endswith(f".{param}") for p in params)}
+    return names - {"score", "classifier"}  # a classifier's head is trained whole (modules_to_save), never a LoRA target
