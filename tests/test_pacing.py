@@ -35,6 +35,17 @@ def test_nothing_measured_moves_one_cautious_chunk():
     assert pacer.cost_model() is None and pacer.spare(4, 400) == 0.0
 
 
+def test_more_rows_waiting_than_decoding_are_not_paced():
+    """The limit spares decoding rows while they are at least as many as the rows waiting for a
+    first token; past that, prompt work is unpaced (see the module's doc)."""
+    pacer = PrefillPacer(limit=2.5, min_tokens=16)
+    step = device(0.025, 5e-4, 0)
+    feed(pacer, step, [], [(0, 64)])
+    feed(pacer, step, [100] * 4, [(0, 32)])
+    assert pacer.spare(4, 400, waiting=4) == pytest.approx(1.5 * (0.025 + 4 * 5e-4), rel=1e-6)
+    assert pacer.spare(4, 400, waiting=5) is None and pacer.spare(0, 0, waiting=0) is None
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_fixed_step_cost_is_told_from_the_per_token_cost(seed: int):
     """A CPU-like device: 25 ms a step whatever its size, 0.5 ms a token. Learnt from the engine's

@@ -81,8 +81,9 @@ def test_long_prompt_is_chunked_and_decoding_rows_never_stall():
 
 def test_prompt_chunks_are_paced_by_measured_step_times():
     """With rows decoding, a step carrying prompt tokens may take at most max_decode_slowdown × a
-    decode-only step: chunks shrink as the prompt's context (and so each token's cost) grows."""
-    s = scheduler(blocks=1024, max_batch_size=16, max_tokens_per_step=512, max_decode_slowdown=3.0)
+    decode-only step: chunks shrink as the prompt's context (and so each token's cost) grows; more rows
+    waiting for a first token than decoding lift the limit."""
+    s = scheduler(blocks=1024, max_batch_size=32, max_tokens_per_step=512, max_decode_slowdown=3.0)
     decoding = [row(3, new=240, first=10 + i) for i in range(8)]
     for r in decoding:
         s.add(r)
@@ -116,6 +117,13 @@ def test_prompt_chunks_are_paced_by_measured_step_times():
     lone = row(250, new=1)
     idle.add(lone)
     assert idle.schedule().scheduled[0].num_tokens == 250  # nobody decoding: the whole budget
+    # More rows waiting for a first token than decoding (a burst behind the 8): prompts take the budget.
+    burst = [row(60, new=1, first=2000 + 100 * i) for i in range(9)]
+    for r in burst:
+        s.add(r)
+    out = s.schedule()
+    assert out.num_decoding == 8 and out.num_tokens == 512
+    assert [x.num_tokens for x in out.scheduled if not x.decode] == [60] * 8 + [24]
 
 
 def test_rows_that_can_never_run_fail_instead_of_blocking():
@@ -269,21 +277,70 @@ def test_only_the_next_batch_of_waiting_rows_starts_adapter_loads():
 
 
 def test_rows_sharing_a_prompt_wait_for_its_blocks_and_cached_rows_go_first():
-    """Cache-aware admission: a row whose next block another row is computing waits for it
-    (one computes a shared prompt, the others read it), and once cached, rows that reuse
-    it pass older rows that would compute everything."""
-    s = scheduler(max_batch_size=8, max_tokens_per_step=32)
-    shared = list(range(1, 25))  # 6 blocks
+    """Cache-aware admission: a row whose next block another row computes in a later step waits for
+    it (one computes a shared prompt, the others read it), even with budget left that a row behind
+    it takes; and once cached, a row that reuses it passes an older row that computes everything."""
+    s = scheduler(max_batch_size=8, max_tokens_per_step=48)
+    shared = list(range(1, 57))  # 14 blocks
     first, copy_a, copy_b = (row(0) for _ in range(3))
     for r in (first, copy_a, copy_b):
         r.prompt_ids[:] = shared + [99]
     other = row(25, first=500)  # arrives before the copies, shares nothing
     s.add(first), s.add(other), s.add(copy_a), s.add(copy_b)
-    out = step(s)  # 32 tokens: first (25) + a chunk of other; the copies wait for first's blocks
-    assert [x.row for x in out.scheduled] == [first, other] and list(s.waiting) == [copy_a, copy_b]
-    out = step(s)  # first decodes; the copies read 6 cached blocks and compute 1 token each, before other's longer rest
-    assert [(x.row, x.start, x.num_tokens) for x in out.scheduled] == [(first, 25, 1), (copy_a, 24, 1), (copy_b, 24, 1), (other, 7, 18)]
-    assert s.kv.stats.hits == 48
+    out = step(s)  # first's chunk ends on the step grid (32); the copies wait for its later blocks, other takes the rest
+    assert [(x.row, x.start, x.num_tokens) for x in out.scheduled] == [(first, 0, 32), (other, 0, 16)]
+    assert list(s.waiting) == [copy_a, copy_b]
+    out = step(s)  # first completes its blocks; the copies read them as they are written and compute 1 token each
+    assert [(x.row, x.start, x.num_tokens) for x in out.scheduled] == [
+        (other, 16, 9), (first, 32, 25), (copy_a, 56, 1), (copy_b, 56, 1)]
+    assert s.kv.stats.hits == 2 * 56
+    late_other, late_copy = row(25, first=900), row(0)
+    late_copy.prompt_ids[:] = shared + [98]
+    s.add(late_other), s.add(late_copy)
+    out = step(s)  # the four decode; the cached copy goes before the older row that computes everything
+    assert [x.row for x in out.scheduled if not x.decode] == [late_copy, late_other]
+    assert next(x for x in out.scheduled if x.row is late_copy).num_tokens == 1
+
+
+def test_rows_starting_alike_follow_the_first_of_them():
+    """Requests over two system prompts arriving interleaved (A, B, A, B): each system prompt's
+    followers are admitted right after it, so its group gets first tokens before the next system
+    prompt takes the budget; and a follower cheaper than a running prompt goes before its chunk."""
+    s = scheduler(max_batch_size=8, max_tokens_per_step=48)
+    prompt_a, prompt_b = list(range(1, 41)), list(range(500, 540))  # 10 blocks each
+    a1, b1, a2, b2 = row(0), row(0), row(0), row(0)
+    for r, p, last in ((a1, prompt_a, 91), (b1, prompt_b, 92), (a2, prompt_a, 93), (b2, prompt_b, 94)):
+        r.prompt_ids[:] = p + [last]
+        s.add(r)
+    out = step(s)  # a1's 41 tokens, a2 reads a1's blocks as they are written; b1 takes what is left
+    assert [(x.row, x.start, x.num_tokens) for x in out.scheduled] == [(a1, 0, 41), (a2, 40, 1), (b1, 0, 6)]
+    out = step(s)  # b2 waits for b1's blocks until b1's chunk writes them, then reads them in that step
+    assert [(x.row, x.num_tokens) for x in out.scheduled if not x.decode] == [(b1, 35), (b2, 1)]
+    assert list(s.waiting) == []
+
+
+def test_a_waiting_row_cheaper_than_a_running_prompt_goes_before_its_chunk():
+    """Two prompts part-way through (5 and 68 tokens left): a new row needing 10 tokens (the rest is
+    cached) goes after the first and before the second, not after both."""
+    s = scheduler(max_batch_size=8, max_tokens_per_step=32)
+    cached = list(range(1, 41))
+    q = row(0, new=1)
+    q.prompt_ids[:] = cached + [91]
+    s.add(q)
+    while not q.output_ids:
+        step(s)
+    s.finish(q)  # its 10 full blocks stay in the prefix cache
+    long, short = row(100, first=600), row(37, first=300)
+    s.add(long)
+    step(s)
+    s.add(short)
+    step(s)  # short (37 left, fewer than long's 68) goes first and takes the step
+    assert (long.num_computed, short.num_computed) == (32, 32)
+    follower = row(0)
+    follower.prompt_ids[:] = cached[:36] + list(range(900, 910))  # 9 cached blocks, 10 tokens to compute
+    s.add(follower)
+    out = step(s)
+    assert [(x.row, x.start, x.num_tokens) for x in out.scheduled] == [(short, 32, 5), (follower, 36, 10), (long, 32, 17)]
 
 
 def test_rows_sharing_a_prompt_read_its_blocks_in_the_step_that_writes_them():

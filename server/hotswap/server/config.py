@@ -69,7 +69,8 @@ class EngineConfig:
     """Token budget of one step: one per decoding row, the rest for prefill chunks; longer prompts are spread over steps."""
     max_decode_slowdown: float = 2.5
     """While rows are decoding, a step that also carries prompt chunks may take at most this many times a
-    decode-only step (chunks are sized from measured step times), so long prompts never stall decoding;
+    decode-only step (chunks are sized from measured step times), so long prompts never stall decoding —
+    unless more rows wait for their first token than decode (then prompts take the whole budget);
     0 = only max_tokens_per_step bounds the chunks."""
     max_queue: int = 1024
     """Requests waiting for a row; more are refused with RESOURCE_EXHAUSTED."""

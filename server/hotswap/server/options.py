@@ -45,7 +45,7 @@ class ServerOptions:
     # engine
     max_batch_size: int = _opt(64, "rows decoded together in one step")
     max_tokens_per_step: int = _opt(2048, "token budget of one step: one per decoding row, the rest for prompt chunks (long prompts are spread over steps)")
-    max_decode_slowdown: float = _opt(2.5, "while rows decode, a step carrying prompt chunks may take at most this many times a decode-only step (chunks sized from measured step times); 0 = off")
+    max_decode_slowdown: float = _opt(2.5, "while rows decode, a step carrying prompt chunks may take at most this many times a decode-only step (chunks sized from measured step times), unless more rows wait for their first token than decode; 0 = off")
     max_queue: int = _opt(1024, "requests waiting for a row; more get RESOURCE_EXHAUSTED")
     max_seq_len: int = _opt(0, "longest row (virtual tokens + prompt + generated); 0 = the model's context length; longer requests get INVALID_ARGUMENT")
     kv_cache_mb: int = _opt(0, "paged KV cache budget, MiB; 0 = automatic (CUDA: 0.85 × the memory free after loading the weights; CPU: 0.1 × physical RAM)")

@@ -14,9 +14,14 @@ for its adapter.
 
 New rows are admitted cache-aware (SGLang's longest-prefix-match order, with
 aging): among the first waiting rows, those with more of their prompt cached go
-first, since they cost a fraction of their length; and a row whose next block
-another row is computing waits for it instead of computing it again. A row
-passed over MAX_BYPASS times goes first, so nothing waits forever.
+first, since they cost a fraction of their length, and rows that start like an
+earlier one (same adapter, same first block of tokens) follow it, so a burst
+sharing a system prompt finishes one group before the next group's prompt
+starts; a row whose next block another row is computing waits for it instead of
+computing it again. A waiting row cheaper than a running prompt goes before that
+prompt's chunk (a follower needs only the tokens after the system prompt its
+leader just finished). A row passed over MAX_BYPASS times goes first, so nothing
+waits forever.
 
 A row that shares blocks a row scheduled earlier in the same step completes (a
 burst of requests with one system prompt) reads them in that same step
@@ -176,7 +181,8 @@ class Scheduler:
         budget = self.cfg.max_tokens_per_step
         computing: Computing = {}
         decoding = [r.num_computed for r in self.running if self._remaining(r) == 1]  # their tokens' contexts
-        prompts = PromptBudget(self.pacer, self.pacer.spare(len(decoding), sum(decoding)))  # paced so decoding rows are spared
+        # paced so decoding rows are spared, unless more rows wait for their first token (pacing.py)
+        prompts = PromptBudget(self.pacer, self.pacer.spare(len(decoding), sum(decoding), self._num_awaiting_prompt()))
         i = 0
         while i < len(self.running) and budget > 0:  # decoding rows first: one token each, oldest first
             row = self.running[i]
@@ -196,11 +202,13 @@ class Scheduler:
                 computing.setdefault(key, None)
             self._cache_aware_order()
         admitted: list[ScheduledRow] = []
-        if admitting and chunked:  # new rows cheaper than every running prompt go before them
-            head = chunked[0]
-            budget = self._admit(out, budget, prompts, computing, admitted,
-                                 max_need=self._remaining(head) if head.bypassed < MAX_BYPASS else 0)
+        max_need = -1
         for row in chunked:
+            # waiting rows cheaper than this running prompt go before it (a follower needing the few
+            # tokens after a system prompt its leader just finished, before the next system prompt)
+            if admitting and not out.preempted and row.bypassed < MAX_BYPASS and self._remaining(row) > max_need:
+                max_need = self._remaining(row)
+                budget = self._admit(out, budget, prompts, computing, admitted, max_need=max_need)
             if budget <= 0:
                 break
             if row not in self.running:  # preempted for a chunk before it
@@ -218,6 +226,13 @@ class Scheduler:
             budget = self._admit(out, budget, prompts, computing, admitted)
         self._count_bypasses(out, chunked, admitted)
         return out
+
+    def _num_awaiting_prompt(self) -> int:
+        """Rows whose first token waits on prompt work this step could start: running rows part-way
+        through their prompt, and waiting rows up to the batch's free rows (rows past that wait on
+        running rows ending, which prompt work does not hasten)."""
+        chunking = sum(1 for r in self.running if self._remaining(r) > 1)
+        return chunking + min(len(self.waiting), max(0, self.cfg.max_batch_size - len(self.running)))
 
     def _on_grid(self, n: int, need: int, budget: int) -> int:
         """A chunk of n of a prompt's `need` tokens, cut short (n < need), shortened so the step's
@@ -260,7 +275,11 @@ class Scheduler:
         window = [self.waiting.popleft() for _ in range(min(len(self.waiting), ORDER_WINDOW))]
         cached = [len(self.kv.cached_prefix(r)) if r.adapter is not None or not r.adapter_ids else 0 for r in window]
         order = sorted(range(len(window)), key=lambda i: (window[i].bypassed < MAX_BYPASS, -cached[i], i))
-        self.waiting.extendleft(reversed([window[i] for i in order]))
+        groups: dict[tuple, list[Row]] = {}
+        for i in order:  # rows likely to share a prefix follow the first of them
+            row = window[i]
+            groups.setdefault((row.adapter_key, tuple(row.prompt_ids[:self.kv.block_size])), []).append(row)
+        self.waiting.extendleft(reversed([row for group in groups.values() for row in group]))
 
     def _count_bypasses(self, out: SchedulerOutput, chunked: list[Row], admitted: list[ScheduledRow]) -> None:
         """A row counts a bypass when a row that arrived after it (row keys grow in arrival order) got
