@@ -143,6 +143,31 @@ def test_steps_without_an_expert_adapter_run_the_models_own_experts_forward(moe_
     _check(first + rest, [jobs[i] for i in picked], [refs[i] for i in picked])
 
 
+def test_the_default_kv_budget_leaves_room_for_the_expert_slot_tables(moe_case):
+    """The engine keeps the expert / router slot tables of max_expert_loras slots at rank 16 out of the default KV
+    budget (on CUDA; a CPU budget is a fraction of RAM): every expert adapter of rank <= 16 then fits in what was
+    kept, whatever it targets. Counted here from the model's own parameter shapes, and against what serving the
+    case's expert and router adapters (ranks 2-4) allocated."""
+    from hotswap.server.model.experts import param_targets
+
+    ckpt, paths, jobs, refs = moe_case
+    loaded = load_base_model(ModelConfig(source=str(ckpt), dtype="float32"))
+    features = param_targets(loaded.model).features
+    tables = 2 * 16 * sum(f.experts * (f.in_features + f.out_features) for f in features.values()) * 4  # 2 slots, fp32
+    assert features and tables > 0
+    cfg = EngineConfig(max_batch_size=8, max_tokens_per_step=16, max_seq_len=48, block_size=4, max_loras=4, max_expert_loras=2)
+    with ServingCore(loaded, cfg) as core:
+        assert core.engine.adapter_reservation() == 2 * core.adapters.cfg.device_bytes + tables
+        for name, path in paths.items():
+            core.register_adapter(name, path)
+        results = run_in_waves(core, jobs, SamplingParams(max_new_tokens=NEW, ignore_eos=True, logprobs=1), waves=1)
+        assert all(r.error is None for r in results)
+        assert 0 < core.engine.runner.lora.params.nbytes <= tables
+    dense = save_tiny_checkpoint(ARCHS["mistral"](), ckpt.parent / "dense")  # nothing kept for expert tables
+    with ServingCore(load_base_model(ModelConfig(source=str(dense), dtype="float32")), cfg) as core:
+        assert core.engine.adapter_reservation() == 2 * core.adapters.cfg.device_bytes
+
+
 @pytest.mark.parametrize("backend", ["native", "torch"])
 def test_transposed_experts_with_biases_match_peft(gpt_oss_case, backend):
     ckpt, paths, jobs, refs = gpt_oss_case

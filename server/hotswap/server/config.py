@@ -91,7 +91,8 @@ class EngineConfig:
     """Of the max_loras slots, how many may hold an adapter with LoRA on MoE expert or router weights
     (PEFT target_parameters): such a slot holds every expert's A and B, max_expert_loras × experts × rank × (in + out)
     of each targeted expert weight (~1 GiB a slot at rank 16 on a 128-expert, 48-layer model). Requests for more
-    such adapters at once wait for one of these slots; other adapters use the rest first."""
+    such adapters at once wait for one of these slots; other adapters use the rest first. On a MoE model the default
+    CUDA KV budget leaves room for these tables at rank 16."""
     attention_backend: str = "auto"
     """"auto" (native kernels on CPU when they build, Triton on CUDA when it imports, else torch), "native",
     "triton" or "torch" (the reference path)."""

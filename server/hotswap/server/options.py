@@ -51,7 +51,7 @@ class ServerOptions:
     kv_cache_mb: int = _opt(0, "paged KV cache budget, MiB; 0 = automatic (CUDA: 0.85 × the memory free after loading the weights; CPU: 0.1 × physical RAM)")
     enable_prefix_caching: bool = _opt(True, "reuse cached KV blocks of prompts that start the same way (per adapter version)")
     max_loras: int = _opt(64, "LoRA adapters usable in one batch (device slots); requests for more wait for a slot")
-    max_expert_loras: int = _opt(4, "of those slots, how many may hold an adapter with LoRA on MoE expert / router weights (each holds every expert's A and B)")
+    max_expert_loras: int = _opt(4, "of those slots, how many may hold an adapter with LoRA on MoE expert / router weights (each holds every expert's A and B; on a MoE model the default CUDA KV budget leaves room for them at rank 16)")
     attention_backend: str = _opt("auto", "auto (native kernels on CPU when they build, Triton on CUDA when it imports, else torch), native, triton, or torch (the reference path)", choices=BACKENDS)
     prepack_linears: bool = _opt(True, "bf16 on CPU: also keep each linear's weight in oneDNN's blocked layout (packed once, not on every call: "
                                        "faster matmuls for about the linears' weight size in extra memory)")

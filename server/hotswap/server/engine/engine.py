@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 MAX_CHARS_PER_TOKEN = 32
 """A prompt longer than max_seq_len × this many characters is refused untokenised."""
+EXPERT_RESERVE_RANK = 16
+"""The rank the default KV budget leaves room for in the expert / router LoRA slot tables (PEFT's LoRA ranks
+are mostly 8-16; a higher one still loads where memory allows, else it is refused with RESOURCE_EXHAUSTED)."""
 POOL_OVERCOMMIT = 2
 """Blocks beyond what a full batch of max-length rows needs only feed the prefix cache:
 the pool is capped at this many times that."""
@@ -45,8 +48,7 @@ class Engine:
             reuse_freed_memory()  # steps reuse their activations' pages instead of faulting them in again
         self.max_seq_len = self.cfg.max_seq_len or self.runner.context_length or 4096
         per_row = -(-self.max_seq_len // self.cfg.block_size)
-        # The adapter cache's device tier and the LoRA slots copying from it come later: keep room for both.
-        reserved = 2 * adapters.cfg.device_bytes if adapters is not None else 0
+        reserved = self.adapter_reservation()
         num_blocks = self.runner.allocate_cache(self.cfg.kv_cache_bytes, POOL_OVERCOMMIT * self.cfg.max_batch_size * per_row, reserved,
                                                 self.cfg.max_batch_size, per_row)
         self.kv = KVBlockManager(num_blocks, self.cfg.block_size, self.cfg.enable_prefix_caching)
@@ -61,6 +63,17 @@ class Engine:
         """Draws for rows without a seed; the process-wide RNG is never touched."""
         self.outbox: list[tuple[Row, StreamEvent]] = []
         """Events of the current step, delivered by the loop once the step is over."""
+
+    def adapter_reservation(self) -> int:
+        """Device bytes the adapters take after start, kept out of the default KV budget: the adapter cache's
+        device tier and the LoRA slots copying from it, and on a MoE model the expert / router slot tables,
+        which hold all max_expert_loras slots at once, at EXPERT_RESERVE_RANK (vLLM likewise sizes its
+        LoRA buffers for max_loras × max_lora_rank before the KV cache)."""
+        if self.adapters is None:
+            return 0
+        params = self.runner.lora.params
+        experts = params.table_bytes(min(EXPERT_RESERVE_RANK, self.adapters.cfg.max_lora_rank)) if params is not None else 0
+        return 2 * self.adapters.cfg.device_bytes + experts
 
     # -- intake ----------------------------------------------------------------
     def tokenize(self, req: GenerateRequest) -> list[int]:
