@@ -282,6 +282,24 @@ def _acquire(cache, adapter_id, timeout=10.0):
     return a
 
 
+def test_load_statistics_stay_bounded_as_loads_go_on(cache_env, monkeypatch):
+    """A server loads adapters for as long as it runs: the per-load lists keep the most recent few for
+    percentiles, and the histogram (what Prometheus reads) still counts every load."""
+    from hotswap.server.adapters import cache as cache_module
+
+    load, calls, gate, sizes = cache_env
+    monkeypatch.setattr(cache_module, "RECENT_SAMPLES", 2)
+    one = max(sizes["lora"], sizes["lora_mlp"], sizes["adalora"])
+    cache = AdapterCache(AdapterCacheConfig(device_bytes=one + 8, host_bytes=10**8), load, torch.device("cpu"), torch.float32)
+    for name in ("lora", "lora_mlp", "adalora", "lora", "lora_mlp"):  # one at a time: 3 from disk, then 2 from the host tier
+        _acquire(cache, name)
+        cache.release(name)
+    stats = cache.stats()
+    assert stats.loads == 5 and sum(stats.load_buckets) == 5 and stats.load_seconds > 0
+    assert len(stats.load_durations) == 2 and len(stats.promote_durations) == 2 and len(stats.room_waits) == 2
+    cache.close()
+
+
 def test_cache_lru_pinning_and_in_use(cache_env):
     load, calls, gate, sizes = cache_env
     budget = sizes["lora"] + sizes["lora_mlp"] + 8

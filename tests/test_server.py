@@ -465,6 +465,8 @@ def test_register_from_s3(server, registered, adapters, tiny_checkpoints):
 def test_metrics_pass_promtool_and_name_what_ops_need(server, registered, tmp_path):
     with Client(server.target) as c:
         c.generate("warm", adapter="lora", max_new_tokens=3)
+        with pytest.raises(NotFound):  # a failure, so the failures counter has a sample (whatever ran before)
+            c.generate("warm", adapter="no-such-adapter", max_new_tokens=3)
     text = scrape(server)
     for name in ("hotswap_requests_running", "hotswap_requests_waiting", "hotswap_time_to_first_token_seconds_bucket",
                  "hotswap_time_per_output_token_seconds_bucket", "hotswap_e2e_request_latency_seconds_bucket",

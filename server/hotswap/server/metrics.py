@@ -10,7 +10,6 @@ inference gateway can route by adapter.
 """
 from __future__ import annotations
 
-import threading
 import time
 from typing import TYPE_CHECKING, Iterable
 
@@ -18,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from .adapters.cache import LOAD_BUCKETS
 from .engine.request import Task
 
 if TYPE_CHECKING:
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
-LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 512)
 
 
@@ -89,11 +88,6 @@ class EngineCollector(Collector):
 
     def __init__(self, core: ServingCore) -> None:
         self.core = core
-        self._lock = threading.Lock()
-        # The cache keeps per-load durations; fold the new ones into cumulative buckets.
-        self._seen = {"load": 0, "promote": 0}
-        self._load_buckets = [0] * (len(LOAD_BUCKETS) + 1)
-        self._load_sum = 0.0
 
     def collect(self) -> Iterable:
         snap = self.core.loop.snapshot
@@ -133,23 +127,13 @@ class EngineCollector(Collector):
         evictions.add_metric(["device"], stats.evictions)
         evictions.add_metric(["host"], stats.host_evictions)
         yield evictions
-        yield self._load_histogram({"load": stats.load_durations, "promote": stats.promote_durations})
-
-    def _load_histogram(self, lists: dict[str, list[float]]) -> HistogramMetricFamily:
-        with self._lock:
-            for kind, durations in lists.items():  # each list only grows: the unseen ones are its tail
-                for d in durations[self._seen[kind]:]:
-                    i = next((i for i, b in enumerate(LOAD_BUCKETS) if d <= b), len(LOAD_BUCKETS))
-                    self._load_buckets[i] += 1
-                    self._load_sum += d
-                self._seen[kind] = len(durations)
-            cumulative, total = [], 0
-            for bound, count in zip([*map(str, LOAD_BUCKETS), "+Inf"], self._load_buckets):
-                total += count
-                cumulative.append((bound, total))
-            h = HistogramMetricFamily("hotswap_adapter_load_duration_seconds", "Time to bring an adapter onto the device (from disk or from the host tier).")
-            h.add_metric([], cumulative, sum_value=self._load_sum)
-            return h
+        cumulative, total = [], 0
+        for bound, count in zip([*map(str, LOAD_BUCKETS), "+Inf"], stats.load_buckets):
+            total += count
+            cumulative.append((bound, total))
+        h = HistogramMetricFamily("hotswap_adapter_load_duration_seconds", "Time to bring an adapter onto the device (from disk or from the host tier).")
+        h.add_metric([], cumulative, sum_value=stats.load_seconds)
+        yield h
 
 
 class JobsCollector(Collector):

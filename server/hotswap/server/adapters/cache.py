@@ -9,9 +9,10 @@ in-use adapters, a load waits for a release instead of evicting them. A load's C
 its I/O (`prefetch_fn`), which does not."""
 from __future__ import annotations
 
+import bisect
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,6 +23,13 @@ from ..config import AdapterCacheConfig
 from ..cpu_threads import Turns, serial
 from ..errors import HotswapError, InvalidArgument, ResourceExhausted
 from .weights import Adapter
+
+
+LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Upper bounds (seconds) of the load-duration histogram's buckets (Prometheus' hotswap_adapter_load_duration_seconds)."""
+RECENT_SAMPLES = 4096
+"""Per-load durations kept for percentiles (the most recent ones): a server loads adapters for as long as it
+runs, so the lists must not grow with it; the histogram counts every load."""
 
 
 @dataclass
@@ -39,11 +47,15 @@ class CacheStats:
     host_evictions: int = 0
     load_durations: list[float] = field(default_factory=list)
     """Cold loads (disk → host → device): seconds to read, validate and copy, per load (not counting the
-    wait for a CPU turn between engine steps)."""
+    wait for a CPU turn between engine steps); the last RECENT_SAMPLES."""
     promote_durations: list[float] = field(default_factory=list)
     """Warm loads (host tier → device): seconds per load (likewise)."""
     room_waits: list[float] = field(default_factory=list)
-    """Seconds a load then waited for device room held by in-use adapters (0 when it fit)."""
+    """Seconds a load then waited for device room held by in-use adapters (0 when it fit); the last RECENT_SAMPLES."""
+    load_buckets: list[int] = field(default_factory=lambda: [0] * (len(LOAD_BUCKETS) + 1))
+    """Every load's duration (cold and warm), counted per LOAD_BUCKETS bucket (the last: above them all)."""
+    load_seconds: float = 0.0
+    """The sum of every load's duration."""
 
 
 class AdapterCache:
@@ -64,6 +76,7 @@ class AdapterCache:
         self._sizes: dict[str, int] = {}
         """Device bytes of every adapter loaded once (kept after eviction: what `together_error` sums)."""
         self._stats = CacheStats()
+        self._recent = {kind: deque(maxlen=RECENT_SAMPLES) for kind in ("load", "promote", "room")}
         self._lock = threading.Condition()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="hotswap-adapter-load", initializer=serial)
 
@@ -160,8 +173,9 @@ class AdapterCache:
                 device={k: a.nbytes for k, a in self._device.items()},
                 host={k: a.nbytes for k, a in self._host.items()},
                 hits=s.hits, misses=s.misses, loads=s.loads, evictions=s.evictions,
-                host_evictions=s.host_evictions, load_durations=list(s.load_durations),
-                promote_durations=list(s.promote_durations), room_waits=list(s.room_waits),
+                host_evictions=s.host_evictions, load_durations=list(self._recent["load"]),
+                promote_durations=list(self._recent["promote"]), room_waits=list(self._recent["room"]),
+                load_buckets=list(s.load_buckets), load_seconds=s.load_seconds,
             )
 
     def is_pinned(self, adapter_id: str) -> bool:
@@ -223,8 +237,11 @@ class AdapterCache:
             self._make_room(active.nbytes)
             self._device[adapter_id] = active
             self._stats.loads += 1
-            (self._stats.load_durations if from_disk else self._stats.promote_durations).append(ready - start)
-            self._stats.room_waits.append(time.monotonic() - ready)
+            took = ready - start
+            self._recent["load" if from_disk else "promote"].append(took)
+            self._recent["room"].append(time.monotonic() - ready)
+            self._stats.load_buckets[bisect.bisect_left(LOAD_BUCKETS, took)] += 1
+            self._stats.load_seconds += took
             return active
 
     def _host_copy(self, adapter_id: str) -> tuple[Adapter, bool]:
