@@ -27,7 +27,7 @@ from transformers.integrations.moe import _grouped_linear  # the grouped matmul 
 from ..adapters.weights import ParamLoraWeights
 from ..model.experts import ParamFeatures, WeightWatch, is_experts, param_targets
 from . import kernels
-from .lora import LoraContext, LoraStep, add_delta, grow_rank_axis, growth_bytes, rank_capacity
+from .lora import LoraContext, LoraStep, add_delta, grow_rank_axis, growth_bytes
 
 
 class ParamSlots:
@@ -102,9 +102,8 @@ class ParamSlots:
     def table_bytes(self, rank: int) -> int:
         """Bytes of the slot tables for every parameter the engine serves, at `rank`'s capacity: what a
         first adapter of that rank targeting all of them allocates (the tables hold every slot at once)."""
-        cap = rank_capacity(rank)
-        return sum(self.capacity * f.experts * cap * (f.in_features + f.out_features)
-                   for f in self.features.values()) * self.dtype.itemsize
+        every = [(self.capacity * f.experts, f.in_features + f.out_features) for f in self.features.values()]
+        return growth_bytes({}, {}, 0, rank, every, self.dtype)
 
     def used_by(self, step: LoraStep, keys: tuple[str, ...]) -> bool:
         """Whether a row of the step has an adapter targeting one of `keys` (True where the step does not say
