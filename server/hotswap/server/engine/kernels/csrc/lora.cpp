@@ -254,6 +254,120 @@ void expand_group(int64_t o0, int64_t o1, int OUT, int rank, const T* b, int64_t
   }
 }
 
+#ifdef HOTSWAP_HAVE_BF16_DOT
+// Expand on bf16 B with vdpbf16ps, two rank rows per instruction. Each token's t is rounded to bf16 first
+// (PEFT's bf16 LoRA rounds lora_A's output to bf16 too) and read as pairs (t[r], t[r+1]); rows r and r+1 of
+// a 32-output group are interleaved in registers (one two-source word permute per 16 outputs), so
+// each instruction does 32 multiply-adds into 16 outputs kept in natural order. Products are exact and sums
+// fp32, as on the widening path, in about half its instructions (bench/bench_kernels.py).
+
+// Up to 16 outputs of a row that has n left (none when n <= 0).
+inline vf load_upto(const c10::BFloat16* p, int n) { return n >= W ? load(p) : n > 0 ? load_n(p, n) : vf{}; }
+inline void store_upto(c10::BFloat16* p, vf v, int n) {
+  if (n >= W) store(p, v);
+  else if (n > 0) store_n(p, v, n);
+}
+
+// Word indices that interleave two rows' 32 outputs: outputs 0-15 as pairs (row r, row r+1), then 16-31.
+alignas(64) static const uint16_t kPairIdx[64] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47,
+  16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+
+// One pair of rank rows (r0 and the next; SECOND false: r0 alone, an odd rank's last row) into the block's
+// accumulators. FULL: every group is whole, so loads need no mask (and the loop no branch that would make
+// the compiler keep the accumulators on the stack).
+template <int NT, int P, bool FULL, bool SECOND>
+__attribute__((always_inline)) inline void pair_step(__m512 (&lo)[NT][P], __m512 (&hi)[NT][P], const c10::BFloat16* r0,
+                                                     int64_t b_s1, int left, const uint32_t* const* tq, int q) {
+  __m512i tv[NT];
+  for (int u = 0; u < NT; ++u) tv[u] = _mm512_set1_epi32(static_cast<int>(tq[u][q]));
+  for (int g = 0; g < P; ++g) {
+    const __m512i x0 = FULL ? _mm512_loadu_si512(r0 + g * 32) : load32(r0, g, left);
+    const __m512i x1 = !SECOND ? _mm512_setzero_si512() : FULL ? _mm512_loadu_si512(r0 + b_s1 + g * 32) : load32(r0 + b_s1, g, left);
+    const __m512i bl = _mm512_permutex2var_epi16(x0, _mm512_load_si512(kPairIdx), x1);
+    const __m512i bh = _mm512_permutex2var_epi16(x0, _mm512_load_si512(kPairIdx + 32), x1);
+    for (int u = 0; u < NT; ++u) {
+      lo[u][g] = dot_bf16(lo[u][g], tv[u], bl);
+      hi[u][g] = dot_bf16(hi[u][g], tv[u], bh);
+    }
+  }
+}
+
+// NT tokens (rows y[u], t pairs tq[u]) times P groups of 32 outputs from output o: the block's B rows are read
+// once for all NT tokens. Without FULL, groups past the row's end (OUT) are masked: P = 1 serves its last outputs.
+template <int NT, int P, bool FULL>
+inline void expand_pairs_block(int64_t o, int OUT, int rank, const c10::BFloat16* b, int64_t b_s1,
+                               const uint32_t* const* tq, c10::BFloat16* const* y) {
+  const int left = static_cast<int>(OUT - o);  // outputs of the row from o on
+  __m512 lo[NT][P], hi[NT][P];  // outputs g * 32 + 0..15 and + 16..31 of token u
+  for (int u = 0; u < NT; ++u)
+    for (int g = 0; g < P; ++g) {
+      const c10::BFloat16* at = y[u] + o + g * 32;
+      lo[u][g] = (__m512)(FULL ? load(at) : load_upto(at, left - g * 32));
+      hi[u][g] = (__m512)(FULL ? load(at + W) : load_upto(at + W, left - g * 32 - W));
+    }
+  const int whole = rank / 2;
+  const c10::BFloat16* r0 = b + o;
+  for (int q = 0; q < whole; ++q, r0 += 2 * b_s1) {
+    // The next pair's rows, same outputs: separate streams the hardware prefetcher may not follow.
+    for (int k = 0; k < P * 64; k += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(r0 + 2 * b_s1) + k, 0, 3);
+      __builtin_prefetch(reinterpret_cast<const char*>(r0 + 3 * b_s1) + k, 0, 3);
+    }
+    pair_step<NT, P, FULL, true>(lo, hi, r0, b_s1, left, tq, q);
+  }
+  // An odd rank's last row: the row after it, past the rank, may hold anything and is not read.
+  if (rank % 2) pair_step<NT, P, FULL, false>(lo, hi, r0, b_s1, left, tq, whole);
+  for (int u = 0; u < NT; ++u)
+    for (int g = 0; g < P; ++g) {
+      c10::BFloat16* at = y[u] + o + g * 32;
+      if (FULL) {
+        store(at, (vf)lo[u][g]);
+        store(at + W, (vf)hi[u][g]);
+      } else {
+        store_upto(at, (vf)lo[u][g], left - g * 32);
+        store_upto(at + W, (vf)hi[u][g], left - g * 32 - W);
+      }
+    }
+}
+
+// NT tokens of one slot over outputs [o0, o1) (o0 a multiple of 32): whole blocks of P groups, then the
+// last groups one at a time. P keeps the 2 x NT x P accumulators in registers.
+template <int NT>
+void expand_pairs(int64_t o0, int64_t o1, int OUT, int rank, const c10::BFloat16* b, int64_t b_s1,
+                  const uint32_t* const* tq, c10::BFloat16* const* y) {
+  constexpr int P = NT == 1 ? 8 : NT == 2 ? 6 : NT == 3 ? 4 : 3;
+  int64_t o = o0;
+  for (; o + P * 32 <= o1; o += P * 32) expand_pairs_block<NT, P, true>(o, OUT, rank, b, b_s1, tq, y);
+  for (; o + 32 <= o1; o += 32) expand_pairs_block<NT, 1, true>(o, OUT, rank, b, b_s1, tq, y);
+  if (o < o1) expand_pairs_block<NT, 1, false>(o, OUT, rank, b, b_s1, tq, y);
+}
+
+// A tile's tokens (batch rows rows[0..count)) over outputs [o0, o1), four at a time.
+void expand_tile_bf16(int64_t o0, int64_t o1, int OUT, int rank, const c10::BFloat16* b, int64_t b_s1, const float* tp,
+                      int64_t t_s0, c10::BFloat16* yp, int64_t y_s0, const int64_t* rows, int count,
+                      std::vector<uint32_t>& pairs) {
+  // Each token's t rounded to bf16, zeros past the rank (an odd rank's last pair has a zero second half),
+  // read as uint32 pairs (t[r], t[r + 1]).
+  const int chunks = (rank + W - 1) / W;
+  pairs.resize(static_cast<size_t>(count) * chunks * W / 2);
+  c10::BFloat16* t16 = reinterpret_cast<c10::BFloat16*>(pairs.data());
+  const uint32_t* tq[TE];
+  c10::BFloat16* y[TE];
+  for (int u = 0; u < count; ++u) {
+    for (int c = 0; c < chunks; ++c) store(t16 + (u * chunks + c) * W, load_at(tp + rows[u] * t_s0, c, rank));
+    tq[u] = pairs.data() + u * chunks * W / 2;
+    y[u] = yp + rows[u] * y_s0;
+  }
+  int u = 0;
+  for (; u + 4 <= count; u += 4) expand_pairs<4>(o0, o1, OUT, rank, b, b_s1, tq + u, y + u);
+  switch (count - u) {
+    case 3: expand_pairs<3>(o0, o1, OUT, rank, b, b_s1, tq + u, y + u); break;
+    case 2: expand_pairs<2>(o0, o1, OUT, rank, b, b_s1, tq + u, y + u); break;
+    case 1: expand_pairs<1>(o0, o1, OUT, rank, b, b_s1, tq + u, y + u); break;
+  }
+}
+#endif
+
 template <typename T>
 void expand(const LoraParams& p, const Plan& plan) {
   const std::vector<Tile>& tiles = plan.tiles;
@@ -277,12 +391,19 @@ void expand(const LoraParams& p, const Plan& plan) {
     for (int64_t part = 0; part < parts; ++part) items.push_back({i, part * OB, std::min<int64_t>((part + 1) * OB, OUT)});
   }
   run_items(static_cast<int64_t>(items.size()), work(p, tiles), [&](auto take) {
+    [[maybe_unused]] std::vector<uint32_t> pairs;  // bf16 t pairs of the item's tokens (bf16 dot path)
     for (int64_t w = take(); w >= 0; w = take()) {
       const Tile& tile = tiles[items[w].tile];
       const int64_t o0 = items[w].o0, o1 = items[w].o1;
       const T* b = bp + tile.slot * p.w_s0;
       const int rank = p.ranks[tile.slot];
       const int64_t* rows = &plan.rows[tile.first];
+#ifdef HOTSWAP_HAVE_BF16_DOT
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        expand_tile_bf16(o0, o1, OUT, rank, b, p.w_s1, tp, p.in_s0, yp, p.out_s0, rows, tile.count, pairs);
+        continue;
+      }
+#endif
       if (tile.count == 1) {
         expand_one<T>(OUT, rank, b, p.w_s1, tp + rows[0] * p.in_s0, yp + rows[0] * p.out_s0);
         continue;
