@@ -495,6 +495,28 @@ def test_second_load_in_a_fresh_process_reuses_the_build(needs_native):
     assert library.stat().st_mtime_ns == before, "the extension was rebuilt"
 
 
+def test_kernels_link_torchs_libgomp_when_another_is_mapped_first():
+    """sentencepiece's wheel bundles its own libgomp, loaded with the default model's tokenizer. Mapped at a
+    lower address than torch's, it was the copy the kernels were linked to (the first libgomp in
+    /proc/self/maps), and the build's folder hash changed with the import order: a process that
+    imported sentencepiece first built the kernels a second time."""
+    pytest.importorskip("sentencepiece")
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch does not run on OpenMP here")
+    out = _python("""
+        import torch
+        from hotswap.server.engine.kernels import native
+        before = native.build_directory()
+        import sentencepiece  # its libgomp is mapped now, first or not
+        print(native.torch_libgomp(), native.build_directory() == before)
+    """)
+    libgomp, same_folder = out.split()
+    assert "sentencepiece" not in libgomp and same_folder == "True"
+    with open(f"/proc/{os.getpid()}/maps") as maps:  # this process's torch: the file its libtorch_cpu needs
+        ours = {line.split()[-1] for line in maps if "libgomp" in line and "sentencepiece" not in line}
+    assert libgomp in ours
+
+
 def test_build_failure_falls_back_to_the_reference(tmp_path):
     out = _python(f"""
         import logging, torch

@@ -12,6 +12,7 @@ and the ops fall back to the torch reference.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -76,15 +77,45 @@ def _openmp_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
     soname is then what the extension needs, and the loader reuses it)."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return (), ()
+    path = torch_libgomp()
+    return (("-fopenmp",), (path,)) if path else ((), ())  # none found: stay single-threaded rather than load a second one
+
+
+def torch_libgomp() -> str | None:
+    """The libgomp file torch's parallel regions run on, or None where it cannot be told.
+
+    Other wheels bundle their own copy (sentencepiece's is loaded with the default model's
+    tokenizer): the first libgomp mapped into the process is not necessarily torch's, and an
+    extension linked to another copy runs its parallel regions on a second pool of threads,
+    whose omp_get_max_threads ignores torch.set_num_threads and whose spinning workers
+    compete with torch's for the same cores. So the file is the one that defines the
+    omp_get_max_threads libtorch_cpu itself resolves."""
+    torch_cpu = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
+        fn = ctypes.CDLL(str(torch_cpu)).omp_get_max_threads  # dlsym: that library and what it links, in order
+        for libdl in (None, "libdl.so.2"):  # dladdr: in libc since glibc 2.34, in libdl before
+            info = _DlInfo()
+            dladdr = getattr(ctypes.CDLL(libdl), "dladdr", None)
+            if dladdr is not None and dladdr(ctypes.cast(fn, ctypes.c_void_p), ctypes.byref(info)) and info.dli_fname:
+                return os.path.realpath(info.dli_fname.decode())
+    except (OSError, AttributeError):
+        pass
+    try:  # else the first mapped, the best guess when torch's was loaded before any other
         maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
-        return (), ()
+        return None
     for line in maps:
         path = line.split()[-1] if "/" in line else ""
         if Path(path).name.startswith("libgomp"):
-            return ("-fopenmp",), (path,)
-    return (), ()  # another runtime (or none found): stay single-threaded rather than load a second one
+            return path
+    return None
+
+
+class _DlInfo(ctypes.Structure):
+    """glibc's Dl_info, what dladdr fills in."""
+
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p), ("dli_sname", ctypes.c_char_p),
+                ("dli_saddr", ctypes.c_void_p)]
 
 
 def build_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
