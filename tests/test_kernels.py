@@ -517,6 +517,35 @@ def test_kernels_link_torchs_libgomp_when_another_is_mapped_first():
     assert libgomp in ours
 
 
+def test_lora_apply_is_shrink_scale_expand_bit_for_bit(needs_native):
+    """The fused call an engine step makes per linear, against the three steps it stands for: every dtype,
+    rows without LoRA, per-token scales (contiguous or a row's scale expanded), strided y rows."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        case = lora_case(dtype, 576, 70, SLOT_PATTERNS["mixed"], seed=5)
+        slots, ranks, n = case["slots"], case["ranks"], len(case["slots"])
+        x, a, b = case["x"].to(dtype), case["a"].to(dtype), case["b"].to(dtype)
+        scales = torch.linspace(0.25, 2.0, n)
+        for token_scales in (None, scales, scales[:, None], torch.tensor(0.5).expand(n)):
+            t = torch.empty(n, a.shape[1])
+            kernels.lora_shrink(t, x, a, slots, ranks, backend="native")
+            if token_scales is not None:
+                t.mul_(token_scales.reshape(-1, 1))
+            want = case["fused"].clone()
+            kernels.lora_expand(want[:, 8 : 8 + 70], t, b, slots, ranks, backend="native")
+            for backend in ("native", "torch"):
+                got = case["fused"].clone()
+                kernels.lora_apply(got[:, 8 : 8 + 70], x, a, b, slots, ranks, token_scales, backend=backend)
+                if backend == "native":
+                    assert torch.equal(got, want), (dtype, token_scales)
+                else:
+                    atol, rtol = LORA_TOL[dtype]
+                    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+    with pytest.raises(RuntimeError, match="b_slots must be"):
+        kernels.lora_apply(torch.zeros(n, 70), x.float(), a.float(), b.float()[:, :, :60], slots, ranks, backend="native")
+    with pytest.raises(RuntimeError, match="token_scales must be"):
+        torch.ops.hotswap.lora_apply(torch.zeros(n, 70), x.float(), a.float(), b.float(), slots, ranks, torch.ones(n + 1))
+
+
 def test_build_failure_falls_back_to_the_reference(tmp_path):
     out = _python(f"""
         import logging, torch

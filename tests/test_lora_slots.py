@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hotswap.server.adapters.weights import LoraModuleWeights, LoraWeights
-from hotswap.server.engine.lora import LoraContext, LoraDelta, LoraSlots, LoraStep
+from hotswap.server.engine.lora import LoraContext, LoraDelta, LoraSlots, LoraStep, attach_lora
 
 
 def adapter(gen: torch.Generator, ranks: dict[str, int]) -> LoraWeights:
@@ -66,6 +66,34 @@ def test_one_rows_step_reaches_every_row_a_linear_runs_over(backend):
         ctx.step = LoraStep.of(torch.tensor([1, -1], dtype=torch.int32), None, 3, backend)  # two rows' tokens
         with pytest.raises(RuntimeError, match="LoRA on q: the model ran it over 5 rows for 2 tokens"):
             lin(x)
+
+
+def test_engines_sharing_a_model_each_apply_only_their_own_adapters():
+    """attach_lora wraps a linear's forward (whatever it was: here another wrapper, as packed_linears.py installs)
+    once; a second engine on the same model adds its own parts to that wrapper, and each applies its adapter
+    only during its own forwards: the other engine's step leaves it out, and no step leaves the bare linear."""
+    gen = torch.Generator().manual_seed(2)
+    model = nn.Sequential(nn.Linear(8, 6))
+    model.get_output_embeddings = lambda: None  # (as a transformers model without an output head)
+    lin = model[0]
+    original = lin.forward
+    calls = []
+    lin.forward = lambda x: (calls.append(1), original(x))[1]  # an earlier replacement stays underneath
+    first, second = (attach_lora(model, 2, torch.device("cpu"), torch.float32) for _ in range(2))
+    a, b = adapter(gen, {"0": 4}), adapter(gen, {"0": 2})
+    first.load(0, a)
+    second.load(1, b)
+    assert type(vars(lin)["forward"]).__name__ == "LoraForward" and len(vars(lin)["forward"].deltas) == 2
+    x = torch.randn(3, 8, generator=gen)
+    with torch.no_grad():
+        base = original(x)
+        delta = {name: 0.5 * (x @ w.modules["0"].a.T @ w.modules["0"].b.T) for name, w in (("a", a), ("b", b))}
+        assert torch.equal(lin(x), base)  # no engine is stepping
+        first.step = LoraStep.of(torch.tensor([0, -1, 0], dtype=torch.int32), None, 2, "torch")
+        torch.testing.assert_close(lin(x), base + delta["a"] * torch.tensor([[1.0], [0.0], [1.0]]))
+        first.step, second.step = None, LoraStep.of(torch.tensor([1, 1, -1], dtype=torch.int32), None, 2, "torch")
+        torch.testing.assert_close(lin(x), base + delta["b"] * torch.tensor([[1.0], [1.0], [0.0]]))
+    assert len(calls) == 3
 
 
 def test_expert_adapters_take_only_the_expert_slots_and_other_adapters_leave_those_free():

@@ -2,16 +2,17 @@
 
 Each adapter in use sits once in a device slot (`LoraSlots`): for every linear
 some adapter targets, A [slots, rank_cap, in] and B [slots, rank_cap, out] with
-the adapter's scale folded into B. A forward hook on each such linear
-adds B[s] (A[s] x) to every token whose row runs the adapter in slot s — shrink
-then expand, SGMV/BGMV semantics — in two kernel calls whatever the number of
+the adapter's scale folded into B. Each such linear's forward, once the linear
+has run, adds B[s] (A[s] x) to every token whose row runs the adapter in slot s —
+shrink then expand, SGMV/BGMV semantics — in one kernel call whatever the number of
 distinct adapters in the batch; no weights are copied per row or per step. A
-linear gets its hook when the first adapter targeting it is loaded, so base-only
-models pay nothing.
+linear's forward is wrapped when the first adapter targeting it is loaded, so
+base-only models pay nothing.
 
-A hook rather than a wrapper module keeps the model's module tree exactly as
-transformers built it, so adapter validation and PEFT's module paths see the
-same names and types.
+Replacing the instance's forward (as packed_linears.py does) rather than wrapping the
+module keeps the model's module tree exactly as transformers built it, so adapter
+validation and PEFT's module paths see the same names and types; and unlike forward
+hooks it costs no pass through torch's hook machinery on each of a step's ~200 calls.
 
 The same slots carry the adapter types that change a linear beyond a low-rank delta:
 DoRA (a per-output multiplier and shift, derived in `lora_fold`), lora_B's bias (a shift)
@@ -82,7 +83,7 @@ class LoraSlots:
         self.features = {name: linear_features(m) for name, m in linears.items()}  # name -> (in, out)
         self.max_loras, self.device, self.dtype = max_loras, device, dtype
         self.on_new_target: Callable[[str], None] | None = None
-        """Called when a loaded adapter is the first to target a linear (the runner hooks it)."""
+        """Called when a loaded adapter is the first to target a linear (attach_lora wraps its forward)."""
         self.on_new_input_scale: Callable[[str], None] | None = None
         """Called when a loaded adapter is the first to scale a linear's input (IA3 feedforward)."""
         self.rank_cap = 0
@@ -213,7 +214,7 @@ class LoraStep:
 
 
 class LoraContext:
-    """Shared by every hooked linear (and every expert / router forward, expert_lora.py)."""
+    """Shared by every wrapped linear (and every expert / router forward, expert_lora.py)."""
 
     def __init__(self, slots: LoraSlots) -> None:
         self.slots = slots
@@ -244,9 +245,40 @@ class LoraContext:
         return self.slots.layout_version + (0 if self.params is None else self.params.layout_version)
 
 
+class LoraForward:
+    """Replaces one base linear's forward (the module keeps its name, type and hooks): scales each
+    token's input where an adapter scales this linear's input, runs the forward it replaced, then
+    applies the LoRA delta and output vectors. Each engine on the model adds its parts when a loaded
+    adapter first needs them; a part does nothing outside its own engine's forwards."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.inner = module.forward  # the class's forward, or another replacement (packed_linears.py)
+        self.deltas: list[LoraDelta] = []
+        self.input_scales: list[LoraInputScale] = []
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        for scale in self.input_scales:
+            scaled = scale(self.module, (x,))
+            x = x if scaled is None else scaled[0]
+        y = self.inner(x, *args, **kwargs)
+        for delta in self.deltas:
+            y = delta(self.module, (x,), y)
+        return y
+
+    @staticmethod
+    def of(module: nn.Module) -> "LoraForward":
+        """The module's LoraForward, installed on the first call."""
+        current = vars(module).get("forward")
+        if not isinstance(current, LoraForward):
+            current = LoraForward(module)
+            module.forward = current
+        return current
+
+
 class LoraDelta:
-    """Forward hook on one base linear: applies each token's per-output multiplier and shift
-    (when some adapter has them here), then adds its LoRA delta to the shared base output."""
+    """After one base linear (LoraForward, or as a forward hook): applies each token's per-output multiplier
+    and shift (when some adapter has them here), then adds its LoRA delta to the shared base output."""
 
     def __init__(self, name: str, ctx: LoraContext) -> None:
         self.name = name
@@ -278,20 +310,18 @@ def add_delta(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     """y[i] += scales[i] · B[s] (A[s] x[i]) with s = index[i] (-1: nothing), shrink then expand.
     y [n, out] (rows may be strided); x [n, in]; a [S, R, in], b [S, R, out] (scale folded in);
     ranks [S], index [n] int32; scales [n, 1] float32 or None."""
-    t = torch.empty(x.shape[0], a.shape[1], device=x.device, dtype=torch.float32)  # [n, R]
-    kernels.lora_shrink(t, x.to(a.dtype), a, index, ranks, backend=backend, plan=plan)
-    if scales is not None:
-        t.mul_(scales)
+    x = x.to(a.dtype)
     if y.dtype == b.dtype:
-        kernels.lora_expand(y, t, b, index, ranks, backend=backend, plan=plan)
+        kernels.lora_apply(y, x, a, b, index, ranks, scales, backend=backend, plan=plan)
     else:  # e.g. an int8 base whose matmul returns another dtype than the compute dtype
         delta = torch.zeros(y.shape, device=y.device, dtype=b.dtype)
-        kernels.lora_expand(delta, t, b, index, ranks, backend=backend, plan=plan)
+        kernels.lora_apply(delta, x, a, b, index, ranks, scales, backend=backend, plan=plan)
         y += delta.to(y.dtype)
 
 
 class LoraInputScale:
-    """Forward pre-hook on one base linear: multiplies each token's input by its slot's vector (IA3 feedforward)."""
+    """Before one base linear (LoraForward, or as a forward pre-hook): multiplies each token's input by its
+    slot's vector (IA3 feedforward)."""
 
     def __init__(self, name: str, ctx: LoraContext) -> None:
         self.name = name
@@ -309,13 +339,19 @@ class LoraInputScale:
 
 def lora_targets(model: nn.Module) -> dict[str, nn.Module]:
     """Every linear except the output head: nn.Linear (bitsandbytes' Linear4bit and Linear8bitLt subclass it)
-    and Conv1D, whose forward hook sees the same x and y = x W + b (model/linears.py)."""
+    and Conv1D, whose forward takes the same x and gives y = x W + b (model/linears.py)."""
     return lora_targetable(model)
 
 
 def attach_lora(model: nn.Module, max_loras: int, device: torch.device, dtype: torch.dtype) -> LoraContext:
-    """LoRA slots for `model`; each linear is hooked when an adapter first targets it."""
+    """LoRA slots for `model`; each linear's forward is wrapped when an adapter first targets it."""
     ctx = LoraContext(LoraSlots(lora_targets(model), max_loras, device, dtype))
-    ctx.slots.on_new_target = lambda name: ctx.slots.linears[name].register_forward_hook(LoraDelta(name, ctx))
-    ctx.slots.on_new_input_scale = lambda name: ctx.slots.linears[name].register_forward_pre_hook(LoraInputScale(name, ctx))
+
+    def on_new_target(name: str) -> None:
+        LoraForward.of(ctx.slots.linears[name]).deltas.append(LoraDelta(name, ctx))
+
+    def on_new_input_scale(name: str) -> None:
+        LoraForward.of(ctx.slots.linears[name]).input_scales.append(LoraInputScale(name, ctx))
+
+    ctx.slots.on_new_target, ctx.slots.on_new_input_scale = on_new_target, on_new_input_scale
     return ctx

@@ -222,6 +222,10 @@ def _register_fakes() -> None:
     def _(y, t, b_slots, token_slots, ranks):
         return None
 
+    @torch.library.register_fake("hotswap::lora_apply")
+    def _(y, x, a_slots, b_slots, token_slots, ranks, token_scales=None):
+        return None
+
     @torch.library.register_fake("hotswap::rms_norm")
     def _(out, x, weight, eps, weight_first):
         return None

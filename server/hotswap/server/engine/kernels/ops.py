@@ -168,6 +168,29 @@ def lora_expand(
         reference.lora_expand(y, t, b_slots, token_slots, ranks)
 
 
+def lora_apply(
+    y: torch.Tensor, x: torch.Tensor, a_slots: torch.Tensor, b_slots: torch.Tensor, token_slots: torch.Tensor,
+    ranks: torch.Tensor, token_scales: torch.Tensor | None = None, *, backend: str | None = None, plan: LoraPlan | None = None
+) -> None:
+    """y[t] += token_scales[t] · b_slots[s, :ranks[s]]ᵀ (a_slots[s, :ranks[s]] x[t]) with s = token_slots[t]:
+    lora_shrink, the scales, then lora_expand (rows with s == -1 are left alone). One native call on CPU;
+    the same results as the three steps.
+
+    y [N, OUT] (rows may be strided); x [N, IN]; a_slots [S, R, IN], b_slots [S, R, OUT], all of y's dtype;
+    token_slots [N], ranks [S] int32; token_scales [N] or [N, 1] float32, or None for 1. plan: as lora_shrink's."""
+    path = _path(x, backend)
+    if path == "native":
+        if token_scales is not None and not (token_scales.dtype == torch.float32 and token_scales.is_contiguous()):
+            token_scales = token_scales.float().contiguous()  # e.g. one row's scale expanded over its tokens
+        torch.ops.hotswap.lora_apply(y, x, a_slots, b_slots, token_slots, ranks, token_scales)
+        return
+    t = torch.empty(x.shape[0], a_slots.shape[1], device=x.device, dtype=torch.float32)  # [N, R]
+    lora_shrink(t, x, a_slots, token_slots, ranks, backend=path, plan=plan)
+    if token_scales is not None:
+        t.mul_(token_scales.view(-1, 1))
+    lora_expand(y, t, b_slots, token_slots, ranks, backend=path, plan=plan)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_first: bool, *, backend: str | None = None) -> torch.Tensor:
     """RMSNorm over the last axis of x [..., D] with weight [D], in x's dtype: the mean of squares
     in fp32, x times its reciprocal root rounded to x's dtype and then times the weight
