@@ -308,10 +308,10 @@ inline void expand_pairs_block(int64_t o, int OUT, int rank, const c10::BFloat16
   const int whole = rank / 2;
   const c10::BFloat16* r0 = b + o;
   for (int q = 0; q < whole; ++q, r0 += 2 * b_s1) {
-    // The next pair's rows, same outputs: separate streams the hardware prefetcher may not follow.
+    // This pair's rows, the next block's outputs: separate streams the hardware prefetcher may not follow.
     for (int k = 0; k < P * 64; k += 64) {
-      __builtin_prefetch(reinterpret_cast<const char*>(r0 + 2 * b_s1) + k, 0, 3);
-      __builtin_prefetch(reinterpret_cast<const char*>(r0 + 3 * b_s1) + k, 0, 3);
+      __builtin_prefetch(reinterpret_cast<const char*>(r0 + P * 32) + k, 0, 3);
+      __builtin_prefetch(reinterpret_cast<const char*>(r0 + b_s1 + P * 32) + k, 0, 3);
     }
     pair_step<NT, P, FULL, true>(lo, hi, r0, b_s1, left, tq, q);
   }
