@@ -576,3 +576,14 @@ def test_ops_trace_into_a_compiled_graph(needs_native):
     got = compiled(torch.zeros_like(case["query"]), *args)
     want = step(torch.zeros_like(case["query"]), *args)
     torch.testing.assert_close(got, want)
+
+    lora = lora_case(torch.float32, 64, 48, SLOT_PATTERNS["decode"], seed=1)
+    lora_args = [lora[k] for k in ("x", "a", "b", "slots", "ranks")] + [torch.linspace(0.5, 1.5, len(lora["slots"]))]
+
+    def apply(y, *args):  # the engine's per-linear LoRA call, with per-token scales
+        kernels.lora_apply(y, *args)
+        return y * 2
+
+    y = torch.randn(len(lora["slots"]), 48)
+    got = torch.compile(apply, fullgraph=True, backend="aot_eager")(y.clone(), *lora_args)
+    torch.testing.assert_close(got, apply(y.clone(), *lora_args))
