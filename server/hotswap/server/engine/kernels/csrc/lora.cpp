@@ -259,7 +259,8 @@ void expand_group(int64_t o0, int64_t o1, int OUT, int rank, const T* b, int64_t
 // (PEFT's bf16 LoRA rounds lora_A's output to bf16 too) and read as pairs (t[r], t[r+1]); rows r and r+1 of
 // a 32-output group are interleaved in registers (one two-source word permute per 16 outputs), so
 // each instruction does 32 multiply-adds into 16 outputs kept in natural order. Products are exact and sums
-// fp32, as on the widening path, in about half its instructions (bench/bench_kernels.py).
+// fp32, as on the widening path, in about half its instructions: 1.3-1.5x its speed hot, on one thread
+// (64 tokens over 16 or 64 r16 adapters, 576 -> 576 / 1536 outputs).
 
 // Up to 16 outputs of a row that has n left (none when n <= 0).
 inline vf load_upto(const c10::BFloat16* p, int n) { return n >= W ? load(p) : n > 0 ? load_n(p, n) : vf{}; }
