@@ -74,20 +74,24 @@ def test_starting_serving_draining_and_restart(tiny_checkpoints, lora, tmp_path)
                 started.wait(60)
                 results[i] = [first, *chunks]
 
-            seen = []  # what a health watcher (a load balancer) is told, in order
+            seen, watching = [], threading.Event()  # what a health watcher (a load balancer) is told, in order
 
             def watch() -> None:
                 with grpc.insecure_channel(srv.target) as ch:
                     try:
-                        for r in health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=120):
+                        for r in health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=300):
                             seen.append(r.status)
+                            watching.set()
                     except grpc.RpcError as e:  # the server closes the stream when it exits
                         seen.append(e.code())
+                    finally:
+                        watching.set()
 
             threads = [threading.Thread(target=consume, args=(i,)) for i in range(4)] + [threading.Thread(target=watch)]
             for t in threads:
                 t.start()
             started.wait(60)
+            assert watching.wait(60), "the health watch never got its first status"  # subscribed before SIGTERM
             srv.proc.send_signal(15)
             time.sleep(0.5)
             # the listener still answers for --drain-notice-seconds: probes hear NOT_SERVING, not a refused connection
@@ -99,6 +103,8 @@ def test_starting_serving_draining_and_restart(tiny_checkpoints, lora, tmp_path)
         assert srv.wait_exit(120) == 0
         assert "hotswap: stopped" in srv.log()
         assert seen[:2] == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING], seen
+        # The server ended the watch once the streams were done; it did not hold its exit until the watch's deadline.
+        assert len(seen) == 3 and seen[2] in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE), seen
         for i in range(4):
             last = results[i][-1]
             assert last.finish_reason == "length" and sum(len(ch.token_ids) for ch in results[i]) == n_tokens == last.generated_tokens

@@ -33,7 +33,7 @@ from ..serving import ServingCore
 from ..startup_heap import freeze_startup_objects
 from .adapters import AdapterService
 from .inference import InferenceService
-from .interceptors import ErrorInterceptor, TokenAuthInterceptor
+from .interceptors import CallCounter, ErrorInterceptor, TokenAuthInterceptor
 from .state import ServerState
 from .tuner import TunerService
 
@@ -75,7 +75,7 @@ class Server:
         self.metrics = Metrics()
         self.state = ServerState(opts, self.metrics)
         self.health = health.aio.HealthServicer()
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = [CallCounter(self.state)]
         if opts.auth_token:
             interceptors.append(TokenAuthInterceptor(opts.auth_token, self.metrics, opts.public_reflection))
         interceptors.append(ErrorInterceptor(self.metrics))
@@ -159,8 +159,10 @@ class Server:
         await asyncio.sleep(min(self.opts.drain_notice_seconds, self.opts.drain_seconds))  # ...while the listener still answers
         for w in self.workers:  # their jobs resume from the last checkpoint on the next start
             w.terminate()
-        # grpc stops accepting calls at once and cancels those still running after the grace; uvicorn the same.
-        await asyncio.gather(self.grpc.stop(self.opts.drain_seconds), *([self.http.stop()] if self.http is not None else []))
+        await self._calls_done(self.opts.drain_seconds)
+        # What is left — open-ended streams (health Watch, WatchTrainingJob), calls past the drain time — is
+        # cancelled: grpc would otherwise wait its whole grace for watches that end only with their clients.
+        await asyncio.gather(self.grpc.stop(0), *([self.http.stop()] if self.http is not None else []))
         if not load.done():
             await asyncio.wait([load])  # a model load cannot be interrupted; let it finish, then close
         if load.done() and not load.cancelled() and load.exception() is None:
@@ -172,6 +174,14 @@ class Server:
                 w.kill()  # its job resumes from the last periodic checkpoint instead
         print("hotswap: stopped", flush=True)
         return 0
+
+    async def _calls_done(self, timeout: float) -> None:
+        """Until no generation (gRPC or HTTP) and no other gRPC call but open-ended streams is in flight,
+        or `timeout` seconds. New calls meanwhile get UNAVAILABLE (state.ready) and end at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (self.state.inflight or self.state.calls) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
 
     def banner(self) -> str:
         """The last lines of start-up: what is served, where, and a command to try."""

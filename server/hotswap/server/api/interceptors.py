@@ -1,5 +1,6 @@
-"""Cross-cutting concerns of every RPC, in one place: bearer-token auth and the
-mapping of domain errors to gRPC status codes (and their failure metric)."""
+"""Cross-cutting concerns of every RPC, in one place: bearer-token auth, the
+mapping of domain errors to gRPC status codes (and their failure metric), and the
+count of calls in flight that a drain waits for."""
 from __future__ import annotations
 
 import hmac
@@ -12,12 +13,15 @@ from ..errors import MAX_MESSAGE_CHARS, HotswapError, InvalidArgument, shown
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
+    from .state import ServerState
 
 log = logging.getLogger("hotswap.server")
 
 # Kubernetes' gRPC probes cannot send credentials.
 UNAUTHENTICATED_OK = ("/grpc.health.v1.Health/",)
 REFLECTION = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
+OPEN_ENDED = ("/grpc.health.v1.Health/Watch", "/hotswap.v1.TunerService/WatchTrainingJob", *REFLECTION)
+"""Streams that end when their client ends them, not when their work is done: a drain does not wait for them."""
 
 
 def _wrap(handler: grpc.RpcMethodHandler, around, deserializer=None) -> grpc.RpcMethodHandler:
@@ -82,6 +86,42 @@ async def _responses(fn, request, context) -> AsyncIterator:
             yield item
     else:
         await out
+
+
+class CallCounter(grpc.aio.ServerInterceptor):
+    """Counts the calls in flight in `state.calls`, open-ended streams (OPEN_ENDED) aside: what a drain
+    waits for before it stops the server (a health Watch would otherwise hold the exit for the whole
+    drain time, however soon the work was done)."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def intercept_service(self, continuation: Callable[..., Awaitable], details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_ENDED):
+            return handler
+        return _wrap(handler, lambda fn, streaming: self._streaming(fn) if streaming else self._unary(fn))
+
+    def _unary(self, fn):
+        async def run(request, context):
+            self.state.calls += 1
+            try:
+                return await fn(request, context)
+            finally:
+                self.state.calls -= 1
+
+        return run
+
+    def _streaming(self, fn):
+        async def run(request, context):
+            self.state.calls += 1
+            try:
+                async for item in _responses(fn, request, context):
+                    yield item
+            finally:
+                self.state.calls -= 1
+
+        return run
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

@@ -20,7 +20,9 @@ class ServerState:
         self.core: ServingCore | None = None
         self.draining = False
         self.inflight = 0
-        """Generate calls accepted and not yet finished (the drain waits for these)."""
+        """Generations (gRPC and HTTP) accepted and not yet finished (the drain waits for these)."""
+        self.calls = 0
+        """gRPC calls in flight but open-ended streams (interceptors.CallCounter; the drain waits for these too)."""
         self._pump: StepEventPump | None = None
         self._pump_core: ServingCore | None = None
 
