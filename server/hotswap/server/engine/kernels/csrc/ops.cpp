@@ -83,87 +83,85 @@ void paged_attention_cpu(const at::Tensor& out, const at::Tensor& query, const a
   paged_attention_kernel(p, dtype);
 }
 
+// A shrink's x, a_slots and index vectors checked, into params writing out (float32 rows of out_s0).
+LoraParams shrink_params(void* out, int64_t out_s0, const at::Tensor& x, const at::Tensor& a_slots,
+                         const at::Tensor& token_slots, const at::Tensor& ranks, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && a_slots.dim() == 3, op, ": expects x [N, IN], a_slots [S, R, IN]");
+  const int64_t N = x.size(0), IN = x.size(1), S = a_slots.size(0), R = a_slots.size(1);
+  TORCH_CHECK(a_slots.size(2) == IN, op, ": a_slots has IN = ", a_slots.size(2), ", x has ", IN);
+  TORCH_CHECK(a_slots.scalar_type() == x.scalar_type(), op, ": a_slots and x must share one dtype");
+  TORCH_CHECK(x.stride(1) == 1 && a_slots.stride(2) == 1, op, ": the last axis of x and a_slots must be contiguous");
+  check_index_vector(token_slots, N, op, "token_slots");
+  check_index_vector(ranks, S, op, "ranks");
+  return LoraParams{out, x.const_data_ptr(), a_slots.const_data_ptr(), token_slots.const_data_ptr<int32_t>(),
+                    ranks.const_data_ptr<int32_t>(), N, S, R, IN, out_s0, x.stride(0), a_slots.stride(0), a_slots.stride(1)};
+}
+
+// An expand's y, b_slots and index vectors checked, into params reading t (float32 [N, R] rows of t_s0).
+LoraParams expand_params(const at::Tensor& y, const void* t, int64_t t_s0, const at::Tensor& b_slots,
+                         const at::Tensor& token_slots, const at::Tensor& ranks, const char* op) {
+  TORCH_CHECK(y.dim() == 2 && b_slots.dim() == 3, op, ": expects y [N, OUT], b_slots [S, R, OUT]");
+  const int64_t N = y.size(0), OUT = y.size(1), S = b_slots.size(0), R = b_slots.size(1);
+  TORCH_CHECK(b_slots.size(2) == OUT, op, ": b_slots has OUT = ", b_slots.size(2), ", y has ", OUT);
+  TORCH_CHECK(b_slots.scalar_type() == y.scalar_type(), op, ": b_slots and y must share one dtype");
+  TORCH_CHECK(y.stride(1) == 1 && b_slots.stride(2) == 1, op,
+              ": the last axis of y and b_slots must be contiguous (y's rows may be strided)");
+  check_index_vector(token_slots, N, op, "token_slots");
+  check_index_vector(ranks, S, op, "ranks");
+  return LoraParams{y.mutable_data_ptr(), t, b_slots.const_data_ptr(), token_slots.const_data_ptr<int32_t>(),
+                    ranks.const_data_ptr<int32_t>(), N, S, R, OUT, y.stride(0), t_s0, b_slots.stride(0), b_slots.stride(1)};
+}
+
 void lora_shrink_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a_slots,
                      const at::Tensor& token_slots, const at::Tensor& ranks) {
   const char* op = "lora_shrink";
-  TORCH_CHECK(x.dim() == 2 && a_slots.dim() == 3 && out.dim() == 2, op,
-              ": expects x [N, IN], a_slots [S, R, IN], out [N, R]");
-  const int64_t N = x.size(0), IN = x.size(1), S = a_slots.size(0), R = a_slots.size(1);
-  TORCH_CHECK(a_slots.size(2) == IN, op, ": a_slots has IN = ", a_slots.size(2), ", x has ", IN);
-  TORCH_CHECK(out.size(0) == N && out.size(1) == R, op, ": out must be [", N, ", ", R, "], got ", out.sizes());
-  TORCH_CHECK(out.scalar_type() == at::kFloat, op, ": out must be float32");
-  TORCH_CHECK(a_slots.scalar_type() == x.scalar_type(), op, ": a_slots and x must share one dtype");
-  TORCH_CHECK(x.stride(1) == 1 && a_slots.stride(2) == 1 && out.stride(1) == 1, op,
-              ": the last axis of x, a_slots and out must be contiguous");
-  check_index_vector(token_slots, N, op, "token_slots");
-  check_index_vector(ranks, S, op, "ranks");
-  LoraParams p{out.mutable_data_ptr(), x.const_data_ptr(), a_slots.const_data_ptr(),
-               token_slots.const_data_ptr<int32_t>(), ranks.const_data_ptr<int32_t>(),
-               N, S, R, IN, out.stride(0), x.stride(0), a_slots.stride(0), a_slots.stride(1)};
+  const LoraParams p = shrink_params(out.mutable_data_ptr(), out.dim() == 2 ? out.stride(0) : 0, x, a_slots, token_slots, ranks, op);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == p.N && out.size(1) == p.R, op, ": out must be [", p.N, ", ", p.R, "], got ",
+              out.sizes());
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.stride(1) == 1, op, ": out must be float32 with a contiguous last axis");
   lora_shrink_kernel(p, dtype_of(x, op));
 }
 
 void lora_expand_cpu(const at::Tensor& y, const at::Tensor& t, const at::Tensor& b_slots,
                      const at::Tensor& token_slots, const at::Tensor& ranks) {
   const char* op = "lora_expand";
-  TORCH_CHECK(y.dim() == 2 && t.dim() == 2 && b_slots.dim() == 3, op,
-              ": expects y [N, OUT], t [N, R], b_slots [S, R, OUT]");
-  const int64_t N = y.size(0), OUT = y.size(1), S = b_slots.size(0), R = b_slots.size(1);
-  TORCH_CHECK(b_slots.size(2) == OUT, op, ": b_slots has OUT = ", b_slots.size(2), ", y has ", OUT);
-  TORCH_CHECK(t.size(0) == N && t.size(1) == R, op, ": t must be [", N, ", ", R, "], got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": t must be float32");
-  TORCH_CHECK(b_slots.scalar_type() == y.scalar_type(), op, ": b_slots and y must share one dtype");
-  TORCH_CHECK(y.stride(1) == 1 && t.stride(1) == 1 && b_slots.stride(2) == 1, op,
-              ": the last axis of y, t and b_slots must be contiguous (y's rows may be strided)");
-  check_index_vector(token_slots, N, op, "token_slots");
-  check_index_vector(ranks, S, op, "ranks");
-  LoraParams p{y.mutable_data_ptr(), t.const_data_ptr(), b_slots.const_data_ptr(),
-               token_slots.const_data_ptr<int32_t>(), ranks.const_data_ptr<int32_t>(),
-               N, S, R, OUT, y.stride(0), t.stride(0), b_slots.stride(0), b_slots.stride(1)};
+  const LoraParams p = expand_params(y, t.const_data_ptr(), t.dim() == 2 ? t.stride(0) : 0, b_slots, token_slots, ranks, op);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == p.N && t.size(1) == p.R, op, ": t must be [", p.N, ", ", p.R, "], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.stride(1) == 1, op, ": t must be float32 with a contiguous last axis");
   lora_expand_kernel(p, dtype_of(y, op));
 }
 
 // Shrink, the rows' LoRA scales, then expand, in one call: the per-linear LoRA of an engine step without a
 // second dispatch or a Python-side t (~5 us of each linear's ~20 us at decode). The same kernels as the two
-// ops, so the same results, bit for bit.
+// ops, so the same results, bit for bit. Both halves are checked before either runs.
 void lora_apply_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a_slots, const at::Tensor& b_slots,
                     const at::Tensor& token_slots, const at::Tensor& ranks, const std::optional<at::Tensor>& token_scales) {
   const char* op = "lora_apply";
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && a_slots.dim() == 3 && b_slots.dim() == 3, op,
-              ": expects y [N, OUT], x [N, IN], a_slots [S, R, IN], b_slots [S, R, OUT]");
-  const int64_t N = x.size(0), IN = x.size(1), S = a_slots.size(0), R = a_slots.size(1), OUT = y.size(1);
-  TORCH_CHECK(y.size(0) == N, op, ": y has ", y.size(0), " rows, x has ", N);
-  TORCH_CHECK(a_slots.size(2) == IN, op, ": a_slots has IN = ", a_slots.size(2), ", x has ", IN);
-  TORCH_CHECK(b_slots.size(0) == S && b_slots.size(1) == R && b_slots.size(2) == OUT, op, ": b_slots must be [", S, ", ", R,
-              ", ", OUT, "] (a_slots' slots and ranks, y's outputs), got ", b_slots.sizes());
-  TORCH_CHECK(x.scalar_type() == y.scalar_type() && a_slots.scalar_type() == y.scalar_type() &&
-                  b_slots.scalar_type() == y.scalar_type(),
-              op, ": y, x, a_slots and b_slots must share one dtype");
-  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && a_slots.stride(2) == 1 && b_slots.stride(2) == 1, op,
-              ": the last axis of y, x, a_slots and b_slots must be contiguous (y's rows may be strided)");
-  check_index_vector(token_slots, N, op, "token_slots");
-  check_index_vector(ranks, S, op, "ranks");
+  LoraParams shrink = shrink_params(nullptr, 0, x, a_slots, token_slots, ranks, op);  // t comes below
+  const int64_t N = shrink.N, R = shrink.R;
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == N, op, ": y must be [", N, ", OUT] (x's rows), got ", y.sizes());
+  TORCH_CHECK(b_slots.dim() == 3 && b_slots.size(0) == shrink.S && b_slots.size(1) == R && b_slots.size(2) == y.size(1), op,
+              ": b_slots must be [", shrink.S, ", ", R, ", ", y.size(1), "] (a_slots' slots and ranks, y's outputs), got ",
+              b_slots.sizes());
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), op, ": y and x must share one dtype");
   if (token_scales.has_value())
     TORCH_CHECK(token_scales->scalar_type() == at::kFloat && token_scales->numel() == N && token_scales->is_contiguous(), op,
                 ": token_scales must be a contiguous float32 tensor of ", N, " elements (one per token), got ",
                 token_scales->scalar_type(), " ", token_scales->sizes());
-  const Dtype dtype = dtype_of(y, op);
-  if (N == 0) return;
   // t [N, R]: the calling thread's buffer, kept between calls (at most the largest step's tokens x rank).
   thread_local std::vector<float> t;
   t.resize(static_cast<size_t>(N * R));
-  const int32_t* slots = token_slots.const_data_ptr<int32_t>();
-  LoraParams shrink{t.data(), x.const_data_ptr(), a_slots.const_data_ptr(), slots, ranks.const_data_ptr<int32_t>(),
-                    N, S, R, IN, R, x.stride(0), a_slots.stride(0), a_slots.stride(1)};
+  shrink.out = t.data(), shrink.out_s0 = R;
+  const LoraParams expand = expand_params(y, t.data(), R, b_slots, token_slots, ranks, op);
+  const Dtype dtype = dtype_of(y, op);
+  if (N == 0) return;
   lora_shrink_kernel(shrink, dtype);
   if (token_scales.has_value()) {
     const float* scales = token_scales->const_data_ptr<float>();
     for (int64_t i = 0; i < N; ++i)
-      if (slots[i] >= 0)
+      if (shrink.token_slots[i] >= 0)
         for (int64_t r = 0; r < R; ++r) t[i * R + r] *= scales[i];
   }
-  LoraParams expand{y.mutable_data_ptr(), t.data(), b_slots.const_data_ptr(), slots, ranks.const_data_ptr<int32_t>(),
-                    N, S, R, OUT, y.stride(0), R, b_slots.stride(0), b_slots.stride(1)};
   lora_expand_kernel(expand, dtype);
 }
 
